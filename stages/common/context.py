@@ -1,0 +1,30 @@
+"""What a stage gets from whoever runs it (the flow, a test, a benchmark) besides its config and inputs."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+
+@dataclass(frozen=True)
+class Scaling:
+    """How many Ray Train workers (or actors per PPO role) and what each one gets."""
+
+    num_workers: int = 2
+    cpus_per_worker: float = 1.0
+    use_gpu: bool = False
+
+
+@dataclass
+class StageContext:
+    """Run-level facts a stage needs: seed, scaling, where to checkpoint, and how to report progress.
+
+    `work_dir` is unique per (stage, cache key): a stage rerun with the same key finds its checkpoints there and
+    resumes instead of starting from step 0. It may be an fsspec URI on a multi-node cluster (Ray Train storage).
+    """
+
+    work_dir: str
+    cache_key: str = ""
+    seed: int = 0
+    scaling: Scaling = field(default_factory=Scaling)
+    log: Callable[[str], None] = print
