@@ -1,0 +1,253 @@
+"""`rlhf`: run the pipeline, inspect artifacts, write the demo data, sample from a model.
+
+User mistakes end with one line on stderr and exit code 2; a corrupted artifact or a failed run exits 1.
+Heavy libraries are imported inside the commands so that `rlhf --help` answers at once.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+from typing import Any
+
+STAGE_NAMES = ["pretrain", "sft", "reward", "ppo"]
+
+
+def _store(args: argparse.Namespace):
+    from stages.common.store import ArtifactStore
+
+    root = args.store or os.environ.get("RLHF_STORE") or "./artifacts"
+    return ArtifactStore(root)
+
+
+def _print_json(obj: Any) -> None:
+    print(json.dumps(obj, indent=2, sort_keys=True, default=str))
+
+
+def _manifest_view(art) -> dict[str, Any]:
+    m = dict(art.manifest)
+    m["path"] = art.path
+    m["ref"] = art.ref
+    return m
+
+
+# --- commands -------------------------------------------------------------------------------------------------------
+
+
+def cmd_run(args: argparse.Namespace) -> int:
+    from flows.pipeline import run_pipeline
+
+    inputs = {}
+    for item in args.input or []:
+        role, sep, ref = item.partition("=")
+        if not sep or not role or not ref:
+            raise UsageError(f"--input {item!r}: expected ROLE=REF, e.g. --input sft_model=sft-model@v2")
+        inputs[role] = ref
+    if inputs and not args.only:
+        raise UsageError("--input is only meaningful with --only STAGE")
+    summary = run_pipeline(
+        preset=args.preset,
+        config_file=args.config,
+        overrides=args.set or [],
+        store=args.store,
+        from_stage=args.from_stage,
+        only=args.only,
+        inputs=inputs,
+        force=args.force,
+    )
+    if args.json:
+        _print_json(summary)
+    return 0
+
+
+def cmd_config(args: argparse.Namespace) -> int:
+    import yaml
+
+    from flows.config import load_config
+
+    cfg = load_config(args.preset, args.config, args.set or [])
+    print(yaml.safe_dump(cfg.to_dict(), sort_keys=False), end="")
+    return 0
+
+
+def cmd_artifacts_list(args: argparse.Namespace) -> int:
+    manifests = _store(args).list()
+    if args.json:
+        _print_json(manifests)
+        return 0
+    if not manifests:
+        print("no artifacts yet")
+        return 0
+    print(f"{'REF':<28} {'KIND':<13} {'STAGE':<9} {'DIGEST':<14} CREATED")
+    for m in manifests:
+        ref = f"{m['name']}@v{m['version']}"
+        print(f"{ref:<28} {m['kind']:<13} {m['stage']:<9} {m['digest'][:12]:<14} {m['created_at']}")
+    return 0
+
+
+def cmd_artifacts_show(args: argparse.Namespace) -> int:
+    art = _store(args).get(args.ref)
+    view = _manifest_view(art)
+    if args.json:
+        _print_json(view)
+        return 0
+    print(f"{art.ref}  ({art.kind}, stage {view['stage']})")
+    print(f"  digest   {art.digest}")
+    print(f"  path     {art.path}")
+    print(f"  created  {view['created_at']}")
+    for role, inp in sorted(view.get("inputs", {}).items()):
+        print(f"  input    {role} = {inp['name']}@v{inp['version']} ({inp['digest'][:12]})")
+    for key, value in sorted(view.get("metrics", {}).items()):
+        print(f"  metric   {key} = {value}")
+    return 0
+
+
+def _print_tree(node: dict[str, Any], role: str | None, indent: str) -> None:
+    label = f"{role}: " if role else ""
+    print(f"{indent}{label}{node['ref']} ({node['kind']}, {node['digest'][:12]})")
+    for child_role, child in sorted(node.get("inputs", {}).items()):
+        _print_tree(child, child_role, indent + "  ")
+
+
+def cmd_artifacts_lineage(args: argparse.Namespace) -> int:
+    tree = _store(args).lineage(args.ref)
+    if args.json:
+        _print_json(tree)
+    else:
+        _print_tree(tree, None, "")
+    return 0
+
+
+def cmd_artifacts_verify(args: argparse.Namespace) -> int:
+    art = _store(args).verify(args.ref)
+    print(f"ok: {art.ref} ({len(art.manifest['files'])} files, digest {art.digest[:12]})")
+    return 0
+
+
+def cmd_data_demo(args: argparse.Namespace) -> int:
+    from stages.common.demo import DemoConfig, generate, write_jsonl_dir
+
+    cfg = DemoConfig(seed=args.seed, size=args.size)
+    sets = generate(cfg)
+    write_jsonl_dir(sets, args.out)
+    for name, splits in sets.items():
+        print(f"{args.out}/{name}: " + ", ".join(f"{split} {len(rows)} rows" for split, rows in splits.items()))
+    return 0
+
+
+def cmd_generate(args: argparse.Namespace) -> int:
+    from flows.generate import generate_text
+
+    for text in generate_text(
+        _store(args).get(args.ref),
+        args.prompt,
+        max_new_tokens=args.max_new_tokens,
+        temperature=args.temperature,
+        num_samples=args.num_samples,
+        seed=args.seed,
+    ):
+        print(text)
+    return 0
+
+
+# --- parser ---------------------------------------------------------------------------------------------------------
+
+
+class UsageError(Exception):
+    """Bad command-line usage (exit 2)."""
+
+
+def _add_store(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--store", help="artifact store root: a folder or fsspec URI (default: $RLHF_STORE or ./artifacts)")
+
+
+def _add_config(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--preset", default="demo", choices=["tiny", "demo", "gpu-cluster"], help="base preset (default demo)")
+    p.add_argument("--config", help="YAML file merged over the preset")
+    p.add_argument("--set", action="append", metavar="KEY=VALUE", help="override one key, e.g. --set sft.max_steps=50")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="rlhf", description=__doc__.split("\n")[0])
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    p = sub.add_parser("run", help="run the pipeline (cached stages are reused)")
+    _add_config(p)
+    _add_store(p)
+    group = p.add_mutually_exclusive_group()
+    group.add_argument("--from", dest="from_stage", choices=STAGE_NAMES, help="force this stage and all downstream")
+    group.add_argument("--only", choices=STAGE_NAMES, help="run one stage on explicit --input artifacts")
+    group.add_argument("--force", action="store_true", help="rerun every stage")
+    p.add_argument("--input", action="append", metavar="ROLE=REF", help="with --only: an input artifact per role")
+    p.add_argument("--json", action="store_true", help="print the run summary as JSON")
+    p.set_defaults(func=cmd_run)
+
+    p = sub.add_parser("config", help="print the resolved config")
+    _add_config(p)
+    p.set_defaults(func=cmd_config)
+
+    art = sub.add_parser("artifacts", help="list, show, trace and verify artifacts").add_subparsers(
+        dest="artifacts_command", required=True, metavar="ACTION"
+    )
+    p = art.add_parser("list", help="every artifact version in the store")
+    _add_store(p)
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(func=cmd_artifacts_list)
+    for name, func, text in (
+        ("show", cmd_artifacts_show, "an artifact's manifest"),
+        ("lineage", cmd_artifacts_lineage, "the tree of inputs back to the data"),
+        ("verify", cmd_artifacts_verify, "re-hash every file (exit 1 when corrupted)"),
+    ):
+        p = art.add_parser(name, help=text)
+        p.add_argument("ref", help="name, name@latest, name@vN or a digest prefix")
+        _add_store(p)
+        if name != "verify":
+            p.add_argument("--json", action="store_true")
+        p.set_defaults(func=func)
+
+    data = sub.add_parser("data", help="data utilities").add_subparsers(dest="data_command", required=True, metavar="ACTION")
+    p = data.add_parser("demo", help="write the built-in demo task's four data sets as jsonl")
+    p.add_argument("--out", required=True, help="output folder")
+    p.add_argument("--size", default="demo", choices=["tiny", "demo"])
+    p.add_argument("--seed", type=int, default=0)
+    p.set_defaults(func=cmd_data_demo)
+
+    p = sub.add_parser("generate", help="sample from a causal-LM artifact (base-model, sft-model or policy)")
+    p.add_argument("ref", help="e.g. policy@latest")
+    p.add_argument("--prompt", required=True, help='plain text; the demo task uses "User: ...\\nAssistant:"')
+    p.add_argument("--max-new-tokens", type=int, default=32)
+    p.add_argument("--temperature", type=float, default=0.0, help="0 = greedy")
+    p.add_argument("--num-samples", type=int, default=1)
+    p.add_argument("--seed", type=int, default=0)
+    _add_store(p)
+    p.set_defaults(func=cmd_generate)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    from stages.common.config import ConfigError
+    from stages.common.errors import StageInputError
+    from stages.common.store import ArtifactCorrupted, ArtifactError
+
+    try:
+        from stages.common.data import DataError
+    except ImportError:  # pragma: no cover - data module always ships
+        DataError = ValueError  # noqa: N806
+    try:
+        return args.func(args)
+    except ArtifactCorrupted as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 1
+    except (UsageError, ConfigError, ArtifactError, DataError, StageInputError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,61 @@
+"""Joining Ray as the driver, and the checks that must fail fast instead of hanging or losing work."""
+
+from __future__ import annotations
+
+import os
+import socket
+from urllib.parse import urlparse
+
+from stages.common.config import ConfigError
+
+# A bare path is node-local; `file:///mnt/shared/...` says explicitly "this folder is shared by every node".
+LOCAL_SCHEMES = ("",)
+
+
+def _probe(address: str, timeout: float = 3.0) -> None:
+    """A TCP connect to the Ray address, so a dead address is an error within seconds rather than a long hang."""
+    if address in ("auto", "local"):
+        return
+    parsed = urlparse(address if "://" in address else f"ray://{address}")
+    host, port = parsed.hostname, parsed.port
+    if not host or not port:
+        raise ConfigError(f"ray address {address!r}: expected HOST:PORT (e.g. 10.0.0.5:6379) or ray://HOST:10001")
+    try:
+        with socket.create_connection((host, port), timeout=timeout):
+            pass
+    except OSError as e:
+        raise ConfigError(f"ray address {address!r} does not answer ({e.strerror or e}); is the cluster up?") from None
+
+
+def connect_ray(address: str | None) -> bool:
+    """Join `address` (or RAY_ADDRESS, as under `ray job submit`) or start a local Ray; True if we started it."""
+    import ray
+
+    if ray.is_initialized():
+        return False
+    address = address or os.environ.get("RAY_ADDRESS")
+    if address:
+        _probe(address)
+        ray.init(address=address, log_to_driver=True)
+        return True  # our connection; ray.shutdown() disconnects without stopping the cluster
+    ray.init(num_cpus=os.cpu_count(), include_dashboard=False, log_to_driver=True)
+    return True
+
+
+def is_local_path(uri: str) -> bool:
+    return urlparse(uri).scheme in LOCAL_SCHEMES or (len(uri) > 1 and uri[1] == ":")
+
+
+def check_store_reachable(store_root: str, work_dir: str) -> None:
+    """On a multi-node cluster a local folder is a different folder on every node: refuse it up front."""
+    import ray
+
+    alive = [n for n in ray.nodes() if n.get("Alive")]
+    if len(alive) <= 1:
+        return
+    for what, uri in (("run.store", store_root), ("run.work_dir", work_dir)):
+        if is_local_path(str(uri)):
+            raise ConfigError(
+                f"{what} {uri!r} is a local path but the Ray cluster has {len(alive)} nodes; "
+                "use a shared URI (s3://, gs://), or file:///PATH for a shared filesystem every node mounts"
+            )

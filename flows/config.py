@@ -1,0 +1,121 @@
+"""The pipeline config: shared `run` and `data` sections plus the four stages' own config classes.
+
+Resolution order (later wins): preset file (flows/presets/<name>.yaml) -> the user's --config file -> --set overrides.
+Validation is strict and happens on the merged whole, before anything runs; an error names the source that set the
+offending key.
+"""
+
+from __future__ import annotations
+
+from importlib import resources
+from pathlib import Path
+from typing import Any
+
+from pydantic import Field, ValidationError, model_validator
+
+from stages import ppo, pretrain, reward, sft
+from stages.common.config import (
+    ConfigError,
+    Section,
+    apply_overrides,
+    deep_merge,
+    format_validation_error,
+    parse_override,
+    read_yaml,
+)
+from stages.common.context import Scaling
+from stages.common.demo import DemoConfig
+
+STAGES = {m.NAME: m for m in (pretrain, sft, reward, ppo)}
+STAGE_ORDER = ["pretrain", "sft", "reward", "ppo"]
+PRESETS = ("tiny", "demo", "gpu-cluster")
+
+
+class RunSection(Section):
+    """Run-level choices shared by every stage."""
+
+    seed: int = 0
+    store: str = Field("./artifacts", min_length=1, description="artifact store root: a folder or an fsspec URI")
+    work_dir: str = Field("./runs", min_length=1, description="checkpoints and Ray Train storage, per stage run")
+    ray_address: str | None = Field(None, description="join this Ray cluster; None = RAY_ADDRESS or a local Ray")
+    num_workers: int = Field(2, ge=1, description="Ray Train workers per training stage, actors per PPO role")
+    cpus_per_worker: float = Field(1.0, gt=0)
+    use_gpu: bool = False
+
+    def scaling(self) -> Scaling:
+        return Scaling(num_workers=self.num_workers, cpus_per_worker=self.cpus_per_worker, use_gpu=self.use_gpu)
+
+
+class DataSection(Section):
+    """Where each stage's data comes from: "demo" (the built-in task), a local file or folder, or hf:NAME."""
+
+    corpus: str = Field("demo", min_length=1)
+    sft: str = Field("demo", min_length=1)
+    preferences: str = Field("demo", min_length=1)
+    prompts: str = Field("demo", min_length=1)
+    test_fraction: float = Field(0.1, gt=0, lt=1, description="held-out share when a source has no test split")
+    demo: DemoConfig = Field(default_factory=DemoConfig)
+
+
+class PipelineConfig(Section):
+    """Everything one `rlhf run` needs; each stage section is that stage's own config class."""
+
+    run: RunSection = Field(default_factory=RunSection)
+    data: DataSection = Field(default_factory=DataSection)
+    pretrain: pretrain.Config = Field(default_factory=pretrain.Config)
+    sft: sft.Config = Field(default_factory=sft.Config)
+    reward: reward.Config = Field(default_factory=reward.Config)
+    ppo: ppo.Config = Field(default_factory=ppo.Config)
+
+    @model_validator(mode="after")
+    def _workers_fit_on_gpu_flag(self) -> PipelineConfig:
+        if self.run.use_gpu and self.run.cpus_per_worker < 1:
+            raise ValueError("run.cpus_per_worker must be >= 1 when run.use_gpu is true")
+        return self
+
+    def stage_config(self, name: str) -> Section:
+        return getattr(self, name)
+
+
+def preset_path(name: str) -> Path:
+    if name not in PRESETS:
+        raise ConfigError(f"config error: unknown preset {name!r}; expected one of {', '.join(PRESETS)}")
+    return Path(str(resources.files("flows") / "presets" / f"{name}.yaml"))
+
+
+def _has_key(data: dict[str, Any], path: list[str]) -> bool:
+    node: Any = data
+    for part in path:
+        if not isinstance(node, dict) or part not in node:
+            return False
+        node = node[part]
+    return True
+
+
+def _source_of(loc: list[str], layers: list[tuple[str, dict[str, Any]]], overrides: list[str]) -> str:
+    """Which layer set the key that failed: the last --set naming it, else the last file containing it."""
+    for item in reversed(overrides):
+        path, _ = parse_override(item)
+        if loc[: len(path)] == path or path[: len(loc)] == loc:
+            return f"--set {item}"
+    for source, data in reversed(layers):
+        if _has_key(data, loc):
+            return source
+    return layers[-1][0] if layers else "defaults"
+
+
+def load_config(preset: str = "demo", config_file: str | None = None, overrides: list[str] | None = None) -> PipelineConfig:
+    """Resolve preset + file + overrides into a validated PipelineConfig, or raise ConfigError (one line)."""
+    overrides = list(overrides or [])
+    layers: list[tuple[str, dict[str, Any]]] = [(str(preset_path(preset)), read_yaml(preset_path(preset)))]
+    if config_file:
+        layers.append((str(config_file), read_yaml(config_file)))
+    merged: dict[str, Any] = {}
+    for _, data in layers:
+        merged = deep_merge(merged, data)
+    merged = apply_overrides(merged, overrides)
+    try:
+        return PipelineConfig.model_validate(merged)
+    except ValidationError as exc:
+        loc = [str(p) for p in exc.errors(include_url=False)[0]["loc"]]
+        raise ConfigError(format_validation_error(exc, _source_of(loc, layers, overrides))) from None

@@ -1,0 +1,191 @@
+"""The Prefect flow `rlhf`: data -> pretrain -> sft -> reward -> ppo, with staleness detection.
+
+The flow holds no ML logic. It resolves the config, turns data sources into dataset artifacts, decides per stage whether
+a verified artifact for the stage's cache key already exists (then the task ends `Cached`), and otherwise calls the
+stage's `run`. It is the Ray driver: it joins `run.ray_address` / `RAY_ADDRESS` when given, or starts a local Ray, and
+shuts down only a Ray it started.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from typing import Any
+
+os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
+
+from prefect import flow, get_run_logger, task  # noqa: E402
+from prefect.cache_policies import NO_CACHE  # noqa: E402
+from prefect.states import Completed  # noqa: E402
+
+from flows import report  # noqa: E402
+from flows.cluster_check import check_store_reachable, connect_ray  # noqa: E402
+from flows.config import STAGE_ORDER, STAGES, PipelineConfig, load_config  # noqa: E402
+from stages.common.config import ConfigError  # noqa: E402
+from stages.common.context import StageContext  # noqa: E402
+from stages.common.data import DATASET_NAMES, DataError, ingest  # noqa: E402
+from stages.common.errors import StageInputError  # noqa: E402
+from stages.common.fingerprint import cache_key, code_fingerprint  # noqa: E402
+from stages.common.store import ArtifactError, ArtifactStore  # noqa: E402
+
+# Which data set feeds which stage role, and which upstream output feeds which role.
+DATA_ROLES = {("pretrain", "corpus"): "corpus", ("sft", "data"): "sft", ("reward", "preferences"): "preferences",
+              ("ppo", "prompts"): "prompts"}
+UPSTREAM_ROLES = {("sft", "base_model"): "base-model", ("reward", "sft_model"): "sft-model",
+                  ("ppo", "sft_model"): "sft-model", ("ppo", "reward_model"): "reward-model"}
+USER_ERRORS = (ConfigError, DataError, StageInputError, ArtifactError)
+
+
+def _worth_retrying(task_obj, task_run, state) -> bool:
+    """Retry infrastructure failures (a lost Ray worker, a flaky node); never a user's bad config or data."""
+    exc = state.data if isinstance(state.data, BaseException) else None
+    if exc is None:
+        try:
+            exc = state.result(raise_on_failure=False)
+        except Exception as e:  # noqa: BLE001 - reading the state is best effort
+            exc = e
+    return not isinstance(exc, USER_ERRORS)
+
+
+def stage_cache_key(name: str, cfg: PipelineConfig, inputs: dict[str, Any]) -> str:
+    """The stage's cache key: its code, its own config plus the run-level knobs that change results, its inputs."""
+    run = cfg.run
+    config = {
+        "stage": cfg.stage_config(name).to_dict(),
+        "run": {"seed": run.seed, "num_workers": run.num_workers, "use_gpu": run.use_gpu},
+    }
+    return cache_key(name, code_fingerprint(name), config, {role: a.digest for role, a in inputs.items()})
+
+
+@task(name="data", cache_policy=NO_CACHE, persist_result=False)
+def data_task(cfg: PipelineConfig, store: ArtifactStore, fmt: str) -> str:
+    """Materialise one data source as a dataset artifact (identical data -> the same version)."""
+    source = getattr(cfg.data, fmt)
+    art = ingest(source, fmt, store, demo_cfg=cfg.data.demo, test_fraction=cfg.data.test_fraction, seed=cfg.run.seed)
+    get_run_logger().info(f"data {fmt}: {source} -> {art.ref} ({art.metrics})")
+    return art.ref
+
+
+@task(
+    name="stage",
+    task_run_name="{name}",
+    cache_policy=NO_CACHE,
+    persist_result=False,
+    retries=2,
+    retry_delay_seconds=[5, 20],
+    retry_condition_fn=_worth_retrying,
+)
+def stage_task(name: str, cfg: PipelineConfig, store: ArtifactStore, input_refs: dict[str, str], force: bool):
+    """Reuse the stage's artifacts when its cache key matches; otherwise run it, publish, and record the key."""
+    logger = get_run_logger()
+    module = STAGES[name]
+    inputs = {role: store.get(ref, kind=module.INPUTS[role]) for role, ref in input_refs.items()}
+    key = stage_cache_key(name, cfg, inputs)
+    if not force:
+        hit = store.cached(key)
+        if hit is not None:
+            refs = {out: art.ref for out, art in hit.items()}
+            logger.info(f"{name}: cache key {key[:12]} matches; reusing {', '.join(refs.values())}")
+            report.stage_markdown(name, "reused", hit, inputs, wall_seconds=0.0)
+            return Completed(name="Cached", message=f"reused {', '.join(refs.values())}", data=refs)
+    ctx = StageContext(
+        work_dir=os.path.join(cfg.run.work_dir, name, key[:16]),
+        cache_key=key,
+        seed=cfg.run.seed,
+        scaling=cfg.run.scaling(),
+        log=logger.info,
+    )
+    logger.info(f"{name}: running (cache key {key[:12]}, inputs {', '.join(a.ref for a in inputs.values()) or 'none'})")
+    start = time.perf_counter()
+    outputs = module.run(cfg.stage_config(name), store=store, ctx=ctx, **inputs)
+    wall = time.perf_counter() - start
+    store.record_cache(key, outputs)
+    report.stage_markdown(name, "ran", outputs, inputs, wall_seconds=wall)
+    return {out: art.ref for out, art in outputs.items()}
+
+
+def plan_stages(from_stage: str | None, only: str | None) -> tuple[list[str], set[str]]:
+    """Which stages run, and which of them are forced (ignore the cache)."""
+    for flag, value in (("--from", from_stage), ("--only", only)):
+        if value is not None and value not in STAGES:
+            raise ConfigError(f"{flag} {value!r}: unknown stage; expected one of {', '.join(STAGE_ORDER)}")
+    if from_stage and only:
+        raise ConfigError("--from and --only cannot be combined")
+    if only:
+        return [only], set()
+    if from_stage:
+        return STAGE_ORDER, set(STAGE_ORDER[STAGE_ORDER.index(from_stage):])
+    return STAGE_ORDER, set()
+
+
+@flow(name="rlhf", persist_result=False, log_prints=True)
+def rlhf(
+    preset: str = "demo",
+    config_file: str | None = None,
+    overrides: list[str] | None = None,
+    store: str | None = None,
+    from_stage: str | None = None,
+    only: str | None = None,
+    inputs: dict[str, str] | None = None,
+    force: bool = False,
+) -> dict[str, Any]:
+    """The whole RLHF pipeline as a DAG; see `rlhf run --help` for the meaning of each parameter."""
+    logger = get_run_logger()
+    flow_start = time.perf_counter()
+    cfg = load_config(preset, config_file, overrides or [])
+    stages, forced = plan_stages(from_stage, only)
+    inputs = dict(inputs or {})
+    if only:
+        _check_only_inputs(only, inputs)
+    art_store = ArtifactStore(store or os.environ.get("RLHF_STORE") or cfg.run.store)
+    started_ray = connect_ray(cfg.run.ray_address)
+    try:
+        check_store_reachable(art_store.root, cfg.run.work_dir)
+        produced: dict[str, str] = {}  # output name -> ref, as the DAG proceeds
+        summary: dict[str, Any] = {"stages": {}}
+        for name in stages:
+            module = STAGES[name]
+            refs: dict[str, str] = {}
+            for role in module.INPUTS:
+                if role in inputs:
+                    refs[role] = inputs[role]
+                elif (name, role) in DATA_ROLES:
+                    refs[role] = data_task(cfg, art_store, DATA_ROLES[(name, role)])
+                else:
+                    refs[role] = produced[UPSTREAM_ROLES[(name, role)]]
+            state = stage_task(name, cfg, art_store, refs, force or name in forced, return_state=True)
+            outputs = state.result()  # re-raises the stage's error after retries
+            produced.update(outputs)
+            summary["stages"][name] = {"state": state.name, "outputs": outputs, "inputs": refs}
+        summary["wall_seconds"] = round(time.perf_counter() - flow_start, 2)
+        report.pipeline_summary(art_store, summary)
+        logger.info(report.summary_line(summary))
+        return summary
+    finally:
+        if started_ray:
+            import ray
+
+            ray.shutdown()
+
+
+def _check_only_inputs(only: str, inputs: dict[str, str]) -> None:
+    roles = STAGES[only].INPUTS
+    for role in inputs:
+        if role not in roles:
+            raise ConfigError(f"--input {role}=...: {only} has no input {role!r}; its inputs are {', '.join(roles)}")
+    missing = [r for r in roles if r not in inputs and (only, r) not in DATA_ROLES]
+    if missing:
+        example = " ".join(f"--input {r}={UPSTREAM_ROLES[(only, r)]}@latest" for r in missing)
+        raise ConfigError(f"--only {only} needs an artifact for {', '.join(missing)}, e.g. {example}")
+
+
+def run_pipeline(**params: Any) -> dict[str, Any]:
+    """Validate cheaply first (config, stage names, refs), so a user mistake costs no Prefect or Ray start-up."""
+    load_config(params.get("preset", "demo"), params.get("config_file"), params.get("overrides") or [])
+    plan_stages(params.get("from_stage"), params.get("only"))
+    if params.get("only"):
+        _check_only_inputs(params["only"], params.get("inputs") or {})
+    return rlhf(**params)
+
+
+__all__ = ["rlhf", "run_pipeline", "plan_stages", "stage_cache_key", "DATASET_NAMES"]

@@ -1,0 +1,215 @@
+"""Loading and validating data sets with `datasets`, and turning them into versioned dataset artifacts.
+
+A source is a local file (.jsonl, .json, .parquet, .txt), a local directory holding train/test files, a Hugging Face
+dataset name (`hf:NAME` or `NAME`), or "demo" (the built-in demo task, only for `ingest`). Every problem with the data
+is a `DataError` whose message is one line naming the source, what was expected and what was found.
+"""
+
+from __future__ import annotations
+
+import json
+import random
+import tempfile
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from stages.common import demo
+from stages.common.demo import DemoConfig
+
+if TYPE_CHECKING:  # datasets is heavy; import it only when data is actually loaded
+    import datasets
+
+    from stages.common.store import Artifact, ArtifactStore
+
+# Required columns per format; any one alternative is enough (TRL accepts both SFT shapes).
+FORMATS: dict[str, tuple[list[str], ...]] = {
+    "corpus": (["text"],),
+    "sft": (["prompt", "completion"], ["messages"]),
+    "preferences": (["prompt", "chosen", "rejected"],),
+    "prompts": (["prompt"],),
+}
+DATASET_NAMES = {"corpus": "corpus", "sft": "sft-data", "preferences": "preference-data", "prompts": "prompt-data"}
+SPLITS = ("train", "test")
+_BUILDERS = {".jsonl": "json", ".json": "json", ".parquet": "parquet", ".txt": "text"}
+
+
+class DataError(ValueError):
+    """A data set a user pointed at is missing, unreadable or not in the expected format (one-line message)."""
+
+
+def _check_format(fmt: str) -> tuple[list[str], ...]:
+    if fmt not in FORMATS:
+        raise DataError(f"unknown data format {fmt!r} (expected one of {', '.join(FORMATS)})")
+    return FORMATS[fmt]
+
+
+def _first_line(exc: BaseException) -> str:
+    """The most specific one-line reason from an exception chain (datasets wraps the real cause)."""
+    while exc.__cause__ is not None or exc.__context__ is not None:
+        exc = exc.__cause__ or exc.__context__  # type: ignore[assignment]
+    text = str(exc).strip().splitlines()
+    return f"{type(exc).__name__}: {text[0]}" if text else type(exc).__name__
+
+
+def _read_file(path: Path) -> datasets.Dataset:
+    import datasets
+
+    builder = _BUILDERS.get(path.suffix.lower())
+    if builder is None:
+        raise DataError(f"{path}: unknown file type {path.suffix or '(none)'!r} (expected one of {', '.join(_BUILDERS)})")
+    if path.stat().st_size == 0:
+        raise DataError(f"{path}: empty data set (the file is empty)")
+    kwargs: dict[str, Any] = {}
+    if builder == "text":  # blank lines separate paragraphs when there are any; otherwise one row per line
+        with path.open("rb") as f:
+            kwargs["sample_by"] = "paragraph" if b"\n\n" in f.read(1 << 20) else "line"
+    try:
+        ds = datasets.load_dataset(builder, data_files={"train": str(path)}, split="train", **kwargs)
+    except Exception as e:  # a broken file surfaces as one of many library errors; all mean "cannot read it"
+        raise DataError(f"{path}: cannot read as {builder} ({_first_line(e)})") from None
+    if builder == "text":
+        ds = ds.filter(lambda row: row["text"].strip() != "")
+    return ds
+
+
+def _read_dir(path: Path) -> dict[str, datasets.Dataset]:
+    found: dict[str, datasets.Dataset] = {}
+    for split in SPLITS:
+        files = sorted(p for p in path.iterdir() if p.stem == split and p.suffix.lower() in _BUILDERS)
+        if len(files) > 1:
+            raise DataError(f"{path}: more than one {split} file ({', '.join(p.name for p in files)})")
+        if files:
+            found[split] = _read_file(files[0])
+    if "train" not in found:
+        names = ", ".join(sorted(p.name for p in path.iterdir())) or "nothing"
+        raise DataError(f"{path}: no train file (expected train.jsonl/.json/.parquet/.txt; found {names})")
+    return found
+
+
+def _read_hub(name: str) -> dict[str, datasets.Dataset]:
+    import datasets
+
+    try:
+        loaded = datasets.load_dataset(name)
+    except Exception as e:  # no network, unknown name, gated repo: the user needs the reason, not the traceback
+        raise DataError(f"{name}: cannot load from the Hugging Face Hub (no network or no such data set?): "
+                        f"{_first_line(e)}") from None
+    return dict(loaded)
+
+
+def read_splits(source: str) -> dict[str, datasets.Dataset]:
+    """Every split a source has, unvalidated: {"train": ...} for a file, train/test for a directory or a hub set."""
+    if source == "demo":
+        raise DataError("'demo' is generated, not read: use ingest('demo', ...)")
+    if source.startswith("hf:"):
+        return _read_hub(source[3:])
+    path = Path(source).expanduser()
+    if path.is_dir():
+        return _read_dir(path)
+    if path.is_file():
+        return {"train": _read_file(path)}
+    if path.suffix.lower() in _BUILDERS or source.startswith((".", "/", "~")):
+        raise DataError(f"{source}: no such file or directory")
+    return _read_hub(source)
+
+
+def validate(ds: datasets.Dataset, fmt: str, source: str) -> datasets.Dataset:
+    """Check rows, required columns and string types for `fmt`; returns `ds` with only the required columns."""
+    alternatives = _check_format(fmt)
+    found = list(ds.column_names)
+    columns = next((alt for alt in alternatives if all(c in found for c in alt)), None)
+    if columns is None:
+        expected = " or ".join(", ".join(alt) for alt in alternatives)
+        missing = ", ".join(c for c in alternatives[0] if c not in found)
+        missing_note = f"missing column(s) {missing}" if len(alternatives) == 1 else "missing columns"
+        raise DataError(f"{source}: {missing_note} for format {fmt!r} (expected {expected}; "
+                        f"found columns: {', '.join(found) or 'none'})")
+    if len(ds) == 0:
+        raise DataError(f"{source}: empty data set")
+    ds = ds.select_columns(columns)
+    for col in columns:
+        values = ds[col]
+        check = _is_messages if col == "messages" else (lambda v: isinstance(v, str))
+        bad = next((i for i, v in enumerate(values) if not check(v)), None)
+        if bad is not None:
+            what = "a list of {role, content} strings" if col == "messages" else "strings"
+            raise DataError(f"{source}: row {bad}: column {col!r} must hold {what}, found {values[bad]!r:.60}")
+    if fmt == "preferences":
+        same = next((i for i, (c, r) in enumerate(zip(ds["chosen"], ds["rejected"], strict=True)) if c == r), None)
+        if same is not None:
+            raise DataError(f"{source}: row {same}: chosen and rejected are the same text")
+    return ds
+
+
+def _is_messages(value: Any) -> bool:
+    return isinstance(value, list) and bool(value) and all(
+        isinstance(m, dict) and isinstance(m.get("role"), str) and isinstance(m.get("content"), str) for m in value)
+
+
+def load_source(source: str, fmt: str, *, split: str = "train") -> datasets.Dataset:
+    """Load one split of a file, directory or hub data set and validate it for `fmt`."""
+    _check_format(fmt)
+    splits = read_splits(source)
+    if split not in splits:
+        raise DataError(f"{source}: no {split!r} split (found: {', '.join(splits)})")
+    return validate(splits[split], fmt, f"{source} [{split}]" if len(splits) > 1 else source)
+
+
+def _seeded_split(ds: datasets.Dataset, test_fraction: float, seed: int, source: str) -> dict[str, datasets.Dataset]:
+    """Hold out round(n * test_fraction) rows (at least one) chosen by `seed`; the rest is train."""
+    n = len(ds)
+    if n < 2:
+        raise DataError(f"{source}: {n} row(s) cannot be split into train and test (need at least 2)")
+    order = list(range(n))
+    random.Random(seed).shuffle(order)
+    n_test = min(n - 1, max(1, round(n * test_fraction)))
+    return {"train": ds.select(sorted(order[n_test:])), "test": ds.select(sorted(order[:n_test]))}
+
+
+def _rows(ds: datasets.Dataset) -> list[dict]:
+    return [dict(row) for row in ds]
+
+
+def ingest(source: str, fmt: str, store: ArtifactStore, *, demo_cfg: DemoConfig, test_fraction: float = 0.1,
+           seed: int = 0) -> Artifact:
+    """Materialise a source as a dataset artifact (train.jsonl + test.jsonl); same rows give the same version."""
+    _check_format(fmt)
+    if not 0.0 < test_fraction < 1.0:
+        raise DataError(f"test_fraction must be in (0, 1), found {test_fraction}")
+    is_demo = source == "demo"
+    if is_demo:
+        splits = demo.generate(demo_cfg)[fmt]
+        config: dict[str, Any] = {"source": source, "format": fmt, "demo": demo_cfg.to_dict()}
+    else:
+        loaded = read_splits(source)
+        if "test" in loaded:
+            parts = {s: validate(loaded[s], fmt, f"{source} [{s}]") for s in SPLITS}
+        else:
+            parts = _seeded_split(validate(loaded["train"], fmt, source), test_fraction, seed, source)
+        splits = {s: _rows(parts[s]) for s in SPLITS}
+        config = {"source": source, "format": fmt, "test_fraction": test_fraction, "seed": seed,
+                  "test_split": "given" if "test" in loaded else "seeded"}
+    with tempfile.TemporaryDirectory(prefix="rlhf-data-") as tmp:
+        for split in SPLITS:
+            (Path(tmp) / f"{split}.jsonl").write_text(demo.to_jsonl(splits[split]), encoding="utf-8")
+        return store.publish(
+            tmp, name=DATASET_NAMES[fmt], kind="dataset", stage="data", config=config,
+            metrics={"train_rows": len(splits["train"]), "test_rows": len(splits["test"])},
+            extra={"format": fmt, "task": "demo" if is_demo else None},
+        )
+
+
+def load_dataset_artifact(artifact: Artifact, split: str) -> datasets.Dataset:
+    """One split of a dataset artifact as a `datasets.Dataset`, validated against the artifact's format."""
+    import datasets
+
+    if artifact.kind != "dataset":
+        raise DataError(f"{artifact.ref}: expected a dataset artifact, found kind {artifact.kind!r}")
+    if split not in SPLITS:
+        raise DataError(f"{artifact.ref}: unknown split {split!r} (expected train or test)")
+    path = Path(artifact.path) / f"{split}.jsonl"
+    fmt = (artifact.manifest.get("extra") or {}).get("format")
+    rows = [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines() if line]
+    # from_list keeps the rows exactly as written and needs no cache dir (Ray workers read this concurrently)
+    ds = datasets.Dataset.from_list(rows)
+    return validate(ds, fmt, f"{artifact.ref} [{split}]") if fmt in FORMATS else ds

@@ -1,0 +1,245 @@
+"""Ray Train launch helpers shared by the training stages (pretrain, SFT, reward).
+
+Driver side:
+    ensure_ray()                       join RAY_ADDRESS or start a local Ray (once per process)
+    fit(train_loop, loop_config, ...)  run `train_loop(loop_config)` on ctx.scaling workers with a TorchTrainer whose
+                                       storage is ctx.work_dir, so a rerun with the same work_dir resumes from the
+                                       latest checkpoint; a failure raises `TrainingFailed` (one line + cause)
+Worker side (inside train_loop):
+    set_torch_threads(cpus)            torch threads = the CPUs Ray gave this worker (no oversubscription)
+    resume_dir()                       context manager: local dir of the checkpoint to resume from, or None
+    report(metrics, checkpoint_dir)    every rank calls it (it is a barrier); ranks passing a dir get it uploaded
+                                       into one merged checkpoint directory
+    log(msg)                           a progress line shown on the driver through ctx.log (rank 0 only)
+    world_rank(), world_size()
+
+Ray Train 2.60 runs its "V2" trainer: a run with the same `RunConfig(name, storage_path)` loads the previous run's
+checkpoint snapshot, and `ray.train.get_checkpoint()` returns its latest checkpoint in the workers. `fit` also finds the
+latest checkpoint directory itself and hands it to the workers when no snapshot names it (a run killed between
+uploading a checkpoint and writing the snapshot); `resume_from_checkpoint` is deprecated in V2 and raises.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import threading
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+from stages.common.context import StageContext
+
+_LOG_QUEUE_KEY = "__rlhf_log_queue"
+_TRAIN_LOOP_KEY = "__rlhf_train_loop"
+_RESUME_KEY = "__rlhf_resume_from"
+_worker_log_queue = None  # set inside each worker process by _worker_entry
+_worker_resume_from: str | None = None  # fallback checkpoint dir, set by _worker_entry
+
+
+class TrainingFailed(RuntimeError):
+    """A Ray Train run ended in an error; the message names the run, the worker rank and the worker's error."""
+
+
+# ----------------------------------------------------------------------------------------------------------- driver
+
+
+def ensure_ray() -> bool:
+    """Join the cluster at RAY_ADDRESS if set, else start a local Ray on all cores; True if this call started Ray."""
+    import ray
+
+    if ray.is_initialized():
+        return False
+    address = os.environ.get("RAY_ADDRESS")
+    if address:
+        ray.init(address=address, log_to_driver=True)
+    else:
+        ray.init(num_cpus=os.cpu_count(), include_dashboard=False, log_to_driver=True)
+    return True
+
+
+def storage_path(work_dir: str) -> str:
+    """Ray Train storage for ctx.work_dir: an fsspec/pyarrow URI as is, a local path made absolute."""
+    return work_dir if "://" in work_dir else str(Path(work_dir).resolve())
+
+
+def latest_checkpoint_dir(work_dir: str, run_name: str) -> str | None:
+    """The newest `checkpoint_*` directory a previous run left under work_dir/run_name (local storage only)."""
+    if "://" in work_dir:
+        return None  # remote storage: Ray's own run snapshot does the restoring
+    run_dir = Path(storage_path(work_dir)) / run_name
+    found = [p for p in run_dir.glob("checkpoint_*") if p.is_dir() and any(p.iterdir())]
+    return str(max(found, key=lambda p: p.stat().st_mtime)) if found else None
+
+
+def fit(
+    train_loop: Callable[[dict], Any],
+    loop_config: dict,
+    *,
+    ctx: StageContext,
+    run_name: str,
+    max_failures: int = 1,
+    checkpoints_to_keep: int = 2,
+):
+    """Run `train_loop(loop_config)` on ctx.scaling Ray Train workers; returns the `ray.train.Result`.
+
+    Checkpoints go to ctx.work_dir/run_name (the last `checkpoints_to_keep` are kept); a rerun with the same work_dir
+    and run_name resumes from the latest one. Worker errors are retried `max_failures` times (from the latest
+    checkpoint), then raised as `TrainingFailed`. `result.return_value` is what rank 0's train_loop returned.
+    """
+    import ray.train
+    from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
+    from ray.train.torch import TorchTrainer
+    from ray.util.queue import Queue
+
+    ensure_ray()
+    scaling = ctx.scaling
+    resources = {"CPU": scaling.cpus_per_worker}
+    if scaling.use_gpu:
+        resources["GPU"] = 1
+    previous = latest_checkpoint_dir(ctx.work_dir, run_name)
+    if previous:
+        ctx.log(f"{run_name}: a previous run left checkpoints; resuming from the latest ({Path(previous).name})")
+    has_snapshot = previous is not None and any((Path(previous).parent).glob("checkpoint_manager_snapshot*"))
+    # The queue actor carries progress lines from rank 0 to the driver; it takes no CPU from the workers.
+    queue = Queue(actor_options={"num_cpus": 0})
+    trainer = TorchTrainer(
+        _worker_entry,
+        train_loop_config={
+            **loop_config,
+            _TRAIN_LOOP_KEY: train_loop,
+            _LOG_QUEUE_KEY: queue,
+            _RESUME_KEY: None if has_snapshot else previous,
+        },
+        scaling_config=ScalingConfig(
+            num_workers=scaling.num_workers, use_gpu=scaling.use_gpu, resources_per_worker=resources
+        ),
+        run_config=RunConfig(
+            name=run_name,
+            storage_path=storage_path(ctx.work_dir),
+            failure_config=FailureConfig(max_failures=max_failures),
+            checkpoint_config=CheckpointConfig(num_to_keep=checkpoints_to_keep),
+        ),
+    )
+    done = threading.Event()
+    pump = threading.Thread(target=_pump_logs, args=(queue, ctx.log, done), daemon=True)
+    pump.start()
+    try:
+        return trainer.fit()
+    except ray.train.TrainingFailedError as exc:
+        raise TrainingFailed(f"{run_name}: {_describe_failure(exc)}") from exc
+    finally:
+        done.set()
+        pump.join(timeout=5)
+        with contextlib.suppress(Exception):
+            ray.kill(queue.actor)
+
+
+def _pump_logs(queue, log: Callable[[str], None], done: threading.Event) -> None:
+    """Forward worker progress lines to the driver's logger until the run ends (then drain what is left)."""
+    from ray.util.queue import Empty
+
+    while True:
+        try:
+            log(queue.get(timeout=0.5))
+            continue
+        except Empty:
+            pass
+        except Exception:
+            return  # the queue actor is gone: the run is over
+        if done.is_set():
+            return
+
+
+def _describe_failure(exc: Exception) -> str:
+    """One line: which worker failed and its own error message (not Ray's multi-line wrapper)."""
+    failures = getattr(exc, "worker_failures", None) or {}
+    if failures:
+        rank, err = sorted(failures.items())[0]
+        cause = getattr(err, "cause", None) or err  # RayTaskError keeps the user's exception in .cause
+        lines = [ln for ln in str(cause).strip().splitlines() if ln.strip()]
+        message = lines[-1] if lines and "Traceback" in lines[0] else (lines[0] if lines else "")
+        return f"training failed on worker rank {rank}: {type(cause).__name__}: {message}"
+    lines = [ln for ln in str(exc).strip().splitlines() if ln.strip()]
+    return f"training failed: {lines[-1] if lines else type(exc).__name__}"
+
+
+# ----------------------------------------------------------------------------------------------------------- worker
+
+
+def _worker_entry(config: dict) -> Any:
+    """What each Ray Train worker runs: unpack the driver's helpers, then the stage's own train loop."""
+    global _worker_log_queue, _worker_resume_from
+    config = dict(config)
+    train_loop = config.pop(_TRAIN_LOOP_KEY)
+    _worker_log_queue = config.pop(_LOG_QUEUE_KEY, None)
+    _worker_resume_from = config.pop(_RESUME_KEY, None)
+    return train_loop(config)
+
+
+def world_rank() -> int:
+    """This worker's rank in the Ray Train worker group."""
+    import ray.train
+
+    return ray.train.get_context().get_world_rank()
+
+
+def world_size() -> int:
+    """Number of workers in the Ray Train worker group."""
+    import ray.train
+
+    return ray.train.get_context().get_world_size()
+
+
+def set_torch_threads(cpus: float) -> int:
+    """Give torch as many intra-op threads as CPUs Ray reserved for this worker (at least 1); returns that number.
+
+    Without it every worker starts one thread per core of the machine and two workers on 2 cores fight for them.
+    """
+    import torch
+
+    threads = max(1, int(cpus))
+    torch.set_num_threads(threads)
+    with contextlib.suppress(RuntimeError):  # only settable before the first parallel op in the process
+        torch.set_num_interop_threads(1)
+    os.environ["OMP_NUM_THREADS"] = str(threads)
+    return threads
+
+
+@contextlib.contextmanager
+def resume_dir() -> Iterator[str | None]:
+    """Local directory of the checkpoint this run resumes from (downloaded if remote), or None on a fresh start."""
+    import ray.train
+
+    checkpoint = ray.train.get_checkpoint()
+    if checkpoint is None:
+        yield _worker_resume_from if _worker_resume_from and Path(_worker_resume_from).is_dir() else None
+        return
+    with checkpoint.as_directory() as path:
+        yield path
+
+
+def report(metrics: dict, checkpoint_dir: str | os.PathLike | None = None) -> None:
+    """Report metrics (rank 0's are kept) and optionally a checkpoint; every rank must call it the same number of times.
+
+    Usual pattern: rank 0 writes the checkpoint into a temp dir and passes it, the others pass None. DeepSpeed ZeRO
+    writes one shard per rank: then every rank passes its own dir and Ray merges them into one checkpoint directory.
+    """
+    import ray.train
+    from ray.train import Checkpoint
+
+    checkpoint = Checkpoint.from_directory(str(checkpoint_dir)) if checkpoint_dir is not None else None
+    ray.train.report(metrics, checkpoint=checkpoint)
+
+
+def log(message: str) -> None:
+    """Send a progress line to the driver's ctx.log (rank 0 only; other ranks' lines are dropped)."""
+    if world_rank() != 0:
+        return
+    if _worker_log_queue is None:
+        print(message, flush=True)
+        return
+    try:
+        _worker_log_queue.put_nowait(message)
+    except Exception:
+        print(message, flush=True)

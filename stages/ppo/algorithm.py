@@ -1,0 +1,212 @@
+"""PPO math for RLHF as plain functions over tensors (imports only torch).
+
+Conventions: every per-token tensor covers the *response* tokens only, shape [B, T] (B responses, T = response
+length padded on the right); `mask` is 1.0 on real response tokens (up to and including eos) and 0.0 on padding.
+The references are Schulman et al. 2017 (PPO), Schulman et al. 2016 (GAE), Ziegler et al. 2019 (KL-penalised reward,
+adaptive KL controller) and Stiennon et al. 2020 / Ouyang et al. 2022 (the recipe and its defaults).
+"""
+
+from __future__ import annotations
+
+from typing import Literal
+
+import torch
+import torch.nn.functional as F
+
+KLEstimator = Literal["k1", "k3"]
+
+
+# --------------------------------------------------------------------------------------------------- masked stats
+def masked_sum(x: torch.Tensor, mask: torch.Tensor, dim: int | None = None) -> torch.Tensor:
+    """Sum of `x` where mask is 1 (over all elements, or along `dim`)."""
+    return (x * mask).sum() if dim is None else (x * mask).sum(dim)
+
+
+def masked_mean(x: torch.Tensor, mask: torch.Tensor, dim: int | None = None) -> torch.Tensor:
+    """Mean of `x` over the positions where mask is 1; an all-zero mask gives 0 rather than NaN."""
+    return masked_sum(x, mask, dim) / masked_sum(torch.ones_like(x), mask, dim).clamp(min=1.0)
+
+
+def masked_var(x: torch.Tensor, mask: torch.Tensor, unbiased: bool = True) -> torch.Tensor:
+    """Variance of `x` over the masked positions (Bessel-corrected by default, like torch.var)."""
+    mean = masked_mean(x, mask)
+    n = mask.sum()
+    var = masked_mean((x - mean) ** 2, mask)
+    if unbiased:
+        if n < 2:
+            raise ValueError(f"masked_var: need at least 2 unmasked values for an unbiased variance, found {int(n)}")
+        var = var * n / (n - 1)
+    return var
+
+
+def masked_whiten(x: torch.Tensor, mask: torch.Tensor, shift_mean: bool = True, eps: float = 1e-8) -> torch.Tensor:
+    """Normalise `x` to unit variance (and zero mean if `shift_mean`) using only masked positions; padding -> 0."""
+    mean, var = masked_mean(x, mask), masked_var(x, mask)
+    white = (x - mean) * torch.rsqrt(var + eps)
+    if not shift_mean:
+        white = white + mean
+    return white * mask
+
+
+# ------------------------------------------------------------------------------------------------- log-probs, KL
+def logprobs_from_logits(logits: torch.Tensor, tokens: torch.Tensor) -> torch.Tensor:
+    """log p(token) under `logits`: [B, T, V], [B, T] -> [B, T]."""
+    return torch.gather(F.log_softmax(logits.float(), dim=-1), -1, tokens.unsqueeze(-1)).squeeze(-1)
+
+
+def entropy_from_logits(logits: torch.Tensor) -> torch.Tensor:
+    """Entropy of the categorical distribution at each position: [B, T, V] -> [B, T]."""
+    logits = logits.float()
+    probs = F.softmax(logits, dim=-1)
+    return torch.logsumexp(logits, dim=-1) - (probs * logits).sum(-1)
+
+
+def kl_per_token(logprobs: torch.Tensor, ref_logprobs: torch.Tensor, estimator: KLEstimator = "k1") -> torch.Tensor:
+    """Per-token estimate of KL(policy || reference) from log-probs of tokens sampled from the policy.
+
+    With log r = log p_ref - log p_policy: k1 = -log r (unbiased, can be negative per token);
+    k3 = (r - 1) - log r (unbiased, always >= 0, lower variance). See J. Schulman, "Approximating KL divergence".
+    """
+    log_ratio = ref_logprobs - logprobs
+    if estimator == "k1":
+        return -log_ratio
+    if estimator == "k3":
+        return torch.expm1(log_ratio) - log_ratio
+    raise ValueError(f"kl estimator: expected 'k1' or 'k3', found {estimator!r}")
+
+
+def last_token_index(mask: torch.Tensor) -> torch.Tensor:
+    """Index of the last 1 in each row of a right-padded mask: [B, T] -> [B] (0 for an empty row)."""
+    return (mask.sum(-1).long() - 1).clamp(min=0)
+
+
+def shape_rewards(
+    scores: torch.Tensor,
+    kl: torch.Tensor,
+    mask: torch.Tensor,
+    kl_coef: float,
+    reward_clip: float | None = None,
+) -> torch.Tensor:
+    """Per-token reward: -kl_coef * KL at every response token, plus the reward-model score at the last one.
+
+    scores: [B] (clipped to [-reward_clip, reward_clip] first when given); kl, mask: [B, T] -> rewards [B, T].
+    """
+    if reward_clip is not None:
+        scores = scores.clamp(-reward_clip, reward_clip)
+    rewards = -kl_coef * kl * mask
+    rows = torch.arange(rewards.shape[0], device=rewards.device)
+    rewards[rows, last_token_index(mask)] += scores.to(rewards.dtype)
+    return rewards
+
+
+# ------------------------------------------------------------------------------------------------ GAE, advantages
+def gae(
+    rewards: torch.Tensor,
+    values: torch.Tensor,
+    mask: torch.Tensor,
+    gamma: float = 1.0,
+    lam: float = 0.95,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Generalised advantage estimation over the response tokens; the episode ends after the last masked token.
+
+    delta_t = r_t + gamma * V_{t+1} - V_t (V after the end = 0); A_t = delta_t + gamma * lam * A_{t+1}.
+    Returns (advantages, returns = advantages + values), both [B, T] and zero on padding.
+    """
+    rewards, values = rewards * mask, values * mask
+    T = rewards.shape[1]
+    advantages = torch.zeros_like(rewards)
+    next_adv = torch.zeros_like(rewards[:, 0])
+    next_value = torch.zeros_like(rewards[:, 0])
+    for t in reversed(range(T)):
+        delta = rewards[:, t] + gamma * next_value - values[:, t]
+        next_adv = (delta + gamma * lam * next_adv) * mask[:, t]
+        advantages[:, t] = next_adv
+        next_value = values[:, t]
+    return advantages, (advantages + values) * mask
+
+
+# ------------------------------------------------------------------------------------------------------- losses
+def policy_loss(
+    logprobs: torch.Tensor,
+    old_logprobs: torch.Tensor,
+    advantages: torch.Tensor,
+    mask: torch.Tensor,
+    clip: float = 0.2,
+) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """PPO clipped surrogate: mean over tokens of max(-A * ratio, -A * clamp(ratio, 1 - clip, 1 + clip)).
+
+    Returns (loss, {"clip_frac", "approx_kl"}): the share of tokens where the clipped term was taken, and
+    0.5 * mean((log ratio)^2), the usual cheap estimate of how far this update moved the policy.
+    """
+    log_ratio = logprobs - old_logprobs
+    ratio = torch.exp(log_ratio)
+    unclipped = -advantages * ratio
+    clipped = -advantages * torch.clamp(ratio, 1.0 - clip, 1.0 + clip)
+    loss = masked_mean(torch.maximum(unclipped, clipped), mask)
+    with torch.no_grad():
+        stats = {
+            "clip_frac": masked_mean((clipped > unclipped).float(), mask),
+            "approx_kl": 0.5 * masked_mean(log_ratio**2, mask),
+        }
+    return loss, stats
+
+
+def value_loss(
+    values: torch.Tensor,
+    old_values: torch.Tensor,
+    returns: torch.Tensor,
+    mask: torch.Tensor,
+    clip: float = 0.2,
+) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """Clipped value loss: 0.5 * mean(max((V - R)^2, (clamp(V, V_old +- clip) - R)^2)); returns (loss, {"clip_frac"})."""
+    clipped_values = old_values + torch.clamp(values - old_values, -clip, clip)
+    unclipped_err = (values - returns) ** 2
+    clipped_err = (clipped_values - returns) ** 2
+    loss = 0.5 * masked_mean(torch.maximum(unclipped_err, clipped_err), mask)
+    with torch.no_grad():
+        stats = {"clip_frac": masked_mean((clipped_err > unclipped_err).float(), mask)}
+    return loss, stats
+
+
+# ------------------------------------------------------------------------------------------------ KL controllers
+class FixedKLController:
+    """A constant KL coefficient (the default: 0.05 with the k1 estimator)."""
+
+    def __init__(self, kl_coef: float = 0.05):
+        self.value = float(kl_coef)
+
+    def update(self, current_kl: float, n_steps: int) -> None:
+        """No-op: the coefficient is fixed."""
+
+    def state_dict(self) -> dict[str, float]:
+        return {"value": self.value}
+
+    def load_state_dict(self, state: dict[str, float]) -> None:
+        self.value = float(state["value"])
+
+
+class AdaptiveKLController:
+    """Ziegler et al. 2019: move kl_coef proportionally so the measured KL tracks `target`.
+
+    error = clip(KL / target - 1, -0.2, 0.2); kl_coef *= 1 + error * n_steps / horizon.
+    """
+
+    def __init__(self, init_kl_coef: float, target: float, horizon: int):
+        if target <= 0 or horizon <= 0:
+            raise ValueError(f"adaptive KL: expected target > 0 and horizon > 0, found {target} and {horizon}")
+        self.value = float(init_kl_coef)
+        self.target = float(target)
+        self.horizon = int(horizon)
+
+    def update(self, current_kl: float, n_steps: int) -> None:
+        """Adjust the coefficient after a batch of `n_steps` samples whose mean sequence KL was `current_kl`."""
+        error = min(max(current_kl / self.target - 1.0, -0.2), 0.2)
+        self.value *= 1.0 + error * n_steps / self.horizon
+
+    def state_dict(self) -> dict[str, float]:
+        return {"value": self.value, "target": self.target, "horizon": self.horizon}
+
+    def load_state_dict(self, state: dict[str, float]) -> None:
+        self.value = float(state["value"])
+        self.target = float(state["target"])
+        self.horizon = int(state["horizon"])

@@ -1,0 +1,26 @@
+"""The SFT stage's typed config. Defaults are the `demo` preset (about 2 minutes on 2 CPU cores)."""
+
+from __future__ import annotations
+
+from pydantic import Field
+
+from stages.common.config import Section
+
+
+class Config(Section):
+    """Supervised fine-tuning of the base model on prompt/completion pairs (loss on the completion only)."""
+
+    max_steps: int = Field(150, ge=1)  # optimizer steps; the demo format is learnt in well under one epoch
+    batch_size: int = Field(16, ge=1)  # global batch per optimizer step, split evenly over the Ray workers
+    gradient_accumulation_steps: int = Field(1, ge=1)  # micro-batches per step on each worker
+    learning_rate: float = Field(1e-3, gt=0.0)  # AdamW peak rate; tiny models fine-tune fast at this rate
+    warmup_steps: int = Field(10, ge=0)  # linear warm-up, then linear decay to 0 at max_steps
+    weight_decay: float = Field(0.0, ge=0.0)
+    max_length: int | None = Field(None, ge=8)  # prompt+completion+eos token limit; None = the model's context
+    save_steps: int = Field(50, ge=1)  # checkpoint interval: a rerun after a crash resumes from the latest one
+    logging_steps: int = Field(10, ge=1)  # loss is logged (and drawn in loss_curve.png) every this many steps
+    eval_prompts: int = Field(128, ge=0)  # held-out demo prompts answered greedily for format_rate and gold_score
+    max_new_tokens: int = Field(32, ge=1)  # generation budget per held-out prompt (demo replies are ~12 tokens)
+    generation_batch_size: int = Field(32, ge=1)  # prompts per batched, left-padded generate call
+    zero_stage: int | None = Field(None, ge=0, le=3)  # DeepSpeed ZeRO stage; None = plain DDP (the CPU default)
+    bf16: bool = False  # bf16 mixed precision (GPU clusters); CPU runs stay in fp32

@@ -1,0 +1,55 @@
+"""Session fixtures shared by the flow and system tests: a real Prefect API, a real local Ray, one tiny pipeline run."""
+
+from __future__ import annotations
+
+import os
+import shutil
+from pathlib import Path
+
+import pytest
+
+os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
+os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+
+@pytest.fixture(scope="session")
+def prefect_api():
+    """A temporary Prefect server (SQLite in a temp dir) for the whole session."""
+    from prefect.testing.utilities import prefect_test_harness
+
+    with prefect_test_harness(server_startup_timeout=60):
+        yield
+
+
+@pytest.fixture(scope="session")
+def local_ray():
+    """One local Ray for the session; flows see it initialised and leave it running."""
+    import ray
+
+    started = not ray.is_initialized()
+    if started:
+        ray.init(num_cpus=2, include_dashboard=False, log_to_driver=True)
+    yield
+    if started:
+        ray.shutdown()
+
+
+@pytest.fixture(scope="session")
+def tiny_pipeline(tmp_path_factory, prefect_api, local_ray):
+    """The whole tiny pipeline, run once through the Prefect flow; tests copy its store before changing anything."""
+    from flows.pipeline import rlhf
+
+    root = tmp_path_factory.mktemp("tiny-pipeline")
+    store, work = root / "artifacts", root / "runs"
+    summary = rlhf(preset="tiny", store=str(store), overrides=[f"run.work_dir={work}"])
+    return {"store": store, "work_dir": work, "summary": summary}
+
+
+@pytest.fixture
+def pipeline_copy(tiny_pipeline, tmp_path):
+    """A private copy of the tiny pipeline's store and checkpoints, for tests that rerun stages."""
+    store, work = tmp_path / "artifacts", tmp_path / "runs"
+    shutil.copytree(tiny_pipeline["store"], store, symlinks=True)
+    shutil.copytree(tiny_pipeline["work_dir"], work, symlinks=True)
+    return {"store": Path(store), "work_dir": Path(work)}

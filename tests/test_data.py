@@ -1,0 +1,202 @@
+"""Data loading: every DataError case says what is wrong in one line; each file type loads; ingest round-trips."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import datasets
+import huggingface_hub.constants
+import pytest
+
+from stages.common import data, demo
+from stages.common.data import DataError, ingest, load_dataset_artifact, load_source
+from stages.common.demo import DemoConfig
+from stages.common.store import ArtifactStore
+
+TINY = DemoConfig(size="tiny")
+
+
+def write_jsonl(path: Path, rows: list[dict]) -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows), encoding="utf-8")
+    return path
+
+
+def error_of(fn, *args, **kwargs) -> str:
+    with pytest.raises(DataError) as info:
+        fn(*args, **kwargs)
+    message = str(info.value)
+    assert "\n" not in message, message
+    return message
+
+
+PREFS = [{"prompt": f"User: Describe the cat {i}.\nAssistant:", "chosen": " The cat is happy.",
+          "rejected": " The cat is sad."} for i in range(20)]
+
+
+# --- errors ---
+def test_missing_column_names_missing_and_found(tmp_path: Path) -> None:
+    f = write_jsonl(tmp_path / "p.jsonl", [{"prompt": "a", "answer": "b"}])
+    msg = error_of(load_source, str(f), "preferences")
+    assert str(f) in msg and "missing column(s) chosen, rejected" in msg and "found columns: prompt, answer" in msg
+
+
+def test_missing_column_with_alternatives(tmp_path: Path) -> None:
+    f = write_jsonl(tmp_path / "s.jsonl", [{"text": "hello"}])
+    msg = error_of(load_source, str(f), "sft")
+    assert "expected prompt, completion or messages" in msg and "found columns: text" in msg
+
+
+def test_empty_file(tmp_path: Path) -> None:
+    f = tmp_path / "empty.jsonl"
+    f.write_text("")
+    assert "empty data set" in error_of(load_source, str(f), "corpus")
+
+
+def test_empty_data_set_with_columns(tmp_path: Path) -> None:
+    f = tmp_path / "empty.parquet"
+    datasets.Dataset.from_dict({"text": []}).to_parquet(str(f))
+    msg = error_of(load_source, str(f), "corpus")
+    assert str(f) in msg and "empty data set" in msg
+
+
+def test_chosen_equals_rejected_names_row(tmp_path: Path) -> None:
+    rows = [dict(r) for r in PREFS]
+    rows[3]["rejected"] = rows[3]["chosen"]
+    msg = error_of(load_source, str(write_jsonl(tmp_path / "p.jsonl", rows)), "preferences")
+    assert "row 3" in msg and "chosen and rejected are the same" in msg
+
+
+def test_non_string_values(tmp_path: Path) -> None:
+    f = write_jsonl(tmp_path / "c.jsonl", [{"text": 1}, {"text": 2}])
+    msg = error_of(load_source, str(f), "corpus")
+    assert "row 0" in msg and "'text' must hold strings" in msg and "found 1" in msg
+    f = write_jsonl(tmp_path / "n.jsonl", [{"prompt": "a"}, {"prompt": None}])
+    assert "row 1" in error_of(load_source, str(f), "prompts")
+    f = write_jsonl(tmp_path / "m.jsonl", [{"messages": [{"role": "user"}]}])
+    assert "'messages' must hold a list of {role, content}" in error_of(load_source, str(f), "sft")
+
+
+def test_unreadable_file(tmp_path: Path) -> None:
+    f = tmp_path / "bad.jsonl"
+    f.write_text('{"text": "fine"}\n{"text": broken\n')
+    msg = error_of(load_source, str(f), "corpus")
+    assert str(f) in msg and "cannot read as json" in msg
+
+
+def test_unknown_extension(tmp_path: Path) -> None:
+    f = tmp_path / "data.csv"
+    f.write_text("text\nhello\n")
+    msg = error_of(load_source, str(f), "corpus")
+    assert "unknown file type '.csv'" in msg and ".jsonl" in msg
+
+
+def test_missing_file_and_unknown_format(tmp_path: Path) -> None:
+    assert "no such file" in error_of(load_source, str(tmp_path / "nope.jsonl"), "corpus")
+    assert "unknown data format 'chat'" in error_of(load_source, "x.jsonl", "chat")
+
+
+def test_directory_without_train_file(tmp_path: Path) -> None:
+    write_jsonl(tmp_path / "test.jsonl", [{"text": "a"}])
+    msg = error_of(load_source, str(tmp_path), "corpus")
+    assert "no train file" in msg and "test.jsonl" in msg
+
+
+def test_missing_split(tmp_path: Path) -> None:
+    f = write_jsonl(tmp_path / "c.jsonl", [{"text": "a"}])
+    assert "no 'test' split (found: train)" in error_of(load_source, str(f), "corpus", split="test")
+
+
+def test_hub_name_without_network(monkeypatch: pytest.MonkeyPatch) -> None:
+    # offline mode makes the hub client fail at once instead of retrying for ~25 s; the path taken is the real one
+    monkeypatch.setattr(datasets.config, "HF_HUB_OFFLINE", True)
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)
+    for source in ("hf:someone/no-such-set", "imdb"):
+        msg = error_of(load_source, source, "corpus")
+        assert source.removeprefix("hf:") in msg and "cannot load from the Hugging Face Hub" in msg
+
+
+# --- each file type loads ---
+def test_jsonl_json_parquet_load_the_same_rows(tmp_path: Path) -> None:
+    write_jsonl(tmp_path / "p.jsonl", PREFS)
+    (tmp_path / "p.json").write_text(json.dumps(PREFS))
+    datasets.Dataset.from_list(PREFS).to_parquet(str(tmp_path / "p.parquet"))
+    for ext in ("jsonl", "json", "parquet"):
+        ds = load_source(str(tmp_path / f"p.{ext}"), "preferences")
+        assert ds.column_names == ["prompt", "chosen", "rejected"] and ds.to_list() == PREFS, ext
+
+
+def test_txt_lines_and_paragraphs(tmp_path: Path) -> None:
+    (tmp_path / "lines.txt").write_text("The cat is happy.\nThe dog is sad.\n\n")
+    (tmp_path / "paras.txt").write_text("The cat is happy.\nIt sleeps.\n\nThe dog is sad.\n")
+    assert load_source(str(tmp_path / "lines.txt"), "corpus")["text"][:] == ["The cat is happy.", "The dog is sad."]
+    paras = load_source(str(tmp_path / "paras.txt"), "corpus")["text"][:]
+    assert len(paras) == 2 and paras[0].startswith("The cat is happy.") and "It sleeps." in paras[0]
+
+
+def test_extra_columns_are_dropped_and_messages_accepted(tmp_path: Path) -> None:
+    f = write_jsonl(tmp_path / "s.jsonl", [{"prompt": "p", "completion": " c", "id": 7}])
+    assert load_source(str(f), "sft").column_names == ["prompt", "completion"]
+    chat = [{"messages": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "hello"}]}]
+    assert load_source(str(write_jsonl(tmp_path / "m.jsonl", chat)), "sft").to_list() == chat
+
+
+def test_directory_with_splits(tmp_path: Path) -> None:
+    demo.write_jsonl_dir(demo.generate(TINY), tmp_path)
+    test = load_source(str(tmp_path / "sft"), "sft", split="test")
+    assert len(test) == demo.SIZES["tiny"].sft[1]
+
+
+# --- ingest (needs the real store) ---
+def test_ingest_demo_round_trip_and_dedup(tmp_path: Path) -> None:
+    store = ArtifactStore(tmp_path / "store")
+    art = ingest("demo", "preferences", store, demo_cfg=TINY)
+    assert (art.name, art.kind, art.version) == ("preference-data", "dataset", 1)
+    assert art.manifest["extra"] == {"format": "preferences", "task": "demo"}
+    expected = demo.generate(TINY)["preferences"]
+    assert art.metrics == {"train_rows": len(expected["train"]), "test_rows": len(expected["test"])}
+    for split in ("train", "test"):
+        assert load_dataset_artifact(art, split).to_list() == expected[split]
+    again = ingest("demo", "preferences", store, demo_cfg=TINY)
+    assert (again.version, again.digest) == (1, art.digest)  # same data, same version
+    other = ingest("demo", "preferences", store, demo_cfg=DemoConfig(size="tiny", seed=1))
+    assert other.version == 2 and other.digest != art.digest
+
+
+def test_ingest_written_demo_files_gives_the_same_digest(tmp_path: Path) -> None:
+    store = ArtifactStore(tmp_path / "store")
+    demo.write_jsonl_dir(demo.generate(TINY), tmp_path / "out")
+    from_demo = ingest("demo", "sft", store, demo_cfg=TINY)
+    from_files = ingest(str(tmp_path / "out" / "sft"), "sft", store, demo_cfg=TINY)
+    assert from_files.digest == from_demo.digest and from_files.version == from_demo.version
+
+
+def test_ingest_file_seeded_split(tmp_path: Path) -> None:
+    store = ArtifactStore(tmp_path / "store")
+    f = write_jsonl(tmp_path / "p.jsonl", PREFS)
+    art = ingest(str(f), "preferences", store, demo_cfg=TINY, test_fraction=0.25, seed=3)
+    assert art.metrics == {"train_rows": 15, "test_rows": 5}
+    assert art.manifest["extra"] == {"format": "preferences", "task": None}
+    train, test = (load_dataset_artifact(art, s).to_list() for s in ("train", "test"))
+    assert sorted(r["prompt"] for r in train + test) == sorted(r["prompt"] for r in PREFS)
+    assert not {r["prompt"] for r in train} & {r["prompt"] for r in test}
+    assert ingest(str(f), "preferences", store, demo_cfg=TINY, test_fraction=0.25, seed=3).version == 1
+    assert ingest(str(f), "preferences", store, demo_cfg=TINY, test_fraction=0.25, seed=4).digest != art.digest
+
+
+def test_ingest_errors(tmp_path: Path) -> None:
+    store = ArtifactStore(tmp_path / "store")
+    f = write_jsonl(tmp_path / "one.jsonl", [{"text": "a"}])
+    assert "cannot be split" in error_of(ingest, str(f), "corpus", store, demo_cfg=TINY)
+    assert "test_fraction" in error_of(ingest, str(f), "corpus", store, demo_cfg=TINY, test_fraction=1.0)
+    assert store.list() == []
+
+
+def test_load_dataset_artifact_rejects_other_kinds(tmp_path: Path) -> None:
+    store = ArtifactStore(tmp_path / "store")
+    (tmp_path / "m").mkdir()
+    (tmp_path / "m" / "config.json").write_text("{}")
+    model = store.publish(tmp_path / "m", name="base-model", kind="causal-lm", stage="pretrain")
+    assert "expected a dataset artifact" in error_of(load_dataset_artifact, model, "train")
+    assert set(data.DATASET_NAMES) == set(data.FORMATS)

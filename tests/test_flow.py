@@ -1,0 +1,113 @@
+"""The Prefect flow over the four stages, with a real Prefect API and a real local Ray on the tiny preset."""
+
+from __future__ import annotations
+
+import pytest
+
+from flows import pipeline
+from flows.pipeline import plan_stages, rlhf
+from stages.common.config import ConfigError
+from stages.common.errors import StageInputError
+from stages.common.store import ArtifactError, ArtifactStore
+
+pytestmark = pytest.mark.slow
+
+
+def _states(summary):
+    return {name: info["state"] for name, info in summary["stages"].items()}
+
+
+def _versions(store_root):
+    return sorted((m["name"], m["version"]) for m in ArtifactStore(str(store_root)).list())
+
+
+def _run(copy, **params):
+    overrides = params.pop("overrides", [])
+    return rlhf(preset="tiny", store=str(copy["store"]), overrides=[f"run.work_dir={copy['work_dir']}", *overrides],
+                **params)
+
+
+def test_plan_stages():
+    assert plan_stages(None, None) == (["pretrain", "sft", "reward", "ppo"], set())
+    assert plan_stages("reward", None) == (["pretrain", "sft", "reward", "ppo"], {"reward", "ppo"})
+    assert plan_stages(None, "sft") == (["sft"], set())
+    with pytest.raises(ConfigError, match="--from 'rlhf': unknown stage"):
+        plan_stages("rlhf", None)
+
+
+def test_full_run_publishes_four_stages_with_lineage(tiny_pipeline):
+    summary, store = tiny_pipeline["summary"], ArtifactStore(str(tiny_pipeline["store"]))
+    assert _states(summary) == {"pretrain": "Completed", "sft": "Completed", "reward": "Completed", "ppo": "Completed"}
+    policy = store.get(summary["stages"]["ppo"]["outputs"]["policy"], kind="causal-lm")
+    tree = store.lineage(policy.ref)
+    assert set(tree["inputs"]) == {"sft_model", "reward_model", "prompts"}
+    sft = tree["inputs"]["sft_model"]
+    assert sft["ref"].startswith("sft-model@") and sft["inputs"]["base_model"]["ref"].startswith("base-model@")
+    assert sft["inputs"]["base_model"]["inputs"]["corpus"]["kind"] == "dataset"
+    reward = tree["inputs"]["reward_model"]
+    assert reward["kind"] == "reward-model" and reward["inputs"]["sft_model"]["digest"] == sft["digest"]
+    for name in ("tokenizer", "base-model", "sft-model", "reward-model", "policy"):
+        store.verify(name)
+
+
+def test_second_run_is_fully_cached(tiny_pipeline, pipeline_copy):
+    before = _versions(pipeline_copy["store"])
+    summary = _run(pipeline_copy)
+    assert set(_states(summary).values()) == {"Cached"}
+    assert _versions(pipeline_copy["store"]) == before
+    first = tiny_pipeline["summary"]["stages"]
+    assert {n: i["outputs"] for n, i in summary["stages"].items()} == {n: i["outputs"] for n, i in first.items()}
+
+
+def test_reward_config_change_reruns_reward_and_ppo_only(pipeline_copy):
+    summary = _run(pipeline_copy, overrides=["reward.learning_rate=0.0003"])
+    assert _states(summary) == {"pretrain": "Cached", "sft": "Cached", "reward": "Completed", "ppo": "Completed"}
+    names = [name for name, _ in _versions(pipeline_copy["store"])]
+    assert names.count("reward-model") == 2 and names.count("policy") == 2
+    assert names.count("base-model") == 1 and names.count("sft-model") == 1
+
+
+def test_from_ppo_forces_only_ppo(pipeline_copy):
+    summary = _run(pipeline_copy, from_stage="ppo")
+    assert _states(summary) == {"pretrain": "Cached", "sft": "Cached", "reward": "Cached", "ppo": "Completed"}
+
+
+def test_only_uses_explicit_inputs(pipeline_copy):
+    summary = _run(pipeline_copy, only="reward", inputs={"sft_model": "sft-model@v1"})
+    assert list(summary["stages"]) == ["reward"]
+    assert summary["stages"]["reward"]["inputs"]["sft_model"] == "sft-model@v1"
+    assert summary["stages"]["reward"]["state"] == "Cached"  # same inputs and config as the first run
+
+
+def test_only_rejects_missing_and_wrong_kind_refs(pipeline_copy):
+    with pytest.raises(ArtifactError, match="sft-model@v9"):
+        _run(pipeline_copy, only="reward", inputs={"sft_model": "sft-model@v9"})
+    with pytest.raises(ArtifactError, match="reward-model"):
+        _run(pipeline_copy, only="reward", inputs={"sft_model": "reward-model@v1"})
+
+
+def test_retryable_failure_succeeds_on_retry(pipeline_copy, monkeypatch):
+    real_run, calls = pipeline.STAGES["ppo"].run, []
+
+    def flaky_run(*args, **kwargs):
+        calls.append(1)
+        if len(calls) == 1:
+            raise RuntimeError("worker died: the node running a ppo actor was lost")
+        return real_run(*args, **kwargs)
+
+    monkeypatch.setattr(pipeline.STAGES["ppo"], "run", flaky_run)
+    summary = _run(pipeline_copy, from_stage="ppo")
+    assert len(calls) == 2 and summary["stages"]["ppo"]["state"] == "Completed"
+
+
+def test_user_error_is_not_retried(pipeline_copy, monkeypatch):
+    calls = []
+
+    def bad_input_run(*args, **kwargs):
+        calls.append(1)
+        raise StageInputError("prompts@v1: prompt 3 is longer than the context")
+
+    monkeypatch.setattr(pipeline.STAGES["ppo"], "run", bad_input_run)
+    with pytest.raises(StageInputError, match="longer than the context"):
+        _run(pipeline_copy, from_stage="ppo")
+    assert len(calls) == 1
