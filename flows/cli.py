@@ -59,7 +59,22 @@ def cmd_run(args: argparse.Namespace) -> int:
     )
     if args.json:
         _print_json(summary)
+    else:
+        _print_run_summary(summary, _store(args) if args.store else None)
     return 0
+
+
+def _print_run_summary(summary: dict[str, Any], store) -> None:
+    """The end of `rlhf run` on the terminal: per stage, reused or ran, what it produced and its headline metrics."""
+    from stages.common.store import ArtifactStore
+
+    store = store or ArtifactStore(summary["store"])
+    print(f"\npipeline finished in {summary['wall_seconds']:.1f} s (store: {summary['store']})")
+    for name, info in summary["stages"].items():
+        for ref in info["outputs"].values():
+            metrics = store.get(ref).metrics
+            shown = ", ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in sorted(metrics.items()))
+            print(f"  {name:<8} {info['state']:<9} {ref:<20} {shown}")
 
 
 def cmd_config(args: argparse.Namespace) -> int:

@@ -14,6 +14,10 @@ from typing import Any
 from pydantic import Field, ValidationError, model_validator
 
 from stages import ppo, pretrain, reward, sft
+from stages.ppo import Config as PPOConfig
+from stages.pretrain import Config as PretrainConfig
+from stages.reward import Config as RewardConfig
+from stages.sft import Config as SFTConfig
 from stages.common.config import (
     ConfigError,
     Section,
@@ -62,10 +66,10 @@ class PipelineConfig(Section):
 
     run: RunSection = Field(default_factory=RunSection)
     data: DataSection = Field(default_factory=DataSection)
-    pretrain: pretrain.Config = Field(default_factory=pretrain.Config)
-    sft: sft.Config = Field(default_factory=sft.Config)
-    reward: reward.Config = Field(default_factory=reward.Config)
-    ppo: ppo.Config = Field(default_factory=ppo.Config)
+    pretrain: PretrainConfig = Field(default_factory=PretrainConfig)
+    sft: SFTConfig = Field(default_factory=SFTConfig)
+    reward: RewardConfig = Field(default_factory=RewardConfig)
+    ppo: PPOConfig = Field(default_factory=PPOConfig)
 
     @model_validator(mode="after")
     def _workers_fit_on_gpu_flag(self) -> PipelineConfig:

@@ -23,7 +23,7 @@ from flows.cluster_check import check_store_reachable, connect_ray  # noqa: E402
 from flows.config import STAGE_ORDER, STAGES, PipelineConfig, load_config  # noqa: E402
 from stages.common.config import ConfigError  # noqa: E402
 from stages.common.context import StageContext  # noqa: E402
-from stages.common.data import DATASET_NAMES, DataError, ingest  # noqa: E402
+from stages.common.data import DataError, ingest  # noqa: E402
 from stages.common.errors import StageInputError  # noqa: E402
 from stages.common.fingerprint import cache_key, code_fingerprint  # noqa: E402
 from stages.common.store import ArtifactError, ArtifactStore  # noqa: E402
@@ -142,7 +142,7 @@ def rlhf(
     try:
         check_store_reachable(art_store.root, cfg.run.work_dir)
         produced: dict[str, str] = {}  # output name -> ref, as the DAG proceeds
-        summary: dict[str, Any] = {"stages": {}}
+        summary: dict[str, Any] = {"store": art_store.root, "stages": {}}
         for name in stages:
             module = STAGES[name]
             refs: dict[str, str] = {}
@@ -188,4 +188,4 @@ def run_pipeline(**params: Any) -> dict[str, Any]:
     return rlhf(**params)
 
 
-__all__ = ["rlhf", "run_pipeline", "plan_stages", "stage_cache_key", "DATASET_NAMES"]
+__all__ = ["rlhf", "run_pipeline", "plan_stages", "stage_cache_key"]

@@ -7,14 +7,14 @@ PY=${PYTHON:-python3}
 stamp=.venv/.installed-$(sha256sum pyproject.toml | cut -c1-16)
 if [ -f "$stamp" ]; then exit 0; fi
 start=$(date +%s)
+# Quiet pip: this machine's pip config names extra local indexes that do not exist; drop those warnings only.
+pipq() { "$@" 2>&1 | { grep -v -e "is ignored: it is neither a file nor a directory" || true; }; return "${PIPESTATUS[0]}"; }
 [ -x .venv/bin/python ] || "$PY" -m venv .venv
-.venv/bin/python -m pip install --quiet --upgrade pip
-# CPU torch first, so the resolver does not pick a CUDA build for a machine without a GPU.
-if ! command -v nvidia-smi >/dev/null 2>&1; then
-  .venv/bin/python -m pip install --quiet "torch==2.13.0" \
-    || .venv/bin/python -m pip install --quiet "torch==2.13.0" --index-url https://download.pytorch.org/whl/cpu
-fi
-.venv/bin/python -m pip install --quiet -e ".[dev]"
+pipq .venv/bin/python -m pip install --quiet --upgrade pip
+# torch first and pinned, so the resolver keeps the tested build (on this kind of machine pip finds the CPU wheel
+# locally; on a GPU box it is the CUDA build from the index).
+pipq .venv/bin/python -m pip install --quiet "torch==2.13.0"
+pipq .venv/bin/python -m pip install --quiet -e ".[dev]"
 rm -f .venv/.installed-*
 touch "$stamp"
 echo "setup: environment ready in $(( $(date +%s) - start )) s"

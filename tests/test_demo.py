@@ -96,15 +96,16 @@ def test_same_seed_same_bytes_other_seed_differs() -> None:
     assert _digest(tiny(0)) != _digest(tiny(1))
 
 
-def test_row_counts_and_corpus_size() -> None:
-    for size in ("tiny",):  # "demo" takes ~0.3 s more and is checked by the flow tests
-        sets, spec = tiny(), demo.SIZES[size]
-        for name in ("sft", "preferences", "prompts"):
-            assert (len(sets[name]["train"]), len(sets[name]["test"])) == getattr(spec, name)
-        corpus_bytes = sum(len(r["text"].encode()) + 1 for r in sets["corpus"]["train"])
-        assert spec.corpus_train_bytes <= corpus_bytes < spec.corpus_train_bytes * 1.01
-        assert 250_000 <= corpus_bytes <= 350_000
-        assert len(sets["corpus"]["test"]) == spec.corpus_test_rows
+@pytest.mark.parametrize("size, low, high", [("tiny", 250_000, 350_000), ("demo", 2_500_000, 3_500_000)])
+def test_row_counts_and_corpus_size(size: str, low: int, high: int) -> None:
+    sets = tiny() if size == "tiny" else demo.generate(DemoConfig(size=size))  # demo: ~0.5 s
+    spec = demo.SIZES[size]
+    for name in ("sft", "preferences", "prompts"):
+        assert (len(sets[name]["train"]), len(sets[name]["test"])) == getattr(spec, name)
+    corpus_bytes = sum(len(r["text"].encode()) + 1 for r in sets["corpus"]["train"])
+    assert spec.corpus_train_bytes <= corpus_bytes < spec.corpus_train_bytes * 1.01
+    assert low <= corpus_bytes <= high
+    assert len(sets["corpus"]["test"]) == spec.corpus_test_rows
 
 
 def test_splits_are_disjoint() -> None:

@@ -37,7 +37,7 @@ def _expected(err: dict[str, Any]) -> str:
     if kind in ("greater_than_equal", "greater_than", "less_than_equal", "less_than"):
         op = {"greater_than_equal": ">=", "greater_than": ">", "less_than_equal": "<=", "less_than": "<"}[kind]
         bound = next(iter(ctx.values()))
-        return f"a value {op} {bound}"
+        return f"a value {op} {bound:g}" if isinstance(bound, float) else f"a value {op} {bound}"
     if kind == "literal_error":
         return f"one of {ctx.get('expected', '')}"
     if kind == "value_error":

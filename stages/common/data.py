@@ -62,10 +62,13 @@ def _read_file(path: Path) -> datasets.Dataset:
     kwargs: dict[str, Any] = {}
     if builder == "text":  # blank lines separate paragraphs when there are any; otherwise one row per line
         with path.open("rb") as f:
-            kwargs["sample_by"] = "paragraph" if b"\n\n" in f.read(1 << 20) else "line"
+            head = f.read(1 << 20).replace(b"\r\n", b"\n").strip()
+        kwargs["sample_by"] = "paragraph" if b"\n\n" in head else "line"
     try:
         ds = datasets.load_dataset(builder, data_files={"train": str(path)}, split="train", **kwargs)
     except Exception as e:  # a broken file surfaces as one of many library errors; all mean "cannot read it"
+        if "corresponds to no data" in str(e):  # how `datasets` reports a well-formed file with zero rows
+            raise DataError(f"{path}: empty data set (no rows)") from None
         raise DataError(f"{path}: cannot read as {builder} ({_first_line(e)})") from None
     if builder == "text":
         ds = ds.filter(lambda row: row["text"].strip() != "")

@@ -42,7 +42,7 @@ class Config(Section):
     critic_init: Literal["reward_model", "sft_model"] = "reward_model"  # where the value model starts
     zero_stage: int = Field(0, ge=0, le=3)  # DeepSpeed ZeRO stage of the policy and critic engines
     bf16: bool = False  # bf16 mixed precision (GPU clusters); CPU runs stay in fp32
-    actors_per_role: int = Field(1, ge=1)  # data-parallel actors for each of the four roles
+    actors_per_role: int | None = Field(1, ge=1)  # data-parallel actors per role; None = run.num_workers
     cpus_per_actor: float = Field(0.5, gt=0.0)  # Ray CPUs per actor (4 roles x 0.5 = the 2 cores of a laptop box)
     gpus_per_actor: float = Field(1.0, ge=0.0)  # GPUs per actor when the run uses GPUs (0 < x < 1 shares a GPU)
     torch_threads: int = Field(1, ge=1)  # intra-op threads per actor (more than the CPUs you reserve oversubscribes)
@@ -55,7 +55,7 @@ class Config(Section):
     @model_validator(mode="after")
     def _batches_divide(self) -> Config:
         """Every actor must run the same number of equally sized minibatches (DeepSpeed all-reduces each step)."""
-        n = self.actors_per_role
+        n = self.actors_per_role or 1  # None: checked again once the run's worker count is known
         if self.mini_batch_size % n:
             raise ValueError(f"mini_batch_size ({self.mini_batch_size}) must be a multiple of actors_per_role ({n})")
         if self.rollout_batch_size % self.mini_batch_size:
@@ -64,3 +64,9 @@ class Config(Section):
                 f"mini_batch_size ({self.mini_batch_size})"
             )
         return self
+
+    def resolved(self, num_workers: int) -> Config:
+        """This config with `actors_per_role` fixed (None takes the run's worker count), validated again."""
+        if self.actors_per_role is not None:
+            return self
+        return Config(**{**self.model_dump(), "actors_per_role": num_workers})

@@ -16,11 +16,14 @@ from stages.common.hf import check_vocab_matches
 ROLE_NAMES = {"system": "System", "user": "User", "assistant": "Assistant"}
 
 
-def load_rows(artifact, split: str) -> list[dict[str, Any]]:
+def load_rows(artifact, split: str, where: str) -> list[dict[str, Any]]:
     """Rows of one split of a dataset artifact (train.jsonl / test.jsonl) as plain dicts."""
-    from stages.common.data import load_dataset_artifact
+    from stages.common.data import DataError, load_dataset_artifact
 
-    dataset = load_dataset_artifact(artifact, split)
+    try:
+        dataset = load_dataset_artifact(artifact, split)
+    except DataError as e:
+        raise StageInputError(f"{where}: {e}") from None
     return [dict(row) for row in dataset]
 
 

@@ -3,13 +3,14 @@
 from __future__ import annotations
 
 import json
+import os
 import shutil
 import tempfile
 import time
 from pathlib import Path
 
 from stages.common import ray_train
-from stages.common.context import StageContext
+from stages.common.context import Scaling, StageContext
 from stages.common.errors import StageInputError
 from stages.common.fingerprint import code_fingerprint
 from stages.sft.config import Config
@@ -36,14 +37,14 @@ def _check_kind(role: str, artifact, expected: str) -> None:
         )
 
 
-def prepare(config: Config, base_model, data, num_workers: int) -> dict:
-    """Every check that can fail on user input, before Ray starts; returns the workers' loop config (minus scaling)."""
+def prepare(config: Config, base_model, data, *, scaling: Scaling, seed: int = 0) -> dict:
+    """Every check that can fail on user input, before Ray starts; returns the workers' loop config."""
     from transformers import AutoTokenizer
 
     _check_kind("base_model", base_model, INPUTS["base_model"])
     _check_kind("data", data, INPUTS["data"])
     splits = {
-        split: to_prompt_completion(load_rows(data, split), f"{NAME}: data {data.ref} {split}.jsonl")
+        split: to_prompt_completion(load_rows(data, split, f"{NAME}: data"), f"{NAME}: data {data.ref} {split}.jsonl")
         for split in ("train", "test")
     }
     tokenizer = AutoTokenizer.from_pretrained(base_model.path)
@@ -60,7 +61,7 @@ def prepare(config: Config, base_model, data, num_workers: int) -> dict:
         "eval_prompts": [r["prompt"] for r in splits["test"]][: config.eval_prompts] if demo_task else [],
         "demo_task": demo_task,
         "max_length": limit,
-        "per_worker_batch": per_worker_batch(config.batch_size, num_workers, f"{NAME}: config"),
+        "per_worker_batch": per_worker_batch(config.batch_size, scaling.num_workers, f"{NAME}: config"),
         "max_steps": config.max_steps,
         "gradient_accumulation_steps": config.gradient_accumulation_steps,
         "learning_rate": config.learning_rate,
@@ -72,22 +73,23 @@ def prepare(config: Config, base_model, data, num_workers: int) -> dict:
         "generation_batch_size": config.generation_batch_size,
         "bf16": config.bf16,
         "deepspeed": deepspeed_config(config.zero_stage, config.bf16),
+        "seed": seed,
+        "use_gpu": scaling.use_gpu,
+        "cpus_per_worker": scaling.cpus_per_worker,
     }
 
 
 def run(config: Config, *, base_model, data, store, ctx: StageContext) -> dict:
     """Fine-tune `base_model` on `data` (loss on completions only) on Ray Train workers; publish `sft-model`."""
     started = time.time()
-    loop_config = prepare(config, base_model, data, ctx.scaling.num_workers)
+    loop_config = prepare(config, base_model, data, scaling=ctx.scaling, seed=ctx.seed)
     ctx.log(
         f"{NAME}: {len(loop_config['train_rows'])} train / {len(loop_config['test_rows'])} test rows, "
         f"{config.max_steps} steps on {ctx.scaling.num_workers} workers"
     )
-    loop_config |= {
-        "seed": ctx.seed,
-        "use_gpu": ctx.scaling.use_gpu,
-        "cpus_per_worker": ctx.scaling.cpus_per_worker,
-    }
+    # Ray Train's print patch breaks `datasets` inside workers (dill captures stdout to hash map functions, and the
+    # patched print sends that capture to the logs as pages of bytecode). The env var reaches the workers.
+    os.environ.setdefault("RAY_TRAIN_ENABLE_PRINT_PATCH", "0")
     result = ray_train.fit(train_loop, loop_config, ctx=ctx, run_name=NAME)
     with tempfile.TemporaryDirectory(prefix="rlhf-sft-out-") as out, result.checkpoint.as_directory() as ckpt:
         shutil.copytree(Path(ckpt) / FINAL_DIR, out, dirs_exist_ok=True)

@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import Any
 
 from stages.common import ray_train
+from stages.sft.evaluate import demo_metrics
 
 FINAL_DIR = "final"  # inside the last checkpoint: the trained model + tokenizer (a standard HF dir)
 RESULT_FILE = "result.json"  # inside the last checkpoint: metrics, log history, sample generations
@@ -68,12 +69,53 @@ def _resume_state() -> tuple[Path | None, Path | None]:
     return None, (hf if hf.is_dir() else None)
 
 
-def train_loop(cfg: dict[str, Any]) -> None:
-    """Fine-tune cfg["model_dir"] on cfg["train_rows"] on this worker; rank 0 reports the final model."""
+def build_trainer(cfg: dict[str, Any], output_dir: str):
+    """TRL's SFTTrainer for the loop config `cfg` (see stage.prepare): completion-only loss, eos appended by TRL."""
     from datasets import Dataset
-    from ray.train.huggingface.transformers import RayTrainReportCallback, prepare_trainer
     from transformers import AutoModelForCausalLM, AutoTokenizer
     from trl import SFTConfig, SFTTrainer
+
+    tokenizer = AutoTokenizer.from_pretrained(cfg["model_dir"])
+    model = AutoModelForCausalLM.from_pretrained(cfg["model_dir"])
+    args = SFTConfig(
+        output_dir=output_dir,
+        max_steps=cfg["max_steps"],
+        per_device_train_batch_size=cfg["per_worker_batch"],
+        per_device_eval_batch_size=cfg["per_worker_batch"],
+        gradient_accumulation_steps=cfg["gradient_accumulation_steps"],
+        learning_rate=cfg["learning_rate"],
+        lr_scheduler_type="linear",
+        warmup_steps=cfg["warmup_steps"],
+        weight_decay=cfg["weight_decay"],
+        max_length=cfg["max_length"],
+        completion_only_loss=True,  # labels of prompt tokens are -100 (tested in tests/test_sft.py)
+        activation_checkpointing=False,  # TRL turns it on by default; tiny models do not need the memory
+        bf16=cfg["bf16"],
+        use_cpu=not cfg["use_gpu"],
+        deepspeed=cfg["deepspeed"],
+        ddp_find_unused_parameters=False,  # every parameter gets a gradient; the check costs a graph traversal
+        logging_steps=cfg["logging_steps"],
+        save_strategy="steps",
+        save_steps=cfg["save_steps"],
+        save_total_limit=1,  # older checkpoints are already in the Ray run storage
+        eval_strategy="no",
+        report_to="none",
+        disable_tqdm=True,
+        dataloader_num_workers=0,
+        seed=cfg["seed"],
+    )
+    return SFTTrainer(
+        model=model,
+        args=args,
+        train_dataset=Dataset.from_list(cfg["train_rows"]),
+        eval_dataset=Dataset.from_list(cfg["test_rows"]),
+        processing_class=tokenizer,
+    )
+
+
+def train_loop(cfg: dict[str, Any]) -> None:
+    """Fine-tune cfg["model_dir"] on cfg["train_rows"] on this worker; rank 0 reports the final model."""
+    from ray.train.huggingface.transformers import RayTrainReportCallback, prepare_trainer
 
     ray_train.set_torch_threads(cfg["cpus_per_worker"])
     rank = ray_train.world_rank()
@@ -85,41 +127,8 @@ def train_loop(cfg: dict[str, Any]) -> None:
     if hf_resume is not None:
         ray_train.log(f"sft: resuming the trainer from {hf_resume}")
 
-    tokenizer = AutoTokenizer.from_pretrained(cfg["model_dir"])
-    model = AutoModelForCausalLM.from_pretrained(cfg["model_dir"])
-    args = SFTConfig(
-        output_dir=tempfile.mkdtemp(prefix="rlhf-sft-"),
-        max_steps=cfg["max_steps"],
-        per_device_train_batch_size=cfg["per_worker_batch"],
-        per_device_eval_batch_size=cfg["per_worker_batch"],
-        gradient_accumulation_steps=cfg["gradient_accumulation_steps"],
-        learning_rate=cfg["learning_rate"],
-        lr_scheduler_type="linear",
-        warmup_steps=cfg["warmup_steps"],
-        weight_decay=cfg["weight_decay"],
-        max_length=cfg["max_length"],
-        completion_only_loss=True,  # labels of prompt tokens are -100 (tested in tests/test_sft.py)
-        gradient_checkpointing=False,  # TRL turns it on by default; tiny models do not need the memory
-        bf16=cfg["bf16"],
-        use_cpu=not cfg["use_gpu"],
-        deepspeed=cfg["deepspeed"],
-        logging_steps=cfg["logging_steps"],
-        save_strategy="steps",
-        save_steps=cfg["save_steps"],
-        save_total_limit=1,  # older checkpoints are already in the Ray run storage
-        eval_strategy="no",
-        report_to="none",
-        disable_tqdm=True,
-        dataloader_num_workers=0,
-        seed=cfg["seed"],
-    )
-    trainer = SFTTrainer(
-        model=model,
-        args=args,
-        train_dataset=Dataset.from_list(cfg["train_rows"]),
-        eval_dataset=Dataset.from_list(cfg["test_rows"]),
-        processing_class=tokenizer,
-    )
+    trainer = build_trainer(cfg, tempfile.mkdtemp(prefix="rlhf-sft-"))
+    tokenizer = trainer.processing_class
     timing: dict[str, float] = {}
     trainer.add_callback(RayTrainReportCallback())
     trainer.add_callback(_progress_callback("sft", cfg["max_steps"], timing))
@@ -131,6 +140,7 @@ def train_loop(cfg: dict[str, Any]) -> None:
     trainer.save_model(str(out / FINAL_DIR))  # every rank: ZeRO-3 gathers the shards here
     if rank == 0:
         tokenizer.save_pretrained(out / FINAL_DIR)
+        (out / FINAL_DIR / "training_args.bin").unlink(missing_ok=True)  # a pickle; the config is in the manifest
         metrics = {
             "eval_loss": float(eval_metrics["eval_loss"]),
             "train_loss": float(train_output.training_loss),
@@ -139,8 +149,6 @@ def train_loop(cfg: dict[str, Any]) -> None:
         }
         samples: list[dict] = []
         if cfg["demo_task"] and cfg["eval_prompts"]:
-            from stages.sft.evaluate import demo_metrics
-
             ray_train.log(f"sft: generating replies to {len(cfg['eval_prompts'])} held-out prompts")
             gen_metrics, samples = demo_metrics(
                 str(out / FINAL_DIR),

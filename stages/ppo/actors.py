@@ -1,0 +1,337 @@
+"""The four PPO roles as plain classes that `group.py` turns into Ray actors.
+
+Each actor loads its own weights from an artifact directory (never through the driver) and exchanges only token
+tensors, log-probs, values, scores and metrics with the driver. A rollout batch is laid out as
+    tokens [B, P + T]: prompt left-padded to P, response right-padded to T = max_new_tokens;
+    attention_mask [B, P + T]; response_mask [B, T] (1 up to and including eos).
+The trainable roles (policy, critic) are DeepSpeed engines; several actors of a role form one torch.distributed group.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import socket
+import tempfile
+from collections.abc import Iterator
+from pathlib import Path
+
+import torch
+
+from stages.ppo import algorithm as A
+
+
+# ---------------------------------------------------------------------------------------------------- helpers
+def resolve_model_dir(path: str, store_uri: str, ref: str) -> str:
+    """The artifact's local directory: the driver's path when this node sees it, else fetched from the store here."""
+    if Path(path).is_dir():
+        return path
+    from stages.common.store import ArtifactStore
+
+    return ArtifactStore(store_uri).get(ref).path
+
+
+def disable_dropout(model: torch.nn.Module) -> None:
+    """PPO's ratio must be exactly 1 before the first step, so no dropout in any forward pass."""
+    for module in model.modules():
+        if isinstance(module, torch.nn.Dropout):
+            module.p = 0.0
+
+
+def position_ids(attention_mask: torch.Tensor) -> torch.Tensor:
+    """Positions counted from the first real token, so left padding does not shift them."""
+    return (attention_mask.long().cumsum(-1) - 1).clamp(min=0)
+
+
+def response_logits(model, tokens: torch.Tensor, attention_mask: torch.Tensor, prompt_len: int) -> torch.Tensor:
+    """Logits predicting each response token: [B, P + T] -> [B, T, V] (position t predicts token t + 1)."""
+    out = model(input_ids=tokens, attention_mask=attention_mask, position_ids=position_ids(attention_mask))
+    return out.logits[:, prompt_len - 1 : -1]
+
+
+@contextlib.contextmanager
+def seeded(seed: int | None) -> Iterator[None]:
+    """Run a block under a fixed torch seed without disturbing the actor's own random stream."""
+    if seed is None:
+        yield
+        return
+    state = torch.get_rng_state()
+    cuda_states = torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None
+    torch.manual_seed(seed)
+    try:
+        yield
+    finally:
+        torch.set_rng_state(state)
+        if cuda_states is not None:
+            torch.cuda.set_rng_state_all(cuda_states)
+
+
+class TokenValueModel(torch.nn.Module):
+    """A one-output sequence-classification model read at every position: backbone -> score head -> [B, L]."""
+
+    def __init__(self, model):
+        super().__init__()
+        self.backbone = getattr(model, model.base_model_prefix)
+        head = getattr(model, "score", None) or getattr(model, "classifier", None)
+        if head is None:
+            raise TypeError(f"{type(model).__name__}: no `score` or `classifier` head to read values from")
+        self.head = head
+
+    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+        hidden = self.backbone(
+            input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids(attention_mask)
+        ).last_hidden_state
+        return self.head(hidden).squeeze(-1).float()
+
+
+# ---------------------------------------------------------------------------------------------------- roles
+class _Role:
+    """Common set-up: torch threads, device, seed."""
+
+    def __init__(self, settings: dict):
+        threads = int(settings.get("torch_threads", 1))
+        torch.set_num_threads(threads)
+        os.environ["OMP_NUM_THREADS"] = str(threads)
+        self.settings = settings
+        self.rank = int(settings.get("rank", 0))
+        self.device = torch.device("cuda" if settings.get("use_gpu") and torch.cuda.is_available() else "cpu")
+        torch.manual_seed(int(settings.get("seed", 0)) + 1000 * self.rank)
+
+    def address(self) -> tuple[str, int]:
+        """This node's IP and a free TCP port, for the rank-0 actor of a trainable group to host the rendezvous."""
+        with socket.socket() as s:
+            s.bind(("", 0))
+            port = s.getsockname()[1]
+        import ray
+
+        return ray.util.get_node_ip_address(), port
+
+    def _to(self, batch: dict) -> dict:
+        return {k: v.to(self.device) if isinstance(v, torch.Tensor) else v for k, v in batch.items()}
+
+
+class _Trainable(_Role):
+    """A DeepSpeed engine over `self.model`, data parallel over the actors of the role."""
+
+    model: torch.nn.Module
+
+    def init_engine(self, master_addr: str, master_port: int, world_size: int, learning_rate: float) -> None:
+        """Join the role's process group (gloo on CPU) and wrap the model in a DeepSpeed engine with AdamW."""
+        os.environ.update(
+            MASTER_ADDR=master_addr, MASTER_PORT=str(master_port), RANK=str(self.rank),
+            WORLD_SIZE=str(world_size), LOCAL_RANK="0",
+        )  # fmt: skip
+        import deepspeed
+
+        deepspeed.init_distributed(dist_backend="gloo" if self.device.type == "cpu" else None, verbose=False)
+        s = self.settings
+        ds_config = {
+            "train_micro_batch_size_per_gpu": s["micro_batch_size"],
+            "gradient_accumulation_steps": 1,
+            "gradient_clipping": s["max_grad_norm"],
+            "optimizer": {"type": "AdamW", "params": {"lr": learning_rate, "betas": [0.9, 0.95], "weight_decay": 0.0}},
+            "zero_optimization": {"stage": s["zero_stage"]},
+            "bf16": {"enabled": bool(s.get("bf16"))},
+            "steps_per_print": 10**9,
+        }
+        self.zero3 = s["zero_stage"] == 3
+        self.engine, *_ = deepspeed.initialize(
+            model=self.model, model_parameters=[p for p in self.model.parameters() if p.requires_grad], config=ds_config
+        )
+
+    @contextlib.contextmanager
+    def full_params(self) -> Iterator[None]:
+        """Under ZeRO-3 gather the sharded weights for generation/export (a collective: every rank enters)."""
+        if not self.zero3:
+            yield
+            return
+        import deepspeed
+
+        with deepspeed.zero.GatheredParameters(list(self.engine.module.parameters()), modifier_rank=None):
+            yield
+
+    def save_checkpoint(self, directory: str, tag: str) -> None:
+        """DeepSpeed checkpoint (weights, optimizer, scheduler) of this rank's shard; every rank calls it."""
+        self.engine.save_checkpoint(directory, tag=tag)
+
+    def load_checkpoint(self, directory: str, tag: str) -> None:
+        """Restore weights and optimizer state saved by `save_checkpoint`."""
+        path, _ = self.engine.load_checkpoint(directory, tag=tag)
+        if path is None:
+            raise FileNotFoundError(f"no DeepSpeed checkpoint {tag!r} under {directory}")
+
+    def _minibatches(self, n: int, epochs: int, seed: int) -> Iterator[torch.Tensor]:
+        """Shuffled minibatch indices for each epoch; seeded so every run (and resume) sees the same order."""
+        g = torch.Generator().manual_seed(seed)
+        mb = self.settings["micro_batch_size"]
+        for _ in range(epochs):
+            perm = torch.randperm(n, generator=g)
+            for start in range(0, n - mb + 1, mb):
+                yield perm[start : start + mb]
+
+
+class PolicyActor(_Trainable):
+    """The trainable policy: samples responses (HF generate, KV cache) and takes clipped-surrogate PPO steps."""
+
+    def __init__(self, source: dict, settings: dict):
+        super().__init__(settings)
+        model_dir = resolve_model_dir(**source)
+        from transformers import AutoModelForCausalLM
+
+        self.model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).to(self.device)
+        disable_dropout(self.model)
+        self.pad_id = self.model.config.pad_token_id
+        self.eos_id = self.model.config.eos_token_id
+
+    @torch.no_grad()
+    def generate(self, prompts: dict, seed: int | None = None) -> dict:
+        """Sample one response per left-padded prompt; returns the rollout layout plus the sampling log-probs.
+
+        prompts: {"prompt_ids", "prompt_mask"} [B, P]; `seed` makes the samples reproducible (offset per rank).
+        """
+        from transformers import GenerationConfig
+
+        s = self.settings
+        module = self.engine.module
+        module.eval()
+        prompt_ids, prompt_mask = prompts["prompt_ids"].to(self.device), prompts["prompt_mask"].to(self.device)
+        seed = None if seed is None else seed + 7919 * self.rank
+        P, T = prompt_ids.shape[1], s["max_new_tokens"]
+        gen_config = GenerationConfig(
+            do_sample=True, temperature=s["temperature"], top_p=s["top_p"], top_k=0, max_new_tokens=T,
+            eos_token_id=self.eos_id, pad_token_id=self.pad_id, use_cache=True,
+        )  # fmt: skip
+        with seeded(seed), self.full_params():
+            out = module.generate(input_ids=prompt_ids, attention_mask=prompt_mask, generation_config=gen_config)
+        responses = torch.full((out.shape[0], T), self.pad_id, dtype=out.dtype, device=out.device)
+        responses[:, : out.shape[1] - P] = out[:, P:]
+        # keep everything up to and including the first eos; what follows (and what was never generated) is padding
+        is_eos = responses == self.eos_id
+        after_eos = (is_eos.long().cumsum(-1) - is_eos.long()) > 0
+        generated = torch.arange(T, device=out.device) < out.shape[1] - P
+        response_mask = (~after_eos & generated).long()
+        responses = responses.masked_fill(response_mask == 0, self.pad_id)
+        tokens = torch.cat([prompt_ids, responses], dim=1)
+        attention_mask = torch.cat([prompt_mask.long(), response_mask], dim=1)
+        with self.full_params():
+            logits = response_logits(module, tokens, attention_mask, P) / s["temperature"]
+        logprobs = A.logprobs_from_logits(logits, responses) * response_mask
+        return {
+            "tokens": tokens.cpu(),
+            "attention_mask": attention_mask.cpu(),
+            "response_mask": response_mask.float().cpu(),
+            "logprobs": logprobs.cpu(),
+            "ended": is_eos.any(-1).cpu(),
+        }
+
+    def train(self, batch: dict, epochs: int, seed: int) -> dict[str, float]:
+        """`epochs` passes of clipped-surrogate minibatch steps over this actor's shard; returns mean statistics."""
+        s = self.settings
+        b = self._to(batch)
+        P = b["prompt_len"]
+        self.engine.train()
+        totals: dict[str, float] = {}
+        steps = 0
+        for idx in self._minibatches(b["tokens"].shape[0], epochs, seed):
+            mask = b["response_mask"][idx]
+            logits = response_logits(self.engine, b["tokens"][idx], b["attention_mask"][idx], P) / s["temperature"]
+            logprobs = A.logprobs_from_logits(logits, b["tokens"][idx, P:])
+            loss, stats = A.policy_loss(logprobs, b["logprobs"][idx], b["advantages"][idx], mask, s["clip_ratio"])
+            entropy = A.masked_mean(A.entropy_from_logits(logits), mask)
+            if s["entropy_coef"] > 0:
+                loss = loss - s["entropy_coef"] * entropy
+            self.engine.backward(loss)
+            self.engine.step()
+            for k, v in {"policy_loss": loss, "entropy": entropy, **stats}.items():
+                totals[k] = totals.get(k, 0.0) + float(v.detach())
+            steps += 1
+        return {k: v / max(steps, 1) for k, v in totals.items()}
+
+    def export(self) -> dict[str, bytes]:
+        """The policy as HF files (config, safetensors, generation config); rank 0 returns them, others {}."""
+        with self.full_params(), tempfile.TemporaryDirectory() as d:
+            if self.rank != 0:
+                return {}
+            self.engine.module.save_pretrained(d, safe_serialization=True)
+            return {p.name: p.read_bytes() for p in Path(d).iterdir() if p.is_file()}
+
+
+class CriticActor(_Trainable):
+    """The trainable value model: a sequence-classification model read per token (see `TokenValueModel`)."""
+
+    def __init__(self, source: dict, settings: dict):
+        super().__init__(settings)
+        model_dir = resolve_model_dir(**source)
+        from transformers import AutoModelForSequenceClassification
+
+        base = AutoModelForSequenceClassification.from_pretrained(model_dir, num_labels=1, dtype=torch.float32)
+        disable_dropout(base)
+        self.model = TokenValueModel(base).to(self.device)
+
+    @torch.no_grad()
+    def values(self, batch: dict) -> torch.Tensor:
+        """V(state before each response token): [B, T], zero on padding."""
+        b = self._to(batch)
+        self.engine.eval()
+        P = b["prompt_len"]
+        v = self.engine(b["tokens"], b["attention_mask"])[:, P - 1 : -1]
+        return (v * b["response_mask"]).cpu()
+
+    def train(self, batch: dict, epochs: int, seed: int) -> dict[str, float]:
+        """`epochs` passes of clipped value-loss minibatch steps over this actor's shard; returns mean statistics."""
+        s = self.settings
+        b = self._to(batch)
+        P = b["prompt_len"]
+        self.engine.train()
+        totals = {"value_loss": 0.0, "value_clip_frac": 0.0}
+        steps = 0
+        for idx in self._minibatches(b["tokens"].shape[0], epochs, seed):
+            v = self.engine(b["tokens"][idx], b["attention_mask"][idx])[:, P - 1 : -1]
+            loss, stats = A.value_loss(v, b["values"][idx], b["returns"][idx], b["response_mask"][idx], s["value_clip"])
+            self.engine.backward(loss)
+            self.engine.step()
+            totals["value_loss"] += float(loss.detach())
+            totals["value_clip_frac"] += float(stats["clip_frac"])
+            steps += 1
+        return {k: v / max(steps, 1) for k, v in totals.items()}
+
+
+class ReferenceActor(_Role):
+    """The frozen SFT policy: log-probs of sampled responses, for the KL penalty."""
+
+    def __init__(self, source: dict, settings: dict):
+        super().__init__(settings)
+        model_dir = resolve_model_dir(**source)
+        from transformers import AutoModelForCausalLM
+
+        self.model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).to(self.device).eval()
+        self.model.requires_grad_(False)
+
+    @torch.no_grad()
+    def logprobs(self, batch: dict) -> torch.Tensor:
+        """log p_ref(response token): [B, T], zero on padding."""
+        b = self._to(batch)
+        logits = response_logits(self.model, b["tokens"], b["attention_mask"], b["prompt_len"])
+        lp = A.logprobs_from_logits(logits / self.settings["temperature"], b["tokens"][:, b["prompt_len"] :])
+        return (lp * b["response_mask"]).cpu()
+
+
+class RewardActor(_Role):
+    """The frozen reward model: one score per (prompt, response), read at the last response token."""
+
+    def __init__(self, source: dict, settings: dict):
+        super().__init__(settings)
+        model_dir = resolve_model_dir(**source)
+        from transformers import AutoModelForSequenceClassification
+
+        base = AutoModelForSequenceClassification.from_pretrained(model_dir, dtype=torch.float32)
+        self.model = TokenValueModel(base).to(self.device).eval()
+        self.model.requires_grad_(False)
+
+    @torch.no_grad()
+    def scores(self, batch: dict) -> torch.Tensor:
+        """Reward-model score of each sequence: [B]."""
+        b = self._to(batch)
+        per_token = self.model(b["tokens"], b["attention_mask"])[:, b["prompt_len"] :]
+        rows = torch.arange(per_token.shape[0], device=per_token.device)
+        return per_token[rows, A.last_token_index(b["response_mask"])].cpu()

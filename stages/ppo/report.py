@@ -1,0 +1,72 @@
+"""What the PPO stage writes next to the policy weights: metrics.jsonl, curves.png, samples.json, and log lines."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+CURVES = [  # (title, metric keys drawn on one panel)
+    ("reward-model and gold score", ["rm_score", "gold_score"]),
+    ("KL to reference (nats / reply)", ["kl"]),
+    ("policy loss", ["policy_loss"]),
+    ("value loss", ["value_loss"]),
+    ("entropy, clip fraction, approx KL", ["entropy", "clip_frac", "approx_kl"]),
+    ("response length (tokens)", ["response_length"]),
+]
+
+
+def log_line(m: dict, total: int) -> str:
+    """One progress line per iteration."""
+    gold = f" gold {m['gold_score']:+.3f}" if "gold_score" in m else ""
+    return (
+        f"ppo iter {m['iteration']}/{total}: rm {m['rm_score']:+.3f}{gold} kl {m['kl']:.3f} "
+        f"ent {m['entropy']:.2f} clip {m['clip_frac']:.3f} approx_kl {m['approx_kl']:.4f} "
+        f"pg {m['policy_loss']:+.4f} vf {m['value_loss']:.4f} len {m['response_length']:.1f} | "
+        f"gen {m['seconds_generation']:.1f}s score {m['seconds_scoring']:.1f}s train {m['seconds_training']:.1f}s"
+    )
+
+
+def write_metrics_jsonl(history: list[dict], path: Path) -> None:
+    """One JSON object per iteration."""
+    path.write_text("".join(json.dumps(m, sort_keys=True) + "\n" for m in history))
+
+
+def write_curves(history: list[dict], path: Path) -> None:
+    """curves.png: reward, gold score, KL, losses and policy statistics per iteration."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(2, 3, figsize=(13, 7))
+    x = [m["iteration"] for m in history]
+    for ax, (title, keys) in zip(axes.flat, CURVES, strict=True):
+        for key in keys:
+            if history and key in history[0]:
+                ax.plot(x, [m[key] for m in history], label=key, marker=".")
+        ax.set_title(title)
+        ax.set_xlabel("iteration")
+        ax.grid(alpha=0.3)
+        if len(keys) > 1:
+            ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=80)
+    plt.close(fig)
+
+
+def write_samples(before: list[dict], after: list[dict], count: int, path: Path) -> list[dict]:
+    """samples.json: the first `count` held-out prompts with the SFT and PPO replies and their scores side by side."""
+    samples = [
+        {
+            "prompt": b["prompt"],
+            "sft_response": b["response"],
+            "ppo_response": a["response"],
+            "sft_rm_score": b["rm_score"],
+            "ppo_rm_score": a["rm_score"],
+            "sft_gold_score": b["gold_score"],
+            "ppo_gold_score": a["gold_score"],
+        }
+        for b, a in list(zip(before, after, strict=True))[:count]
+    ]
+    path.write_text(json.dumps(samples, indent=2, ensure_ascii=False) + "\n")
+    return samples

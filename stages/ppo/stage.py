@@ -1,0 +1,130 @@
+"""The PPO stage: check inputs, start the actors, evaluate, train with checkpoints, evaluate again, publish `policy`."""
+
+from __future__ import annotations
+
+import json
+import tempfile
+import time
+from pathlib import Path
+
+from pydantic import ValidationError
+
+from stages.common.context import StageContext
+from stages.common.errors import StageInputError
+from stages.common.fingerprint import code_fingerprint
+from stages.ppo import report
+from stages.ppo.config import Config
+from stages.ppo.group import ActorPool, ModelSource
+from stages.ppo.inputs import check_inputs
+from stages.ppo.trainer import CheckpointState, PPOLoop, gold_win_rate, prompts_for_iteration
+
+NAME = "ppo"
+EVAL_SEED_OFFSET = 424_242  # evaluation samples use their own seed, identical before and after training
+
+
+def run(config: Config, *, store, ctx: StageContext, sft_model, reward_model, prompts) -> dict:
+    """RLHF with PPO on `prompts`, from the SFT policy against the reward model; returns {"policy": Artifact}."""
+    import ray
+
+    from stages.common.ray_train import ensure_ray
+
+    started = time.perf_counter()
+    try:
+        config = config.resolved(ctx.scaling.num_workers)
+    except ValidationError as e:
+        raise StageInputError(
+            f"ppo: actors_per_role = run.num_workers ({ctx.scaling.num_workers}): {e.errors()[0]['msg']}"
+        ) from None
+    prepared = check_inputs(config, sft_model=sft_model, reward_model=reward_model, prompts=prompts)
+    gold = None
+    if prepared.is_demo:
+        from stages.common.demo import gold_score as gold
+    eval_prompts = prepared.test_prompts[: config.eval_prompts]
+    eval_seed = ctx.seed + EVAL_SEED_OFFSET
+    checkpoints = CheckpointState(ctx.work_dir)
+    state = checkpoints.load()
+
+    ensure_ray()
+    sft_src = ModelSource(sft_model.path, store.root, sft_model.ref)
+    rm_src = ModelSource(reward_model.path, store.root, reward_model.ref)
+    sources = {"policy": sft_src, "reference": sft_src, "reward": rm_src,
+               "critic": rm_src if config.critic_init == "reward_model" else sft_src}  # fmt: skip
+    pool = ActorPool(config, sources, seed=ctx.seed, use_gpu=ctx.scaling.use_gpu, log=ctx.log)
+    try:
+        loop = PPOLoop(config, pool, prepared.tokenizer, gold=gold, seed=ctx.seed)
+        if state is not None:
+            checkpoints.restore(pool, state)
+            loop.kl_controller.load_state_dict(state["kl_controller"])
+            history, eval_before, start = state["history"], state["eval_before"], state["iteration"]
+            ctx.log(f"ppo: resuming from the checkpoint after iteration {start} ({checkpoints.root})")
+        else:
+            history, start = [], 0
+            eval_before = loop.evaluate(eval_prompts, eval_seed)
+            ctx.log(
+                f"ppo: before training (SFT policy) on {len(eval_prompts)} held-out prompts: {eval_before['summary']}"
+            )
+        for i in range(start, config.iterations):
+            batch = prompts_for_iteration(prepared.train_prompts, i, config.rollout_batch_size, ctx.seed)
+            metrics = loop.iteration(i, batch)
+            history.append(metrics)
+            ctx.log(report.log_line(metrics, config.iterations))
+            if (i + 1) % config.checkpoint_every == 0 or i + 1 == config.iterations:
+                checkpoints.save(pool, iteration=i + 1, kl_controller=loop.kl_controller, history=history,
+                                 eval_before=eval_before)  # fmt: skip
+        eval_after = loop.evaluate(eval_prompts, eval_seed)
+        ctx.log(f"ppo: after training on the same prompts: {eval_after['summary']}")
+        policy_files = ray.get(pool["policy"].broadcast("export"))[0]
+    finally:
+        pool.shutdown()
+
+    metrics = _final_metrics(config, history, eval_before, eval_after, gold is not None)
+    with tempfile.TemporaryDirectory(prefix="rlhf-ppo-") as tmp:
+        out = Path(tmp)
+        for name, data in policy_files.items():
+            (out / name).write_bytes(data)
+        _save_tokenizer(sft_model.path, out)
+        report.write_samples(eval_before["rows"], eval_after["rows"], config.samples_shown, out / "samples.json")
+        report.write_metrics_jsonl(history, out / "metrics.jsonl")
+        report.write_curves(history, out / "curves.png")
+        (out / "eval.json").write_text(json.dumps({"before": eval_before, "after": eval_after}, indent=1) + "\n")
+        artifact = store.publish(
+            out,
+            name="policy",
+            kind="causal-lm",
+            stage=NAME,
+            config=config.to_dict(),
+            inputs={"sft_model": sft_model, "reward_model": reward_model, "prompts": prompts},
+            metrics=metrics,
+            timings={
+                "wall_seconds": time.perf_counter() - started,
+                "generation_seconds": sum(m["seconds_generation"] for m in history),
+                "scoring_seconds": sum(m["seconds_scoring"] for m in history),
+                "training_seconds": sum(m["seconds_training"] for m in history),
+            },
+            cache_key=ctx.cache_key,
+            code_fingerprint=code_fingerprint(NAME),
+        )
+    ctx.log(f"ppo: published {artifact.ref}: {metrics}")
+    return {"policy": artifact}
+
+
+def _final_metrics(config: Config, history: list[dict], before: dict, after: dict, has_gold: bool) -> dict:
+    """The manifest metrics; gold metrics are None when the prompts are not the demo task's."""
+    rollout_seconds = sum(m["seconds_generation"] + m["seconds_scoring"] + m["seconds_training"] for m in history)
+    return {
+        "rm_score_before": before["summary"]["rm_score"],
+        "rm_score_after": after["summary"]["rm_score"],
+        "gold_score_before": before["summary"]["gold_score"],
+        "gold_score_after": after["summary"]["gold_score"],
+        "gold_win_rate": gold_win_rate(before["rows"], after["rows"]) if has_gold else None,
+        "kl": after["summary"]["kl"],
+        "iterations": len(history),
+        "samples_per_second": len(history) * config.rollout_batch_size / rollout_seconds if rollout_seconds else 0.0,
+    }
+
+
+def _save_tokenizer(model_dir: str, out: Path) -> None:
+    """The SFT model's tokenizer, unchanged (right padding, as the other stages expect), beside the policy weights."""
+    from transformers import AutoTokenizer
+
+    AutoTokenizer.from_pretrained(model_dir).save_pretrained(out)

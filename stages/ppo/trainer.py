@@ -1,0 +1,216 @@
+"""The PPO loop on the driver: rollout -> scoring -> advantages -> updates, evaluation, and checkpoint state.
+
+The driver holds only the tokenizer and small tensors (token ids, log-probs, values, scores); every model lives in
+its actor (see `group.py`). Rollout batch layout: see `actors.py`.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import shutil
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import torch
+
+from stages.ppo import algorithm as A
+from stages.ppo.config import Config
+from stages.ppo.group import ActorPool, gather
+
+GoldFn = Callable[[str, str], float]
+STATE_FILE = "state.json"
+
+
+def make_kl_controller(cfg: Config) -> A.FixedKLController | A.AdaptiveKLController:
+    """The fixed controller by default; Ziegler et al.'s adaptive one when `adaptive_kl`."""
+    if cfg.adaptive_kl:
+        return A.AdaptiveKLController(cfg.kl_coef, cfg.kl_target, cfg.kl_horizon)
+    return A.FixedKLController(cfg.kl_coef)
+
+
+def prompts_for_iteration(prompts: list[str], iteration: int, batch_size: int, seed: int) -> list[str]:
+    """A batch drawn without replacement, a pure function of (seed, iteration) so a resumed run sees the same data."""
+    rng = random.Random(f"ppo/{seed}/{iteration}")
+    return rng.sample(prompts, batch_size) if batch_size <= len(prompts) else rng.choices(prompts, k=batch_size)
+
+
+def decode_responses(tokenizer, tokens: torch.Tensor, response_mask: torch.Tensor, prompt_len: int) -> list[str]:
+    """Response texts without padding and special tokens (eos)."""
+    out = []
+    for row, mask in zip(tokens[:, prompt_len:], response_mask, strict=True):
+        out.append(tokenizer.decode(row[mask.bool()].tolist(), skip_special_tokens=True))
+    return out
+
+
+class PPOLoop:
+    """One PPO iteration at a time over the actor pool; `evaluate` scores held-out prompts without training."""
+
+    def __init__(self, cfg: Config, pool: ActorPool, tokenizer, *, gold: GoldFn | None, seed: int):
+        self.cfg = cfg
+        self.pool = pool
+        self.tokenizer = tokenizer
+        self.gold = gold
+        self.seed = seed
+        self.kl_controller = make_kl_controller(cfg)
+
+    # ------------------------------------------------------------------------------------------------ rollout
+    def _encode(self, prompts: list[str]) -> dict:
+        enc = self.tokenizer(prompts, padding=True, return_tensors="pt", add_special_tokens=False)
+        return {"prompt_ids": enc["input_ids"], "prompt_mask": enc["attention_mask"]}
+
+    def _generate(self, prompts: list[str], seed: int) -> dict:
+        """Sample responses on the policy actors; returns the rollout batch plus the policy's log-probs."""
+        out = gather(self.pool["policy"].submit("generate", self._encode(prompts), seed))
+        out["prompt_len"] = out["tokens"].shape[1] - self.cfg.max_new_tokens
+        return out
+
+    def _score(self, batch: dict, with_values: bool = True) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+        """Reference log-probs, reward-model scores and critic values, computed concurrently by their actors."""
+        view = {k: batch[k] for k in ("tokens", "attention_mask", "response_mask", "prompt_len")}
+        ref = self.pool["reference"].submit("logprobs", view)
+        rm = self.pool["reward"].submit("scores", view)
+        values = self.pool["critic"].submit("values", view) if with_values else None
+        return gather(ref), gather(rm), gather(values) if values else None
+
+    def _texts_and_gold(self, prompts: list[str], batch: dict) -> tuple[list[str], list[float] | None]:
+        texts = decode_responses(self.tokenizer, batch["tokens"], batch["response_mask"], batch["prompt_len"])
+        gold = [self.gold(p, r) for p, r in zip(prompts, texts, strict=True)] if self.gold else None
+        return texts, gold
+
+    # ---------------------------------------------------------------------------------------------- iteration
+    def iteration(self, index: int, prompts: list[str]) -> dict[str, float]:
+        """Rollout, scoring, advantages and `ppo_epochs` of policy and critic updates; returns the metrics."""
+        cfg = self.cfg
+        t0 = time.perf_counter()
+        batch = self._generate(prompts, seed=self.seed * 1_000_003 + index)
+        t1 = time.perf_counter()
+        ref_logprobs, scores, values = self._score(batch)
+        t2 = time.perf_counter()
+
+        mask = batch["response_mask"]
+        kl = A.kl_per_token(batch["logprobs"], ref_logprobs, cfg.kl_estimator) * mask
+        penalised = scores.clone()
+        if cfg.missing_eos_penalty is not None:
+            penalised[~batch["ended"]] -= cfg.missing_eos_penalty
+        rewards = A.shape_rewards(penalised, kl, mask, self.kl_controller.value, cfg.reward_clip)
+        advantages, returns = A.gae(rewards, values, mask, cfg.gamma, cfg.lam)
+        if cfg.whiten_advantages:
+            advantages = A.masked_whiten(advantages, mask)
+
+        common = {k: batch[k] for k in ("tokens", "attention_mask", "response_mask", "prompt_len")}
+        seed = self.seed * 7919 + index
+        policy_refs = self.pool["policy"].submit(
+            "train", {**common, "logprobs": batch["logprobs"], "advantages": advantages}, cfg.ppo_epochs, seed
+        )
+        critic_refs = self.pool["critic"].submit(
+            "train", {**common, "values": values, "returns": returns}, cfg.ppo_epochs, seed
+        )
+        policy_stats, critic_stats = gather(policy_refs), gather(critic_refs)
+        t3 = time.perf_counter()
+
+        # the sequence KL (k1, summed over the reply) is what the controller tracks and what we report
+        seq_kl = A.masked_sum(batch["logprobs"] - ref_logprobs, mask, dim=1)
+        kl_coef = self.kl_controller.value
+        self.kl_controller.update(float(seq_kl.mean()), len(prompts))
+        _, gold = self._texts_and_gold(prompts, batch)
+        metrics = {
+            "iteration": index + 1,
+            "rm_score": float(scores.mean()),
+            "kl": float(seq_kl.mean()),
+            "kl_coef": kl_coef,
+            "reward": float(rewards.sum(-1).mean()),
+            "response_length": float(mask.sum(-1).mean()),
+            "eos_rate": float(batch["ended"].float().mean()),
+            **policy_stats,
+            **critic_stats,
+            "seconds_generation": t1 - t0,
+            "seconds_scoring": t2 - t1,
+            "seconds_training": t3 - t2,
+            "samples_per_second": len(prompts) / (t3 - t0),
+        }
+        if gold is not None:
+            metrics["gold_score"] = sum(gold) / len(gold)
+        return metrics
+
+    # --------------------------------------------------------------------------------------------- evaluation
+    def evaluate(self, prompts: list[str], seed: int) -> dict:
+        """Sample one reply per held-out prompt (fixed seed) and score it: RM score, gold score, KL to the reference."""
+        rows: list[dict] = []
+        bs = self.cfg.rollout_batch_size
+        for start in range(0, len(prompts), bs):
+            chunk = prompts[start : start + bs]
+            # every actor of a role needs a shard of the same size: pad the last chunk by repeating prompts
+            padded = chunk + chunk[: (-len(chunk)) % self.cfg.actors_per_role]
+            batch = self._generate(padded, seed=seed + start)
+            ref_logprobs, scores, _ = self._score(batch, with_values=False)
+            seq_kl = A.masked_sum(batch["logprobs"] - ref_logprobs, batch["response_mask"], dim=1)
+            texts, gold = self._texts_and_gold(padded, batch)
+            for i, prompt in enumerate(chunk):
+                rows.append({
+                    "prompt": prompt, "response": texts[i], "rm_score": float(scores[i]), "kl": float(seq_kl[i]),
+                    "gold_score": gold[i] if gold else None,
+                })  # fmt: skip
+        summary = {
+            "rm_score": sum(r["rm_score"] for r in rows) / len(rows),
+            "kl": sum(r["kl"] for r in rows) / len(rows),
+            "gold_score": sum(r["gold_score"] for r in rows) / len(rows) if self.gold else None,
+        }
+        return {"summary": summary, "rows": rows}
+
+
+def gold_win_rate(before: list[dict], after: list[dict]) -> float:
+    """Share of prompts where the PPO reply beats the SFT reply under the gold scorer (ties count half)."""
+    wins = [1.0 if a["gold_score"] > b["gold_score"] else 0.5 if a["gold_score"] == b["gold_score"] else 0.0
+            for b, a in zip(before, after, strict=True)]  # fmt: skip
+    return sum(wins) / len(wins)
+
+
+# --------------------------------------------------------------------------------------------------- checkpoints
+class CheckpointState:
+    """Checkpoints under work_dir/checkpoints: DeepSpeed dirs per trainable role plus `state.json` (the commit marker).
+
+    state.json holds the iteration, the KL controller, the metric history and the pre-training evaluation, so a
+    restarted stage continues the same curves. It is written last and atomically: a crash mid-save leaves the
+    previous checkpoint in force.
+    """
+
+    def __init__(self, work_dir: str):
+        if "://" in work_dir:
+            raise ValueError(f"ppo: work_dir must be a local or shared filesystem path, found URI {work_dir!r}")
+        self.root = Path(work_dir).resolve() / "checkpoints"
+
+    def load(self) -> dict | None:
+        path = self.root / STATE_FILE
+        return json.loads(path.read_text()) if path.is_file() else None
+
+    def save(self, pool: ActorPool, *, iteration: int, kl_controller, history: list[dict], eval_before: dict) -> None:
+        """Every actor of the trainable roles writes its shard, then the driver commits state.json."""
+        import ray
+
+        tag = f"iter-{iteration:06d}"
+        self.root.mkdir(parents=True, exist_ok=True)
+        ray.get(
+            pool["policy"].broadcast("save_checkpoint", str(self.root / "policy"), tag)
+            + pool["critic"].broadcast("save_checkpoint", str(self.root / "critic"), tag)
+        )
+        state = {"iteration": iteration, "tag": tag, "kl_controller": kl_controller.state_dict(),
+                 "history": history, "eval_before": eval_before}  # fmt: skip
+        tmp = self.root / f".{STATE_FILE}.tmp"
+        tmp.write_text(json.dumps(state))
+        os.replace(tmp, self.root / STATE_FILE)
+        for role in ("policy", "critic"):  # keep only the committed tag
+            for old in (self.root / role).glob("iter-*"):
+                if old.name != tag:
+                    shutil.rmtree(old, ignore_errors=True)
+
+    def restore(self, pool: ActorPool, state: dict) -> None:
+        """Load the committed tag into every policy and critic actor."""
+        import ray
+
+        ray.get(
+            pool["policy"].broadcast("load_checkpoint", str(self.root / "policy"), state["tag"])
+            + pool["critic"].broadcast("load_checkpoint", str(self.root / "critic"), state["tag"])
+        )

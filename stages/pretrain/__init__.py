@@ -1,0 +1,9 @@
+"""Pretraining: a byte-level BPE tokenizer and a GPT-2 trained from scratch with DeepSpeed on Ray Train workers."""
+
+from stages.pretrain.config import Config
+from stages.pretrain.stage import NAME, run
+
+INPUTS = {"corpus": "dataset"}
+OUTPUTS = ["tokenizer", "base-model"]
+
+__all__ = ["NAME", "Config", "INPUTS", "OUTPUTS", "run"]

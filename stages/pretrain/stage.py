@@ -1,0 +1,206 @@
+"""The pretraining stage on the driver: check inputs, tokenizer, token blocks, Ray Train + DeepSpeed, publish.
+
+run(config, store=, ctx=, corpus=) -> {"tokenizer": Artifact, "base-model": Artifact}
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from stages.common import ray_train as rt
+from stages.common.context import StageContext
+from stages.common.data import load_dataset_artifact
+from stages.common.errors import StageInputError
+from stages.common.fingerprint import code_fingerprint
+from stages.common.hf import BYTE_ALPHABET_SIZE, SPECIAL_TOKENS, check_vocab_matches, train_bpe_tokenizer
+from stages.pretrain.blocks import pack_blocks, write_blocks
+from stages.pretrain.config import Config
+from stages.pretrain.deepspeed_setup import deepspeed_config, resolve_precision
+from stages.pretrain.metrics import perplexity, unigram_perplexity
+from stages.pretrain.report import plot_loss_curve
+from stages.pretrain.train_loop import train_loop
+
+NAME = "pretrain"
+RUN_NAME = "pretrain"
+
+
+def check_config(config: Config) -> None:
+    """Model-shape mistakes that would only surface deep inside training, caught first (StageInputError)."""
+    min_vocab = BYTE_ALPHABET_SIZE + len(SPECIAL_TOKENS)
+    if config.tokenizer is None and config.vocab_size < min_vocab:
+        raise StageInputError(f"pretrain.vocab_size: expected at least {min_vocab} (256 bytes + "
+                              f"{len(SPECIAL_TOKENS)} special tokens), found {config.vocab_size}")
+    if config.init_from is None:
+        if config.n_embd % config.n_head:
+            raise StageInputError(f"pretrain.n_head: expected a divisor of n_embd={config.n_embd}, found {config.n_head}")
+        n_positions = config.n_positions or config.context
+        if config.context > n_positions:
+            raise StageInputError(f"pretrain.context: expected at most n_positions={n_positions}, found {config.context}")
+
+
+def _resolve_dir(ref: str, store, kinds: tuple[str, ...], key: str) -> Path:
+    """A local HF directory as is, otherwise an artifact ref in the store of one of `kinds`."""
+    if Path(ref).is_dir():
+        return Path(ref)
+    artifact = store.get(ref)
+    if artifact.kind not in kinds:
+        raise StageInputError(f"pretrain.{key}: {artifact.ref} is a {artifact.kind!r} artifact, expected one of {kinds}")
+    return Path(artifact.path)
+
+
+def _model_spec(config: Config, store, tokenizer) -> tuple[dict | None, str | None, int]:
+    """(GPT2Config kwargs or None, init_from dir or None, n_positions) with the context checked against it."""
+    vocab_rows = len(tokenizer)
+    if config.init_from:
+        from transformers import AutoConfig
+
+        path = _resolve_dir(config.init_from, store, ("causal-lm",), "init_from")
+        hf_config = AutoConfig.from_pretrained(path)
+        if hf_config.model_type != "gpt2":
+            raise StageInputError(f"pretrain.init_from: {path} is a {hf_config.model_type!r} model, expected 'gpt2'")
+        if config.context > hf_config.n_positions:
+            raise StageInputError(f"pretrain.context: expected at most the model's n_positions="
+                                  f"{hf_config.n_positions} ({path}), found {config.context}")
+        check_vocab_matches(vocab_rows, hf_config.vocab_size, f"pretrain.init_from {path}")
+        return None, str(path), hf_config.n_positions
+    n_positions = config.n_positions or config.context
+    model = {"vocab_size": vocab_rows, "n_positions": n_positions, "n_embd": config.n_embd, "n_layer": config.n_layer,
+             "n_head": config.n_head, "resid_pdrop": config.dropout, "embd_pdrop": config.dropout,
+             "attn_pdrop": config.dropout, "pad_token_id": tokenizer.pad_token_id,
+             "eos_token_id": tokenizer.eos_token_id, "bos_token_id": tokenizer.eos_token_id}
+    return model, None, n_positions
+
+
+def _tokenizer(config: Config, store, texts: list[str], work: Path):
+    """The configured tokenizer, or a BPE trained on the corpus (kept in work_dir so a resumed run reuses it)."""
+    from transformers import AutoTokenizer
+
+    if config.tokenizer:
+        return AutoTokenizer.from_pretrained(_resolve_dir(config.tokenizer, store, ("tokenizer", "causal-lm"),
+                                                          "tokenizer"))
+    saved = work / "tokenizer"
+    if (saved / "tokenizer.json").is_file():
+        return AutoTokenizer.from_pretrained(saved)
+    tokenizer = train_bpe_tokenizer(texts, config.vocab_size)
+    tokenizer.save_pretrained(saved)
+    return tokenizer
+
+
+def _load_texts(corpus) -> tuple[list[str], list[str]]:
+    """The corpus artifact's train and test texts (validated as the `corpus` format by the data plumbing)."""
+    return [r["text"] for r in load_dataset_artifact(corpus, "train")], [
+        r["text"] for r in load_dataset_artifact(corpus, "test")]
+
+
+def prepare_blocks(config: Config, tokenizer, train_texts: list[str], test_texts: list[str], num_workers: int,
+                   where: str) -> tuple[np.ndarray, np.ndarray]:
+    """Tokenize and pack both splits; too little text for one batch per worker is a StageInputError."""
+    eos = tokenizer.eos_token_id
+    need = config.micro_batch_size * num_workers
+    train = pack_blocks(tokenizer(train_texts)["input_ids"], eos, config.context)
+    if len(train) < need:
+        raise StageInputError(f"{where} [train]: corpus too small: {len(train)} blocks of {config.context} tokens, "
+                              f"expected at least {need} (micro_batch_size x num_workers)")
+    val = pack_blocks(tokenizer(test_texts)["input_ids"], eos, config.context)
+    # every worker evaluates the same number of blocks (ZeRO-3 needs lockstep forwards), so cut to a multiple
+    n_val = min(len(val), config.eval_blocks) // num_workers * num_workers
+    if n_val < 1:
+        raise StageInputError(f"{where} [test]: too small for validation: {len(val)} blocks of {config.context} "
+                              f"tokens, expected at least {num_workers} (one per worker)")
+    return train, val[:n_val]
+
+
+def run(config: Config, *, store, ctx: StageContext, corpus, crash_after_step: int | None = None) -> dict[str, Any]:
+    """Train tokenizer + GPT-2 on `corpus` with DeepSpeed on Ray Train; publish `tokenizer` and `base-model`.
+
+    `crash_after_step` is a test hook: the first attempt raises right after the checkpoint at that step.
+    """
+    t0 = time.time()
+    check_config(config)
+    resolve_precision(config.precision, ctx.scaling.use_gpu)
+    work = Path(ctx.work_dir) if "://" not in ctx.work_dir else Path(tempfile.mkdtemp(prefix="pretrain-"))
+    work.mkdir(parents=True, exist_ok=True)
+    train_texts, test_texts = _load_texts(corpus)
+    n_bytes = sum(len(t.encode()) + 1 for t in train_texts)  # a byte-level token covers at least one byte
+    if n_bytes < config.context:
+        raise StageInputError(f"{corpus.ref} [train]: corpus too small: {n_bytes} bytes, expected at least "
+                              f"context={config.context} tokens' worth")
+    tokenizer = _tokenizer(config, store, train_texts, work)
+    model_spec, init_dir, _ = _model_spec(config, store, tokenizer)
+    train, val = prepare_blocks(config, tokenizer, train_texts, test_texts, ctx.scaling.num_workers, corpus.ref)
+    baseline = unigram_perplexity(_tensor(train), _tensor(val[:, 1:]), len(tokenizer))
+    data_dir = f"{ctx.work_dir.rstrip('/')}/data"
+    t_prep = time.time() - t0
+    ctx.log(f"pretrain: {len(train)} train / {len(val)} val blocks of {config.context} tokens, vocab "
+            f"{len(tokenizer)}, unigram perplexity {baseline:.1f} (prepared in {t_prep:.1f}s)")
+
+    loop_config = {
+        "deepspeed": deepspeed_config(config, use_gpu=ctx.scaling.use_gpu),
+        "model": model_spec,
+        "init_from": init_dir,
+        "train_path": write_blocks(train, f"{data_dir}/train_blocks.npy"),
+        "val_path": write_blocks(val, f"{data_dir}/val_blocks.npy"),
+        "max_steps": config.max_steps,
+        "weight_decay": config.weight_decay,
+        "eval_interval": config.eval_interval,
+        "log_interval": config.log_interval,
+        "checkpoint_interval": config.checkpoint_interval,
+        "peak_flops": config.peak_flops,
+        "seed": ctx.seed,
+        "cpus_per_worker": ctx.scaling.cpus_per_worker,
+        "use_gpu": ctx.scaling.use_gpu,
+        "crash_after_step": crash_after_step,
+    }
+    result = rt.fit(train_loop, loop_config, ctx=ctx, run_name=RUN_NAME, max_failures=config.max_failures)
+    summary = result.return_value
+    wall = time.time() - t0
+    metrics = {
+        "val_loss": summary["val_loss"],
+        "val_perplexity": perplexity(summary["val_loss"]),
+        "unigram_perplexity": baseline,
+        "tokens_per_second": summary["tokens_per_second"],
+        "mfu": summary["mfu"],
+        "train_steps": summary["train_steps"],
+        "wall_seconds": wall,
+        "resumed_from_step": summary["resumed_from_step"],
+        "peak_rss_mb_per_worker": summary["peak_rss_mb_per_worker"],
+        "peak_flops": summary["peak_flops"],
+        "n_params": summary["n_params"],
+    }
+    startup = (summary["first_step_unix"] - t0) if summary["first_step_unix"] else None
+    timings = {"wall_seconds": wall, "prepare_seconds": t_prep, "startup_seconds": startup}
+    ctx.log(f"pretrain: val perplexity {metrics['val_perplexity']:.2f} vs unigram {baseline:.2f}, "
+            f"{metrics['tokens_per_second']:.0f} tok/s, MFU {metrics['mfu']:.1%}, {wall:.0f}s")
+    return _publish(config, store, ctx, corpus, tokenizer, result, metrics, timings)
+
+
+def _tensor(array: np.ndarray):
+    import torch
+
+    return torch.from_numpy(np.asarray(array, dtype=np.int64))
+
+
+def _publish(config: Config, store, ctx: StageContext, corpus, tokenizer, result, metrics: dict,
+             timings: dict) -> dict[str, Any]:
+    common = {"stage": NAME, "config": config.to_dict(), "inputs": {"corpus": corpus}, "cache_key": ctx.cache_key,
+              "code_fingerprint": code_fingerprint(NAME), "timings": timings}
+    with tempfile.TemporaryDirectory() as tmp, result.checkpoint.as_directory() as ckpt:
+        tok_dir, model_dir = Path(tmp) / "tokenizer", Path(tmp) / "base-model"
+        tokenizer.save_pretrained(tok_dir)
+        shutil.copytree(Path(ckpt) / "hf_model", model_dir)
+        tokenizer.save_pretrained(model_dir)
+        shutil.copy(Path(ckpt) / "metrics.jsonl", model_dir / "metrics.jsonl")
+        history = [json.loads(line) for line in (model_dir / "metrics.jsonl").read_text().splitlines() if line]
+        plot_loss_curve(history, model_dir / "loss_curve.png", unigram_loss=float(np.log(metrics["unigram_perplexity"])))
+        tok_metrics = {"vocab_size": len(tokenizer)}
+        tokenizer_artifact = store.publish(tok_dir, name="tokenizer", kind="tokenizer", metrics=tok_metrics, **common)
+        model_artifact = store.publish(model_dir, name="base-model", kind="causal-lm", metrics=metrics, **common)
+    ctx.log(f"pretrain: published {tokenizer_artifact.ref} and {model_artifact.ref}")
+    return {"tokenizer": tokenizer_artifact, "base-model": model_artifact}

@@ -1,0 +1,171 @@
+"""The PPO stage end to end on tiny random models: bad inputs (fast), a few iterations with Ray actors, resume (slow)."""
+
+from __future__ import annotations
+
+import json
+import tempfile
+from pathlib import Path
+
+import pytest
+from tiny_models import build_tiny_gpt2, build_tiny_tokenizer, publish_rows, publish_tiny_base_model
+
+from stages import ppo
+from stages.common.context import Scaling, StageContext
+from stages.common.errors import StageInputError
+from stages.common.store import ArtifactStore
+
+TINY = dict(
+    iterations=3, rollout_batch_size=8, mini_batch_size=4, ppo_epochs=2, max_new_tokens=8, eval_prompts=8,
+    samples_shown=3, checkpoint_every=2,
+)  # fmt: skip
+
+
+def _publish_reward_model(store, model_dir: str, *, num_labels: int = 1, name: str = "reward-model"):
+    """The same tiny GPT-2 read as a sequence classifier (random score head): mechanics only."""
+    from transformers import AutoModelForSequenceClassification, AutoTokenizer
+
+    model = AutoModelForSequenceClassification.from_pretrained(model_dir, num_labels=num_labels)
+    with tempfile.TemporaryDirectory() as d:
+        model.save_pretrained(d)
+        AutoTokenizer.from_pretrained(model_dir).save_pretrained(d)
+        return store.publish(d, name=name, kind="reward-model", stage="tests")
+
+
+@pytest.fixture(scope="module")
+def setup(tmp_path_factory):
+    from stages.common import demo
+
+    store = ArtifactStore(tmp_path_factory.mktemp("store"))
+    data = demo.generate(demo.DemoConfig(size="tiny"))
+    texts = [r["text"] for r in data["corpus"]["train"][:1500]]
+    sft = publish_tiny_base_model(store, texts, name="sft-model")
+    rm = _publish_reward_model(store, sft.path)
+    prompts = publish_rows(store, "prompts", data["prompts"]["train"], data["prompts"]["test"], fmt="prompts",
+                           task="demo")  # fmt: skip
+    return {"store": store, "sft": sft, "rm": rm, "prompts": prompts, "texts": texts}
+
+
+def _ctx(work_dir, logs: list[str] | None = None) -> StageContext:
+    return StageContext(
+        work_dir=str(work_dir), cache_key="test", seed=0, scaling=Scaling(num_workers=1, cpus_per_worker=0.5),
+        log=(logs.append if logs is not None else print),
+    )  # fmt: skip
+
+
+def _run(setup, work_dir, logs=None, **overrides):
+    return ppo.run(
+        ppo.Config(**{**TINY, **overrides}), store=setup["store"], ctx=_ctx(work_dir, logs),
+        sft_model=setup["sft"], reward_model=setup["rm"], prompts=setup["prompts"],
+    )  # fmt: skip
+
+
+# ---------------------------------------------------------------------------------------------- bad inputs
+def _expect_input_error(setup, tmp_path, match: str, **inputs):
+    import ray
+
+    was_running = ray.is_initialized()
+    kwargs = {"sft_model": setup["sft"], "reward_model": setup["rm"], "prompts": setup["prompts"], **inputs}
+    with pytest.raises(StageInputError, match=match) as info:
+        ppo.run(ppo.Config(**TINY), store=setup["store"], ctx=_ctx(tmp_path), **kwargs)
+    assert "\n" not in str(info.value)
+    assert ray.is_initialized() == was_running  # refused before any actor (or Ray) started
+
+
+def test_reward_model_with_another_tokenizer_is_refused(setup, tmp_path):
+    other_tok = build_tiny_tokenizer(setup["texts"][:300], vocab_size=300)
+    with tempfile.TemporaryDirectory() as d:
+        from transformers import GPT2ForSequenceClassification
+
+        base = build_tiny_gpt2(other_tok)
+        model = GPT2ForSequenceClassification(base.config.__class__(**{**base.config.to_dict(), "num_labels": 1}))
+        model.save_pretrained(d)
+        other_tok.save_pretrained(d)
+        rm = setup["store"].publish(d, name="other-rm", kind="reward-model", stage="tests")
+    _expect_input_error(setup, tmp_path, "tokenizer differs from the SFT policy's", reward_model=rm)
+
+
+def test_reward_model_with_two_outputs_is_refused(setup, tmp_path):
+    rm = _publish_reward_model(setup["store"], setup["sft"].path, num_labels=2, name="two-label-rm")
+    _expect_input_error(setup, tmp_path, "num_labels: expected 1.*found 2", reward_model=rm)
+
+
+def test_prompt_longer_than_context_minus_response_is_refused(setup, tmp_path):
+    long_prompt = "User: " + "tell me about the cat " * 60 + "\nAssistant:"
+    rows = [{"prompt": "User: What is the cat like?\nAssistant:"}, {"prompt": long_prompt}]
+    prompts = publish_rows(setup["store"], "long-prompts", rows, rows[:1], fmt="prompts", task="demo")
+    _expect_input_error(setup, tmp_path, r"train.jsonl\]: row 1: the prompt is \d+ tokens, expected at most 120",
+                        prompts=prompts)  # fmt: skip
+
+
+def test_config_refuses_minibatches_that_do_not_divide():
+    from stages.common.config import Section
+
+    assert issubclass(ppo.Config, Section)
+    with pytest.raises(ValueError, match="multiple of mini_batch_size"):
+        ppo.Config(rollout_batch_size=10, mini_batch_size=4)
+    with pytest.raises(ValueError, match="multiple of actors_per_role"):
+        ppo.Config(mini_batch_size=5, actors_per_role=2)
+
+
+# --------------------------------------------------------------------------------------------- real runs
+def _tensors(path: str) -> dict:
+    from safetensors.torch import load_file
+
+    return load_file(str(Path(path) / "model.safetensors"))
+
+
+@pytest.mark.slow
+def test_tiny_ppo_publishes_a_policy_that_loads_with_transformers(setup, local_ray, tmp_path):
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    logs: list[str] = []
+    out = _run(setup, tmp_path / "work", logs)
+    policy = out["policy"]
+    assert policy.kind == "causal-lm" and policy.name == "policy"
+    assert set(policy.manifest["inputs"]) == {"sft_model", "reward_model", "prompts"}
+    m = policy.metrics
+    for key in ("rm_score_before", "rm_score_after", "gold_score_before", "gold_score_after", "gold_win_rate", "kl",
+                "samples_per_second"):  # fmt: skip
+        assert isinstance(m[key], float), key
+    assert m["iterations"] == 3 and m["samples_per_second"] > 0 and 0.0 <= m["gold_win_rate"] <= 1.0
+
+    model = AutoModelForCausalLM.from_pretrained(policy.path)
+    tok = AutoTokenizer.from_pretrained(policy.path)
+    ids = tok("User: What is the cat like?\nAssistant:", return_tensors="pt")["input_ids"]
+    assert model.generate(ids, max_new_tokens=4, do_sample=False).shape[1] > ids.shape[1]
+    before, after = _tensors(setup["sft"].path), _tensors(policy.path)
+    assert any(not torch.equal(before[k], after[k]) for k in before)  # PPO changed the weights
+
+    history = [json.loads(line) for line in (Path(policy.path) / "metrics.jsonl").read_text().splitlines()]
+    assert [h["iteration"] for h in history] == [1, 2, 3]
+    for key in ("rm_score", "gold_score", "kl", "entropy", "clip_frac", "approx_kl", "policy_loss", "value_loss",
+                "response_length", "seconds_generation", "seconds_scoring", "seconds_training"):  # fmt: skip
+        assert key in history[0], key
+    samples = json.loads((Path(policy.path) / "samples.json").read_text())
+    assert len(samples) == 3 and {"prompt", "sft_response", "ppo_response"} <= set(samples[0])
+    assert (Path(policy.path) / "curves.png").stat().st_size > 1000
+    assert sum(line.startswith("ppo iter") for line in logs) == 3
+
+
+@pytest.mark.slow
+def test_a_restarted_stage_continues_from_its_latest_checkpoint(setup, local_ray, tmp_path):
+    # reference: 4 iterations straight through
+    straight = _run(setup, tmp_path / "straight", iterations=4, checkpoint_every=2)["policy"]
+    # "crash" after the checkpoint at iteration 2 (a run that stops there), then restart with the full config
+    _run(setup, tmp_path / "work", iterations=2, checkpoint_every=2)
+    state = json.loads((tmp_path / "work" / "checkpoints" / "state.json").read_text())
+    assert state["iteration"] == 2 and state["tag"] == "iter-000002"
+    logs: list[str] = []
+    resumed = _run(setup, tmp_path / "work", logs, iterations=4, checkpoint_every=2)["policy"]
+    assert any("resuming from the checkpoint after iteration 2" in line for line in logs)
+    assert sum(line.startswith("ppo iter") for line in logs) == 2  # only iterations 3 and 4 ran again
+
+    def history(artifact):
+        return [json.loads(x) for x in (Path(artifact.path) / "metrics.jsonl").read_text().splitlines()]
+
+    h_straight, h_resumed = history(straight), history(resumed)
+    assert [h["iteration"] for h in h_resumed] == [1, 2, 3, 4]
+    # iteration 3 starts from the restored weights, optimizer state and KL coefficient: same rollout, same scores
+    for key in ("rm_score", "kl", "policy_loss", "value_loss"):
+        assert h_resumed[2][key] == pytest.approx(h_straight[2][key], rel=1e-3, abs=1e-4), key

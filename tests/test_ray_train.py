@@ -1,0 +1,47 @@
+"""stages.common.ray_train on a real local Ray: a failing worker is one clear error, a rerun resumes, logs arrive."""
+
+from __future__ import annotations
+
+import json
+import tempfile
+from pathlib import Path
+
+import pytest
+
+from stages.common import ray_train as rt
+from stages.common.context import Scaling, StageContext
+
+
+def counting_loop(config: dict) -> dict:
+    """Counts steps, checkpointing each one from rank 0; raises at `crash_at` unless it resumed."""
+    rt.set_torch_threads(1)
+    start = 0
+    with rt.resume_dir() as d:
+        if d:
+            start = json.loads((Path(d) / "state.json").read_text())["step"]
+    rt.log(f"start {start} of {rt.world_size()}")
+    for step in range(start + 1, config["steps"] + 1):
+        if step == config.get("crash_at") and start == 0:
+            raise ValueError(f"bad batch at step {step}")
+        with tempfile.TemporaryDirectory() as tmp:
+            if rt.world_rank() == 0:
+                (Path(tmp) / "state.json").write_text(json.dumps({"step": step}))
+            rt.report({"step": step}, tmp if rt.world_rank() == 0 else None)
+    return {"start": start, "end": config["steps"]}
+
+
+@pytest.mark.slow
+def test_failure_is_one_line_and_a_rerun_resumes(tmp_path, local_ray):
+    lines: list[str] = []
+    ctx = StageContext(work_dir=str(tmp_path / "work"), scaling=Scaling(num_workers=2), log=lines.append)
+    with pytest.raises(rt.TrainingFailed) as err:
+        rt.fit(counting_loop, {"steps": 4, "crash_at": 3}, ctx=ctx, run_name="count", max_failures=0)
+    assert str(err.value) == "count: training failed on worker rank 0: ValueError: bad batch at step 3"
+    assert err.value.__cause__ is not None
+    assert len(list((tmp_path / "work" / "count").glob("checkpoint_*"))) == 2  # steps 1 and 2
+
+    result = rt.fit(counting_loop, {"steps": 4}, ctx=ctx, run_name="count", max_failures=0)
+    assert result.return_value == {"start": 2, "end": 4}
+    assert result.metrics["step"] == 4
+    assert len(list((tmp_path / "work" / "count").glob("checkpoint_*"))) == 2  # keep-last-2
+    assert "start 0 of 2" in lines and "start 2 of 2" in lines  # rank 0's lines reach ctx.log
