@@ -27,19 +27,37 @@ def _probe(address: str, timeout: float = 3.0) -> None:
         raise ConfigError(f"ray address {address!r} does not answer ({e.strerror or e}); is the cluster up?") from None
 
 
-def connect_ray(address: str | None) -> bool:
-    """Join `address` (or RAY_ADDRESS, as under `ray job submit`) or start a local Ray; True if we started it."""
-    import ray
+class RayDriver:
+    """The flow process as Ray driver, connected only when a stage actually has to run.
 
-    if ray.is_initialized():
-        return False
-    address = address or os.environ.get("RAY_ADDRESS")
-    if address:
-        _probe(address)
-        ray.init(address=address, log_to_driver=True)
-        return True  # our connection; ray.shutdown() disconnects without stopping the cluster
-    ray.init(num_cpus=os.cpu_count(), include_dashboard=False, log_to_driver=True)
-    return True
+    A fully cached run never pays Ray's start-up. The address is probed up front, so a dead cluster still fails at
+    once. `close()` shuts down only a Ray this driver started or joined itself.
+    """
+
+    def __init__(self, address: str | None, store_root: str, work_dir: str):
+        self.address = address or os.environ.get("RAY_ADDRESS")
+        self.store_root, self.work_dir = store_root, work_dir
+        self._owned = False
+        if self.address:
+            _probe(self.address)
+
+    def ensure(self) -> None:
+        import ray
+
+        if not ray.is_initialized():
+            if self.address:
+                ray.init(address=self.address, log_to_driver=True)  # joins; shutdown() only disconnects
+            else:
+                ray.init(num_cpus=os.cpu_count(), include_dashboard=False, log_to_driver=True)
+            self._owned = True
+        check_store_reachable(self.store_root, self.work_dir)
+
+    def close(self) -> None:
+        if self._owned:
+            import ray
+
+            ray.shutdown()
+            self._owned = False
 
 
 def is_local_path(uri: str) -> bool:

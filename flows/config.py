@@ -14,10 +14,6 @@ from typing import Any
 from pydantic import Field, ValidationError, model_validator
 
 from stages import ppo, pretrain, reward, sft
-from stages.ppo import Config as PPOConfig
-from stages.pretrain import Config as PretrainConfig
-from stages.reward import Config as RewardConfig
-from stages.sft import Config as SFTConfig
 from stages.common.config import (
     ConfigError,
     Section,
@@ -29,6 +25,10 @@ from stages.common.config import (
 )
 from stages.common.context import Scaling
 from stages.common.demo import DemoConfig
+from stages.ppo import Config as PPOConfig
+from stages.pretrain import Config as PretrainConfig
+from stages.reward import Config as RewardConfig
+from stages.sft import Config as SFTConfig
 
 STAGES = {m.NAME: m for m in (pretrain, sft, reward, ppo)}
 STAGE_ORDER = ["pretrain", "sft", "reward", "ppo"]

@@ -19,7 +19,7 @@ from prefect.cache_policies import NO_CACHE  # noqa: E402
 from prefect.states import Completed  # noqa: E402
 
 from flows import report  # noqa: E402
-from flows.cluster_check import check_store_reachable, connect_ray  # noqa: E402
+from flows.cluster_check import RayDriver  # noqa: E402
 from flows.config import STAGE_ORDER, STAGES, PipelineConfig, load_config  # noqa: E402
 from stages.common.config import ConfigError  # noqa: E402
 from stages.common.context import StageContext  # noqa: E402
@@ -75,7 +75,9 @@ def data_task(cfg: PipelineConfig, store: ArtifactStore, fmt: str) -> str:
     retry_delay_seconds=[5, 20],
     retry_condition_fn=_worth_retrying,
 )
-def stage_task(name: str, cfg: PipelineConfig, store: ArtifactStore, input_refs: dict[str, str], force: bool):
+def stage_task(
+    name: str, cfg: PipelineConfig, store: ArtifactStore, ray_driver: RayDriver, input_refs: dict[str, str], force: bool
+):
     """Reuse the stage's artifacts when its cache key matches; otherwise run it, publish, and record the key."""
     logger = get_run_logger()
     module = STAGES[name]
@@ -95,6 +97,7 @@ def stage_task(name: str, cfg: PipelineConfig, store: ArtifactStore, input_refs:
         scaling=cfg.run.scaling(),
         log=logger.info,
     )
+    ray_driver.ensure()
     logger.info(f"{name}: running (cache key {key[:12]}, inputs {', '.join(a.ref for a in inputs.values()) or 'none'})")
     start = time.perf_counter()
     outputs = module.run(cfg.stage_config(name), store=store, ctx=ctx, **inputs)
@@ -118,7 +121,8 @@ def plan_stages(from_stage: str | None, only: str | None) -> tuple[list[str], se
     return STAGE_ORDER, set()
 
 
-@flow(name="rlhf", persist_result=False, log_prints=True)
+# log_prints stays off: libraries print to stdout internally (dill disassembles functions while hashing them).
+@flow(name="rlhf", persist_result=False, log_prints=False)
 def rlhf(
     preset: str = "demo",
     config_file: str | None = None,
@@ -138,9 +142,8 @@ def rlhf(
     if only:
         _check_only_inputs(only, inputs)
     art_store = ArtifactStore(store or os.environ.get("RLHF_STORE") or cfg.run.store)
-    started_ray = connect_ray(cfg.run.ray_address)
+    ray_driver = RayDriver(cfg.run.ray_address, art_store.root, cfg.run.work_dir)
     try:
-        check_store_reachable(art_store.root, cfg.run.work_dir)
         produced: dict[str, str] = {}  # output name -> ref, as the DAG proceeds
         summary: dict[str, Any] = {"store": art_store.root, "stages": {}}
         for name in stages:
@@ -153,7 +156,7 @@ def rlhf(
                     refs[role] = data_task(cfg, art_store, DATA_ROLES[(name, role)])
                 else:
                     refs[role] = produced[UPSTREAM_ROLES[(name, role)]]
-            state = stage_task(name, cfg, art_store, refs, force or name in forced, return_state=True)
+            state = stage_task(name, cfg, art_store, ray_driver, refs, force or name in forced, return_state=True)
             outputs = state.result()  # re-raises the stage's error after retries
             produced.update(outputs)
             summary["stages"][name] = {"state": state.name, "outputs": outputs, "inputs": refs}
@@ -162,10 +165,7 @@ def rlhf(
         logger.info(report.summary_line(summary))
         return summary
     finally:
-        if started_ray:
-            import ray
-
-            ray.shutdown()
+        ray_driver.close()
 
 
 def _check_only_inputs(only: str, inputs: dict[str, str]) -> None:

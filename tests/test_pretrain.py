@@ -172,7 +172,7 @@ def resumed_run(tmp_path_factory, local_ray):
                        log=lines.append)
     with pytest.raises(TrainingFailed, match=f"simulated crash after step {CRASH_STEP}") as crash:
         pretrain.run(cfg, store=store, ctx=ctx, corpus=corpus, crash_after_step=CRASH_STEP)
-    (checkpoint,) = (root / "work" / "pretrain").glob("checkpoint_*")
+    (checkpoint,) = [p for p in (root / "work" / "pretrain").glob("checkpoint_*") if p.is_dir()]
     before_kill = [json.loads(x) for x in (checkpoint / "metrics.jsonl").read_text().splitlines()]
     outputs = pretrain.run(cfg, store=store, ctx=ctx, corpus=corpus)
     return {"outputs": outputs, "before_kill": before_kill, "corpus": corpus, "cfg": cfg, "lines": lines,

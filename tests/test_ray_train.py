@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import sys
 import tempfile
 from pathlib import Path
 
@@ -10,6 +11,10 @@ import pytest
 
 from stages.common import ray_train as rt
 from stages.common.context import Scaling, StageContext
+
+# Ray workers cannot import this test module: ship its functions by value.
+ray_cloudpickle = pytest.importorskip("ray.cloudpickle")
+ray_cloudpickle.register_pickle_by_value(sys.modules[__name__])
 
 
 def counting_loop(config: dict) -> dict:
@@ -38,10 +43,17 @@ def test_failure_is_one_line_and_a_rerun_resumes(tmp_path, local_ray):
         rt.fit(counting_loop, {"steps": 4, "crash_at": 3}, ctx=ctx, run_name="count", max_failures=0)
     assert str(err.value) == "count: training failed on worker rank 0: ValueError: bad batch at step 3"
     assert err.value.__cause__ is not None
-    assert len(list((tmp_path / "work" / "count").glob("checkpoint_*"))) == 2  # steps 1 and 2
+    assert len([p for p in (tmp_path / "work" / "count").glob("checkpoint_*") if p.is_dir()]) == 2  # steps 1 and 2
 
     result = rt.fit(counting_loop, {"steps": 4}, ctx=ctx, run_name="count", max_failures=0)
     assert result.return_value == {"start": 2, "end": 4}
     assert result.metrics["step"] == 4
-    assert len(list((tmp_path / "work" / "count").glob("checkpoint_*"))) == 2  # keep-last-2
+    assert len([p for p in (tmp_path / "work" / "count").glob("checkpoint_*") if p.is_dir()]) == 2  # keep-last-2
     assert "start 0 of 2" in lines and "start 2 of 2" in lines  # rank 0's lines reach ctx.log
+
+
+@pytest.mark.slow
+def test_failure_config_retries_from_the_latest_checkpoint(tmp_path, local_ray):
+    ctx = StageContext(work_dir=str(tmp_path / "work"), scaling=Scaling(num_workers=2), log=lambda line: None)
+    result = rt.fit(counting_loop, {"steps": 4, "crash_at": 3}, ctx=ctx, run_name="count", max_failures=1)
+    assert result.return_value == {"start": 2, "end": 4}  # the retry started from step 2's checkpoint, not 0

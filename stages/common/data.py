@@ -56,7 +56,9 @@ def _read_file(path: Path) -> datasets.Dataset:
 
     builder = _BUILDERS.get(path.suffix.lower())
     if builder is None:
-        raise DataError(f"{path}: unknown file type {path.suffix or '(none)'!r} (expected one of {', '.join(_BUILDERS)})")
+        raise DataError(
+            f"{path}: unknown file type {path.suffix or '(none)'!r} (expected one of {', '.join(_BUILDERS)})"
+        )
     if path.stat().st_size == 0:
         raise DataError(f"{path}: empty data set (the file is empty)")
     kwargs: dict[str, Any] = {}
@@ -95,8 +97,9 @@ def _read_hub(name: str) -> dict[str, datasets.Dataset]:
     try:
         loaded = datasets.load_dataset(name)
     except Exception as e:  # no network, unknown name, gated repo: the user needs the reason, not the traceback
-        raise DataError(f"{name}: cannot load from the Hugging Face Hub (no network or no such data set?): "
-                        f"{_first_line(e)}") from None
+        raise DataError(
+            f"{name}: cannot load from the Hugging Face Hub (no network or no such data set?): {_first_line(e)}"
+        ) from None
     return dict(loaded)
 
 
@@ -125,8 +128,10 @@ def validate(ds: datasets.Dataset, fmt: str, source: str) -> datasets.Dataset:
         expected = " or ".join(", ".join(alt) for alt in alternatives)
         missing = ", ".join(c for c in alternatives[0] if c not in found)
         missing_note = f"missing column(s) {missing}" if len(alternatives) == 1 else "missing columns"
-        raise DataError(f"{source}: {missing_note} for format {fmt!r} (expected {expected}; "
-                        f"found columns: {', '.join(found) or 'none'})")
+        raise DataError(
+            f"{source}: {missing_note} for format {fmt!r} (expected {expected}; "
+            f"found columns: {', '.join(found) or 'none'})"
+        )
     if len(ds) == 0:
         raise DataError(f"{source}: empty data set")
     ds = ds.select_columns(columns)
@@ -145,8 +150,13 @@ def validate(ds: datasets.Dataset, fmt: str, source: str) -> datasets.Dataset:
 
 
 def _is_messages(value: Any) -> bool:
-    return isinstance(value, list) and bool(value) and all(
-        isinstance(m, dict) and isinstance(m.get("role"), str) and isinstance(m.get("content"), str) for m in value)
+    return (
+        isinstance(value, list)
+        and bool(value)
+        and all(
+            isinstance(m, dict) and isinstance(m.get("role"), str) and isinstance(m.get("content"), str) for m in value
+        )
+    )
 
 
 def load_source(source: str, fmt: str, *, split: str = "train") -> datasets.Dataset:
@@ -173,8 +183,9 @@ def _rows(ds: datasets.Dataset) -> list[dict]:
     return [dict(row) for row in ds]
 
 
-def ingest(source: str, fmt: str, store: ArtifactStore, *, demo_cfg: DemoConfig, test_fraction: float = 0.1,
-           seed: int = 0) -> Artifact:
+def ingest(
+    source: str, fmt: str, store: ArtifactStore, *, demo_cfg: DemoConfig, test_fraction: float = 0.1, seed: int = 0
+) -> Artifact:
     """Materialise a source as a dataset artifact (train.jsonl + test.jsonl); same rows give the same version."""
     _check_format(fmt)
     if not 0.0 < test_fraction < 1.0:
@@ -190,13 +201,22 @@ def ingest(source: str, fmt: str, store: ArtifactStore, *, demo_cfg: DemoConfig,
         else:
             parts = _seeded_split(validate(loaded["train"], fmt, source), test_fraction, seed, source)
         splits = {s: _rows(parts[s]) for s in SPLITS}
-        config = {"source": source, "format": fmt, "test_fraction": test_fraction, "seed": seed,
-                  "test_split": "given" if "test" in loaded else "seeded"}
+        config = {
+            "source": source,
+            "format": fmt,
+            "test_fraction": test_fraction,
+            "seed": seed,
+            "test_split": "given" if "test" in loaded else "seeded",
+        }
     with tempfile.TemporaryDirectory(prefix="rlhf-data-") as tmp:
         for split in SPLITS:
             (Path(tmp) / f"{split}.jsonl").write_text(demo.to_jsonl(splits[split]), encoding="utf-8")
         return store.publish(
-            tmp, name=DATASET_NAMES[fmt], kind="dataset", stage="data", config=config,
+            tmp,
+            name=DATASET_NAMES[fmt],
+            kind="dataset",
+            stage="data",
+            config=config,
             metrics={"train_rows": len(splits["train"]), "test_rows": len(splits["test"])},
             extra={"format": fmt, "task": "demo" if is_demo else None},
         )

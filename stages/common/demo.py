@@ -27,15 +27,41 @@ from stages.common.hf import EOS_TOKEN
 
 # --- the world: (singular, plural or "", category, size 1..5); sizes make comparisons consistent facts ---
 WORLD: list[tuple[str, str, str, int]] = [
-    *[(n, p, "animal", s) for n, p, s in [
-        ("cat", "cats", 2), ("dog", "dogs", 2), ("horse", "horses", 4), ("rabbit", "rabbits", 1), ("fox", "foxes", 2),
-        ("owl", "owls", 1), ("frog", "frogs", 1), ("bear", "bears", 4), ("duck", "ducks", 1), ("goat", "goats", 3)]],
+    *[
+        (n, p, "animal", s)
+        for n, p, s in [
+            ("cat", "cats", 2),
+            ("dog", "dogs", 2),
+            ("horse", "horses", 4),
+            ("rabbit", "rabbits", 1),
+            ("fox", "foxes", 2),
+            ("owl", "owls", 1),
+            ("frog", "frogs", 1),
+            ("bear", "bears", 4),
+            ("duck", "ducks", 1),
+            ("goat", "goats", 3),
+        ]
+    ],
     *[(n, "", "food", 1) for n in ["apple", "bread", "cheese", "soup", "cake", "pear", "rice", "lemon", "plum", "pie"]],
-    *[(n, p, "object", s) for n, p, s in [
-        ("lamp", "lamps", 2), ("chair", "chairs", 3), ("book", "books", 1), ("cup", "cups", 1), ("clock", "clocks", 2),
-        ("hat", "hats", 1), ("box", "boxes", 2), ("drum", "drums", 2), ("key", "keys", 1), ("coat", "coats", 2)]],
-    *[(n, "", "place", 5) for n in ["river", "garden", "forest", "city", "beach", "village", "hill", "market", "lake",
-                                    "castle"]],
+    *[
+        (n, p, "object", s)
+        for n, p, s in [
+            ("lamp", "lamps", 2),
+            ("chair", "chairs", 3),
+            ("book", "books", 1),
+            ("cup", "cups", 1),
+            ("clock", "clocks", 2),
+            ("hat", "hats", 1),
+            ("box", "boxes", 2),
+            ("drum", "drums", 2),
+            ("key", "keys", 1),
+            ("coat", "coats", 2),
+        ]
+    ],
+    *[
+        (n, "", "place", 5)
+        for n in ["river", "garden", "forest", "city", "beach", "village", "hill", "market", "lake", "castle"]
+    ],
 ]
 NOUNS = [w[0] for w in WORLD]
 PLURAL = {w[0]: w[1] for w in WORLD if w[1]}
@@ -43,21 +69,89 @@ CATEGORY = {w[0]: w[2] for w in WORLD}
 SIZE = {w[0]: w[3] for w in WORLD}
 BY_CATEGORY = {c: [w[0] for w in WORLD if w[2] == c] for c in ("animal", "food", "object", "place")}
 
-POSITIVE = ["happy", "kind", "bright", "lovely", "warm", "gentle", "cheerful", "beautiful", "pleasant", "wonderful",
-            "calm", "friendly", "charming", "delightful", "clean", "fresh", "graceful", "brave", "joyful", "proud"]
-NEGATIVE = ["sad", "cruel", "dirty", "ugly", "broken", "rotten", "gloomy", "nasty", "awful", "angry",
-            "bitter", "harsh", "dull", "rude", "smelly", "grim", "horrible", "lonely", "noisy", "weak"]
-NEUTRAL = ["small", "large", "round", "old", "young", "tall", "short", "wide", "heavy", "narrow",
-           "square", "flat", "long", "thin", "soft", "hard", "quiet", "deep", "plain", "simple"]
+POSITIVE = [
+    "happy",
+    "kind",
+    "bright",
+    "lovely",
+    "warm",
+    "gentle",
+    "cheerful",
+    "beautiful",
+    "pleasant",
+    "wonderful",
+    "calm",
+    "friendly",
+    "charming",
+    "delightful",
+    "clean",
+    "fresh",
+    "graceful",
+    "brave",
+    "joyful",
+    "proud",
+]
+NEGATIVE = [
+    "sad",
+    "cruel",
+    "dirty",
+    "ugly",
+    "broken",
+    "rotten",
+    "gloomy",
+    "nasty",
+    "awful",
+    "angry",
+    "bitter",
+    "harsh",
+    "dull",
+    "rude",
+    "smelly",
+    "grim",
+    "horrible",
+    "lonely",
+    "noisy",
+    "weak",
+]
+NEUTRAL = [
+    "small",
+    "large",
+    "round",
+    "old",
+    "young",
+    "tall",
+    "short",
+    "wide",
+    "heavy",
+    "narrow",
+    "square",
+    "flat",
+    "long",
+    "thin",
+    "soft",
+    "hard",
+    "quiet",
+    "deep",
+    "plain",
+    "simple",
+]
 SENTIMENT = {**{a: 1 for a in POSITIVE}, **{a: -1 for a in NEGATIVE}, **{a: 0 for a in NEUTRAL}}
 COLORS = ["red", "blue", "green", "yellow", "brown", "white", "black", "grey", "orange", "purple"]
 ACTIONS = ["runs", "sleeps", "swims", "jumps", "sings", "hides", "plays", "climbs", "digs", "waits"]
 MAX_ADJECTIVES = 3
 
-TEMPLATES = ["Describe the {n}.", "Tell me about the {n}.", "What do you think of the {n}?", "What is the {n} like?",
-             "Can you describe the {n}?", "Say something about the {n}.", "How would you describe the {n}?",
-             "Give me a short description of the {n}.", "What can you tell me about the {n}?",
-             "Write one sentence about the {n}."]
+TEMPLATES = [
+    "Describe the {n}.",
+    "Tell me about the {n}.",
+    "What do you think of the {n}?",
+    "What is the {n} like?",
+    "Can you describe the {n}?",
+    "Say something about the {n}.",
+    "How would you describe the {n}?",
+    "Give me a short description of the {n}.",
+    "What can you tell me about the {n}?",
+    "Write one sentence about the {n}.",
+]
 PREFIXES = ["", "Hello. ", "Hi! ", "Quick question. ", "I am curious. ", "Good morning. "]
 
 
@@ -201,13 +295,19 @@ def _off_format(rng: random.Random, noun: str) -> str:
 def _fact_sentences(rng: random.Random, noun: str) -> list[str]:
     f, cat = FACTS[noun], CATEGORY[noun]
     plural = PLURAL.get(noun)
-    out = [f"The {noun} is {_article(cat)}.", f"The {noun} is {f['color']}.",
-           f"The {noun} is {_join(_random_adjectives(rng))}."]
+    out = [
+        f"The {noun} is {_article(cat)}.",
+        f"The {noun} is {f['color']}.",
+        f"The {noun} is {_join(_random_adjectives(rng))}.",
+    ]
     if plural:
         out.append(f"{plural.capitalize()} are {cat}s.")
     if cat == "animal":
-        out += [f"The {noun} lives near the {f['place']}.", f"The {noun} eats the {f['food']}.",
-                f"The {noun} {f['action']} every day."]
+        out += [
+            f"The {noun} lives near the {f['place']}.",
+            f"The {noun} eats the {f['food']}.",
+            f"The {noun} {f['action']} every day.",
+        ]
         if plural:
             out += [f"The {plural} live near the {f['place']}.", f"Two {plural} {f['action'][:-1]} together."]
     elif cat == "object":
@@ -233,14 +333,19 @@ def _story(rng: random.Random) -> str:
     animal, thing = rng.choice(BY_CATEGORY["animal"]), rng.choice(BY_CATEGORY["object"])
     f = FACTS[animal]
     mood = _random_adjectives(rng, 1)[0]
-    feeling = {1: f"The {animal} was glad.", -1: f"The {animal} was upset.",
-               0: f"The {animal} looked at it for a long time."}[SENTIMENT[mood]]
+    feeling = {
+        1: f"The {animal} was glad.",
+        -1: f"The {animal} was upset.",
+        0: f"The {animal} looked at it for a long time.",
+    }[SENTIMENT[mood]]
     home = FACTS[animal]["place"]
     ending = rng.choice(["The end.", f"Then the {animal} went back to the {home}."])
-    return (f"Once upon a time, {_article(rng.choice(POSITIVE + NEGATIVE + NEUTRAL))} {animal} lived near the "
-            f"{f['place']}. Every morning the {animal} ate the {f['food']}. One day the {animal} found "
-            f"{_article(thing)} in the {FACTS[thing]['place']}. The {thing} was {mood}. {feeling} "
-            f"{ending}")
+    return (
+        f"Once upon a time, {_article(rng.choice(POSITIVE + NEGATIVE + NEUTRAL))} {animal} lived near the "
+        f"{f['place']}. Every morning the {animal} ate the {f['food']}. One day the {animal} found "
+        f"{_article(thing)} in the {FACTS[thing]['place']}. The {thing} was {mood}. {feeling} "
+        f"{ending}"
+    )
 
 
 def _dialogue(rng: random.Random, pool: list[str]) -> str:
@@ -319,13 +424,16 @@ def generate(cfg: DemoConfig) -> dict[str, dict[str, list[dict]]]:
     r = rngs["sft"]
     sft = {"train": _sft_rows(r, train_pool, spec.sft[0]), "test": _sft_rows(r, test_pool, spec.sft[1])}
     r = rngs["preferences"]
-    prefs = {"train": _preference_rows(r, train_pool, spec.preferences[0], cfg),
-             "test": _preference_rows(r, test_pool, spec.preferences[1], cfg)}
+    prefs = {
+        "train": _preference_rows(r, train_pool, spec.preferences[0], cfg),
+        "test": _preference_rows(r, test_pool, spec.preferences[1], cfg),
+    }
     r = rngs["prompts"]
-    prompts = {"train": [{"prompt": p} for p in _sample(r, train_pool, spec.prompts[0])],
-               "test": [{"prompt": p} for p in _sample(r, test_pool, spec.prompts[1])]}
-    return {"corpus": _corpus(rngs["corpus"], spec, train_pool), "sft": sft, "preferences": prefs,
-            "prompts": prompts}
+    prompts = {
+        "train": [{"prompt": p} for p in _sample(r, train_pool, spec.prompts[0])],
+        "test": [{"prompt": p} for p in _sample(r, test_pool, spec.prompts[1])],
+    }
+    return {"corpus": _corpus(rngs["corpus"], spec, train_pool), "sft": sft, "preferences": prefs, "prompts": prompts}
 
 
 def to_jsonl(rows: list[dict]) -> str:

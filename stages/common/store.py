@@ -145,13 +145,26 @@ class ArtifactStore:
 
     # ---------------------------------------------------------------- publish
 
-    def publish(self, src_dir: str | os.PathLike, *, name: str, kind: str, stage: str, config: dict | None = None,
-                inputs: dict[str, Artifact] | None = None, metrics: dict | None = None,
-                timings: dict | None = None, code_fingerprint: str = "", cache_key: str = "",
-                extra: dict | None = None) -> Artifact:
+    def publish(
+        self,
+        src_dir: str | os.PathLike,
+        *,
+        name: str,
+        kind: str,
+        stage: str,
+        config: dict | None = None,
+        inputs: dict[str, Artifact] | None = None,
+        metrics: dict | None = None,
+        timings: dict | None = None,
+        code_fingerprint: str = "",
+        cache_key: str = "",
+        extra: dict | None = None,
+    ) -> Artifact:
         """Copy src_dir's files in and commit a new version of name; identical content returns the existing version."""
         if not _NAME_RE.match(name or "") or name == "latest":
-            raise ArtifactError(f"artifact name {name!r}: expected letters, digits, '.', '_' or '-' (not starting with one of '._-')")
+            raise ArtifactError(
+                f"artifact name {name!r}: expected letters, digits, '.', '_' or '-' (not starting with one of '._-')"
+            )
         src = Path(src_dir)
         if not src.is_dir():
             raise ArtifactError(f"publish {name}: source directory {str(src)!r} does not exist")
@@ -160,13 +173,24 @@ class ArtifactStore:
             raise ArtifactError(f"publish {name}: source directory {str(src)!r} holds no files")
         files, digest = self._put_object(sources)
         manifest = {
-            "name": name, "version": 0, "digest": digest, "kind": kind, "stage": stage,
-            "code_fingerprint": code_fingerprint, "cache_key": cache_key, "config": config or {},
-            "inputs": {role: {"name": a.name, "version": a.version, "digest": a.digest, "kind": a.kind}
-                       for role, a in sorted((inputs or {}).items())},
-            "metrics": metrics or {}, "timings": timings or {}, "extra": extra or {},
+            "name": name,
+            "version": 0,
+            "digest": digest,
+            "kind": kind,
+            "stage": stage,
+            "code_fingerprint": code_fingerprint,
+            "cache_key": cache_key,
+            "config": config or {},
+            "inputs": {
+                role: {"name": a.name, "version": a.version, "digest": a.digest, "kind": a.kind}
+                for role, a in sorted((inputs or {}).items())
+            },
+            "metrics": metrics or {},
+            "timings": timings or {},
+            "extra": extra or {},
             "created_at": datetime.now(UTC).isoformat(timespec="milliseconds"),
-            "library_versions": library_versions(), "files": files,
+            "library_versions": library_versions(),
+            "files": files,
         }
         _to_json(manifest, f"publish {name}")  # fail early, before claiming a version number
         manifest = self._commit(manifest)
@@ -222,7 +246,7 @@ class ArtifactStore:
         """full's path relative to base, whatever protocol prefix or leading slash the filesystem returns."""
         base = self.fs._strip_protocol(base).rstrip("/") + "/"
         full = self.fs._strip_protocol(full)
-        return full[len(base):] if full.startswith(base) else full
+        return full[len(base) :] if full.startswith(base) else full
 
     def _commit(self, manifest: dict) -> dict:
         """Write manifests/<name>/v<N>.json exclusively; on a lost race re-check for identical content and retry N+1."""
@@ -234,8 +258,9 @@ class ArtifactStore:
                 if existing is not None and existing["digest"] == digest:
                     return existing
             manifest["version"] = (versions[-1] if versions else 0) + 1
-            if self._create_exclusive(self._p("manifests", name, f"v{manifest['version']}.json"),
-                                      _to_json(manifest, f"publish {name}")):
+            if self._create_exclusive(
+                self._p("manifests", name, f"v{manifest['version']}.json"), _to_json(manifest, f"publish {name}")
+            ):
                 return manifest
 
     def _create_exclusive(self, path: str, data: bytes) -> bool:
@@ -266,8 +291,9 @@ class ArtifactStore:
         base = self._p("manifests")
         if not self.fs.exists(base):
             return []
-        return sorted(e["name"].rstrip("/").rsplit("/", 1)[-1] for e in self.fs.ls(base, detail=True)
-                      if e["type"] == "directory")
+        return sorted(
+            e["name"].rstrip("/").rsplit("/", 1)[-1] for e in self.fs.ls(base, detail=True) if e["type"] == "directory"
+        )
 
     def _versions(self, name: str) -> list[int]:
         base = self._p("manifests", name)
@@ -301,8 +327,9 @@ class ArtifactStore:
         ref = str(ref).strip()
         name, sep, sel = ref.partition("@")
         if not _NAME_RE.match(name) or (sep and not re.match(r"^(latest|v[1-9][0-9]*)$", sel)):
-            raise ArtifactError(f"bad artifact ref {ref!r}: expected NAME, NAME@latest, NAME@vN or a digest prefix "
-                                "(>= 6 hex chars)")
+            raise ArtifactError(
+                f"bad artifact ref {ref!r}: expected NAME, NAME@latest, NAME@vN or a digest prefix (>= 6 hex chars)"
+            )
         versions = self._versions(name)
         if not versions:
             if not sep and _HEX_RE.match(name):
@@ -324,12 +351,20 @@ class ArtifactStore:
             raise ArtifactError(f"{prefix}: no artifact has a digest starting with it in {self.root}")
         if len(matches) > 1:
             cands = ", ".join(f"{m['name']}@v{m['version']} ({m['digest'][:12]})" for m in matches)
-            raise ArtifactError(f"{prefix}: ambiguous digest prefix, candidates: {cands}; use a longer prefix or NAME@vN")
+            raise ArtifactError(
+                f"{prefix}: ambiguous digest prefix, candidates: {cands}; use a longer prefix or NAME@vN"
+            )
         return matches[0]
 
     def _artifact(self, manifest: dict, path: str = "") -> Artifact:
-        return Artifact(name=manifest["name"], version=manifest["version"], digest=manifest["digest"],
-                        kind=manifest["kind"], path=path or self._p("objects", manifest["digest"]), manifest=manifest)
+        return Artifact(
+            name=manifest["name"],
+            version=manifest["version"],
+            digest=manifest["digest"],
+            kind=manifest["kind"],
+            path=path or self._p("objects", manifest["digest"]),
+            manifest=manifest,
+        )
 
     def get(self, ref: str, *, kind: str | None = None) -> Artifact:
         """Resolve ref, check its kind, verify every file's sha256 and return it with a local path to its files."""
@@ -409,14 +444,23 @@ class ArtifactStore:
         return self._lineage(self._resolve(ref))
 
     def _lineage(self, manifest: dict) -> dict:
-        node = {"ref": f"{manifest['name']}@v{manifest['version']}", "kind": manifest["kind"],
-                "digest": manifest["digest"], "inputs": {}}
+        node = {
+            "ref": f"{manifest['name']}@v{manifest['version']}",
+            "kind": manifest["kind"],
+            "digest": manifest["digest"],
+            "inputs": {},
+        }
         for role, inp in sorted(manifest.get("inputs", {}).items()):
             parent = self._read_manifest(inp["name"], inp["version"])
             if parent is None or parent["digest"] != inp["digest"]:
                 # The input is not (or no longer) in this store: report what the manifest recorded.
-                node["inputs"][role] = {"ref": f"{inp['name']}@v{inp['version']}", "kind": inp["kind"],
-                                        "digest": inp["digest"], "inputs": {}, "missing": True}
+                node["inputs"][role] = {
+                    "ref": f"{inp['name']}@v{inp['version']}",
+                    "kind": inp["kind"],
+                    "digest": inp["digest"],
+                    "inputs": {},
+                    "missing": True,
+                }
             else:
                 node["inputs"][role] = self._lineage(parent)
         return node

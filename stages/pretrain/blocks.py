@@ -32,8 +32,9 @@ def shard_rows(n_blocks: int, rank: int, world: int) -> np.ndarray:
     return np.arange(rank, per_worker * world, world)
 
 
-def batch_rows(step: int, micro: int, *, shard_size: int, micro_batch_size: int, grad_accum: int, seed: int,
-               rank: int) -> np.ndarray:
+def batch_rows(
+    step: int, micro: int, *, shard_size: int, micro_batch_size: int, grad_accum: int, seed: int, rank: int
+) -> np.ndarray:
     """Positions within this worker's shard for micro-batch `micro` of optimizer step `step` (both 0-based).
 
     Each epoch is a fresh seeded permutation of the shard, so every row is seen once per epoch.

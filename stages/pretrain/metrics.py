@@ -38,7 +38,9 @@ def mfu(tokens_per_second: float, flops_per_token: float, peak_flops: float) -> 
     return tokens_per_second * flops_per_token / peak_flops if peak_flops > 0 else 0.0
 
 
-def matmul_peak_flops(dtype: torch.dtype = torch.float32, n: int = 1024, repeats: int = 8, device: str = "cpu") -> float:
+def matmul_peak_flops(
+    dtype: torch.dtype = torch.float32, n: int = 1024, repeats: int = 8, device: str = "cpu"
+) -> float:
     """Measured square-matmul FLOP/s with this process's torch threads: the practical peak MFU is measured against."""
     a = torch.randn(n, n, dtype=dtype, device=device)
     b = torch.randn(n, n, dtype=dtype, device=device)

@@ -35,14 +35,20 @@ def check_config(config: Config) -> None:
     """Model-shape mistakes that would only surface deep inside training, caught first (StageInputError)."""
     min_vocab = BYTE_ALPHABET_SIZE + len(SPECIAL_TOKENS)
     if config.tokenizer is None and config.vocab_size < min_vocab:
-        raise StageInputError(f"pretrain.vocab_size: expected at least {min_vocab} (256 bytes + "
-                              f"{len(SPECIAL_TOKENS)} special tokens), found {config.vocab_size}")
+        raise StageInputError(
+            f"pretrain.vocab_size: expected at least {min_vocab} (256 bytes + "
+            f"{len(SPECIAL_TOKENS)} special tokens), found {config.vocab_size}"
+        )
     if config.init_from is None:
         if config.n_embd % config.n_head:
-            raise StageInputError(f"pretrain.n_head: expected a divisor of n_embd={config.n_embd}, found {config.n_head}")
+            raise StageInputError(
+                f"pretrain.n_head: expected a divisor of n_embd={config.n_embd}, found {config.n_head}"
+            )
         n_positions = config.n_positions or config.context
         if config.context > n_positions:
-            raise StageInputError(f"pretrain.context: expected at most n_positions={n_positions}, found {config.context}")
+            raise StageInputError(
+                f"pretrain.context: expected at most n_positions={n_positions}, found {config.context}"
+            )
 
 
 def _resolve_dir(ref: str, store, kinds: tuple[str, ...], key: str) -> Path:
@@ -51,7 +57,9 @@ def _resolve_dir(ref: str, store, kinds: tuple[str, ...], key: str) -> Path:
         return Path(ref)
     artifact = store.get(ref)
     if artifact.kind not in kinds:
-        raise StageInputError(f"pretrain.{key}: {artifact.ref} is a {artifact.kind!r} artifact, expected one of {kinds}")
+        raise StageInputError(
+            f"pretrain.{key}: {artifact.ref} is a {artifact.kind!r} artifact, expected one of {kinds}"
+        )
     return Path(artifact.path)
 
 
@@ -66,15 +74,26 @@ def _model_spec(config: Config, store, tokenizer) -> tuple[dict | None, str | No
         if hf_config.model_type != "gpt2":
             raise StageInputError(f"pretrain.init_from: {path} is a {hf_config.model_type!r} model, expected 'gpt2'")
         if config.context > hf_config.n_positions:
-            raise StageInputError(f"pretrain.context: expected at most the model's n_positions="
-                                  f"{hf_config.n_positions} ({path}), found {config.context}")
+            raise StageInputError(
+                f"pretrain.context: expected at most the model's n_positions="
+                f"{hf_config.n_positions} ({path}), found {config.context}"
+            )
         check_vocab_matches(vocab_rows, hf_config.vocab_size, f"pretrain.init_from {path}")
         return None, str(path), hf_config.n_positions
     n_positions = config.n_positions or config.context
-    model = {"vocab_size": vocab_rows, "n_positions": n_positions, "n_embd": config.n_embd, "n_layer": config.n_layer,
-             "n_head": config.n_head, "resid_pdrop": config.dropout, "embd_pdrop": config.dropout,
-             "attn_pdrop": config.dropout, "pad_token_id": tokenizer.pad_token_id,
-             "eos_token_id": tokenizer.eos_token_id, "bos_token_id": tokenizer.eos_token_id}
+    model = {
+        "vocab_size": vocab_rows,
+        "n_positions": n_positions,
+        "n_embd": config.n_embd,
+        "n_layer": config.n_layer,
+        "n_head": config.n_head,
+        "resid_pdrop": config.dropout,
+        "embd_pdrop": config.dropout,
+        "attn_pdrop": config.dropout,
+        "pad_token_id": tokenizer.pad_token_id,
+        "eos_token_id": tokenizer.eos_token_id,
+        "bos_token_id": tokenizer.eos_token_id,
+    }
     return model, None, n_positions
 
 
@@ -83,8 +102,9 @@ def _tokenizer(config: Config, store, texts: list[str], work: Path):
     from transformers import AutoTokenizer
 
     if config.tokenizer:
-        return AutoTokenizer.from_pretrained(_resolve_dir(config.tokenizer, store, ("tokenizer", "causal-lm"),
-                                                          "tokenizer"))
+        return AutoTokenizer.from_pretrained(
+            _resolve_dir(config.tokenizer, store, ("tokenizer", "causal-lm"), "tokenizer")
+        )
     saved = work / "tokenizer"
     if (saved / "tokenizer.json").is_file():
         return AutoTokenizer.from_pretrained(saved)
@@ -96,24 +116,30 @@ def _tokenizer(config: Config, store, texts: list[str], work: Path):
 def _load_texts(corpus) -> tuple[list[str], list[str]]:
     """The corpus artifact's train and test texts (validated as the `corpus` format by the data plumbing)."""
     return [r["text"] for r in load_dataset_artifact(corpus, "train")], [
-        r["text"] for r in load_dataset_artifact(corpus, "test")]
+        r["text"] for r in load_dataset_artifact(corpus, "test")
+    ]
 
 
-def prepare_blocks(config: Config, tokenizer, train_texts: list[str], test_texts: list[str], num_workers: int,
-                   where: str) -> tuple[np.ndarray, np.ndarray]:
+def prepare_blocks(
+    config: Config, tokenizer, train_texts: list[str], test_texts: list[str], num_workers: int, where: str
+) -> tuple[np.ndarray, np.ndarray]:
     """Tokenize and pack both splits; too little text for one batch per worker is a StageInputError."""
     eos = tokenizer.eos_token_id
     need = config.micro_batch_size * num_workers
     train = pack_blocks(tokenizer(train_texts)["input_ids"], eos, config.context)
     if len(train) < need:
-        raise StageInputError(f"{where} [train]: corpus too small: {len(train)} blocks of {config.context} tokens, "
-                              f"expected at least {need} (micro_batch_size x num_workers)")
+        raise StageInputError(
+            f"{where} [train]: corpus too small: {len(train)} blocks of {config.context} tokens, "
+            f"expected at least {need} (micro_batch_size x num_workers)"
+        )
     val = pack_blocks(tokenizer(test_texts)["input_ids"], eos, config.context)
     # every worker evaluates the same number of blocks (ZeRO-3 needs lockstep forwards), so cut to a multiple
     n_val = min(len(val), config.eval_blocks) // num_workers * num_workers
     if n_val < 1:
-        raise StageInputError(f"{where} [test]: too small for validation: {len(val)} blocks of {config.context} "
-                              f"tokens, expected at least {num_workers} (one per worker)")
+        raise StageInputError(
+            f"{where} [test]: too small for validation: {len(val)} blocks of {config.context} "
+            f"tokens, expected at least {num_workers} (one per worker)"
+        )
     return train, val[:n_val]
 
 
@@ -130,16 +156,20 @@ def run(config: Config, *, store, ctx: StageContext, corpus, crash_after_step: i
     train_texts, test_texts = _load_texts(corpus)
     n_bytes = sum(len(t.encode()) + 1 for t in train_texts)  # a byte-level token covers at least one byte
     if n_bytes < config.context:
-        raise StageInputError(f"{corpus.ref} [train]: corpus too small: {n_bytes} bytes, expected at least "
-                              f"context={config.context} tokens' worth")
+        raise StageInputError(
+            f"{corpus.ref} [train]: corpus too small: {n_bytes} bytes, expected at least "
+            f"context={config.context} tokens' worth"
+        )
     tokenizer = _tokenizer(config, store, train_texts, work)
     model_spec, init_dir, _ = _model_spec(config, store, tokenizer)
     train, val = prepare_blocks(config, tokenizer, train_texts, test_texts, ctx.scaling.num_workers, corpus.ref)
     baseline = unigram_perplexity(_tensor(train), _tensor(val[:, 1:]), len(tokenizer))
     data_dir = f"{ctx.work_dir.rstrip('/')}/data"
     t_prep = time.time() - t0
-    ctx.log(f"pretrain: {len(train)} train / {len(val)} val blocks of {config.context} tokens, vocab "
-            f"{len(tokenizer)}, unigram perplexity {baseline:.1f} (prepared in {t_prep:.1f}s)")
+    ctx.log(
+        f"pretrain: {len(train)} train / {len(val)} val blocks of {config.context} tokens, vocab "
+        f"{len(tokenizer)}, unigram perplexity {baseline:.1f} (prepared in {t_prep:.1f}s)"
+    )
 
     loop_config = {
         "deepspeed": deepspeed_config(config, use_gpu=ctx.scaling.use_gpu),
@@ -176,8 +206,10 @@ def run(config: Config, *, store, ctx: StageContext, corpus, crash_after_step: i
     }
     startup = (summary["first_step_unix"] - t0) if summary["first_step_unix"] else None
     timings = {"wall_seconds": wall, "prepare_seconds": t_prep, "startup_seconds": startup}
-    ctx.log(f"pretrain: val perplexity {metrics['val_perplexity']:.2f} vs unigram {baseline:.2f}, "
-            f"{metrics['tokens_per_second']:.0f} tok/s, MFU {metrics['mfu']:.1%}, {wall:.0f}s")
+    ctx.log(
+        f"pretrain: val perplexity {metrics['val_perplexity']:.2f} vs unigram {baseline:.2f}, "
+        f"{metrics['tokens_per_second']:.0f} tok/s, MFU {metrics['mfu']:.1%}, {wall:.0f}s"
+    )
     return _publish(config, store, ctx, corpus, tokenizer, result, metrics, timings)
 
 
@@ -187,10 +219,17 @@ def _tensor(array: np.ndarray):
     return torch.from_numpy(np.asarray(array, dtype=np.int64))
 
 
-def _publish(config: Config, store, ctx: StageContext, corpus, tokenizer, result, metrics: dict,
-             timings: dict) -> dict[str, Any]:
-    common = {"stage": NAME, "config": config.to_dict(), "inputs": {"corpus": corpus}, "cache_key": ctx.cache_key,
-              "code_fingerprint": code_fingerprint(NAME), "timings": timings}
+def _publish(
+    config: Config, store, ctx: StageContext, corpus, tokenizer, result, metrics: dict, timings: dict
+) -> dict[str, Any]:
+    common = {
+        "stage": NAME,
+        "config": config.to_dict(),
+        "inputs": {"corpus": corpus},
+        "cache_key": ctx.cache_key,
+        "code_fingerprint": code_fingerprint(NAME),
+        "timings": timings,
+    }
     with tempfile.TemporaryDirectory() as tmp, result.checkpoint.as_directory() as ckpt:
         tok_dir, model_dir = Path(tmp) / "tokenizer", Path(tmp) / "base-model"
         tokenizer.save_pretrained(tok_dir)
@@ -198,7 +237,9 @@ def _publish(config: Config, store, ctx: StageContext, corpus, tokenizer, result
         tokenizer.save_pretrained(model_dir)
         shutil.copy(Path(ckpt) / "metrics.jsonl", model_dir / "metrics.jsonl")
         history = [json.loads(line) for line in (model_dir / "metrics.jsonl").read_text().splitlines() if line]
-        plot_loss_curve(history, model_dir / "loss_curve.png", unigram_loss=float(np.log(metrics["unigram_perplexity"])))
+        plot_loss_curve(
+            history, model_dir / "loss_curve.png", unigram_loss=float(np.log(metrics["unigram_perplexity"]))
+        )
         tok_metrics = {"vocab_size": len(tokenizer)}
         tokenizer_artifact = store.publish(tok_dir, name="tokenizer", kind="tokenizer", metrics=tok_metrics, **common)
         model_artifact = store.publish(model_dir, name="base-model", kind="causal-lm", metrics=metrics, **common)

@@ -78,8 +78,9 @@ def _save_checkpoint(engine, out: Path, state: dict, history: list[dict]) -> Non
         (out / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in history))
 
 
-def _report(engine, metrics: dict, state: dict, history: list[dict], hf_weights: dict | None = None,
-            model_config=None) -> None:
+def _report(
+    engine, metrics: dict, state: dict, history: list[dict], hf_weights: dict | None = None, model_config=None
+) -> None:
     with tempfile.TemporaryDirectory() as tmp:
         out = Path(tmp)
         _save_checkpoint(engine, out, state, history)
@@ -94,7 +95,11 @@ def _save_hf_model(weights: dict, model_config, out: Path) -> None:
     from transformers import GPT2LMHeadModel
 
     model = GPT2LMHeadModel(model_config)
-    model.load_state_dict({k: v.detach().to(torch.float32).cpu() for k, v in weights.items()}, strict=False)
+    missing, unexpected = model.load_state_dict(
+        {k: v.detach().to(torch.float32).cpu() for k, v in weights.items()}, strict=False)
+    missing = [k for k in missing if k != "lm_head.weight"]  # tied to the token embedding, which is loaded
+    if missing or unexpected:
+        raise RuntimeError(f"final weights do not fit GPT2LMHeadModel: missing {missing}, unexpected {unexpected}")
     model.save_pretrained(out, safe_serialization=True)
 
 
@@ -108,8 +113,11 @@ def train_loop(cfg: dict[str, Any]) -> dict[str, Any]:
     threads = rt.set_torch_threads(cfg["cpus_per_worker"])
     rank, world = rt.world_rank(), rt.world_size()
     ds_config = cfg["deepspeed"]
-    precision_dtype = torch.bfloat16 if ds_config["bf16"]["enabled"] else (
-        torch.float16 if ds_config["fp16"]["enabled"] else torch.float32)
+    precision_dtype = (
+        torch.bfloat16
+        if ds_config["bf16"]["enabled"]
+        else (torch.float16 if ds_config["fp16"]["enabled"] else torch.float32)
+    )
     device = "cuda" if cfg["use_gpu"] else "cpu"
 
     # The practical peak of this worker group, measured where it runs (all ranks at once, as in training).
@@ -126,8 +134,11 @@ def train_loop(cfg: dict[str, Any]) -> dict[str, Any]:
     val = read_shard(cfg["val_path"], rank, world)
     context = train.shape[1]
     flops_per_token = gpt_flops_per_token(n_params, model_config.n_layer, model_config.n_embd, context)
-    mb, accum, max_steps = ds_config["train_micro_batch_size_per_gpu"], ds_config["gradient_accumulation_steps"], cfg[
-        "max_steps"]
+    mb, accum, max_steps = (
+        ds_config["train_micro_batch_size_per_gpu"],
+        ds_config["gradient_accumulation_steps"],
+        cfg["max_steps"],
+    )
     tokens_per_step = world * accum * mb * context
 
     state = {"step": 0, "train_seconds": 0.0, "train_tokens": 0, "resumes": 0}
@@ -143,8 +154,10 @@ def train_loop(cfg: dict[str, Any]) -> dict[str, Any]:
         resume_val = _evaluate(engine, val, mb)
         history.append({"step": start_step, "event": "resume", "val_loss": resume_val})
         rt.log(f"pretrain: resumed at step {start_step}/{max_steps} (val loss {resume_val:.4f})")
-    rt.log(f"pretrain: {world} worker(s) x {threads} thread(s), {n_params / 1e6:.2f}M params, ZeRO-{ds_config['zero_optimization']['stage']}, "
-           f"{len(train)} blocks/worker, peak {group_peak / 1e9:.0f} GFLOP/s")
+    rt.log(
+        f"pretrain: {world} worker(s) x {threads} thread(s), {n_params / 1e6:.2f}M params, ZeRO-{ds_config['zero_optimization']['stage']}, "
+        f"{len(train)} blocks/worker, peak {group_peak / 1e9:.0f} GFLOP/s"
+    )
 
     first_step_unix = None
     window_tokens, window_seconds = 0, 0.0
@@ -154,8 +167,9 @@ def train_loop(cfg: dict[str, Any]) -> dict[str, Any]:
         started = time.perf_counter()
         loss_sum = 0.0
         for micro in range(accum):
-            rows = batch_rows(step, micro, shard_size=len(train), micro_batch_size=mb, grad_accum=accum,
-                              seed=cfg["seed"], rank=rank)
+            rows = batch_rows(
+                step, micro, shard_size=len(train), micro_batch_size=mb, grad_accum=accum, seed=cfg["seed"], rank=rank
+            )
             x = torch.from_numpy(train[rows]).to(engine.device)
             loss = engine(input_ids=x, labels=x).loss
             engine.backward(loss)
@@ -182,8 +196,10 @@ def train_loop(cfg: dict[str, Any]) -> dict[str, Any]:
             tps = window_tokens / max(window_seconds, 1e-9)
             eta = (max_steps - step) * tokens_per_step / max(tps, 1e-9)
             extra = f" val {val_loss:.4f}" if "val_loss" in record else ""
-            rt.log(f"pretrain: step {step}/{max_steps} loss {loss_mean:.4f}{extra} lr {record['lr']:.2e} "
-                   f"tok/s {tps:.0f} mfu {mfu(tps, flops_per_token, group_peak):.1%} eta {eta:.0f}s")
+            rt.log(
+                f"pretrain: step {step}/{max_steps} loss {loss_mean:.4f}{extra} lr {record['lr']:.2e} "
+                f"tok/s {tps:.0f} mfu {mfu(tps, flops_per_token, group_peak):.1%} eta {eta:.0f}s"
+            )
             window_tokens, window_seconds = 0, 0.0
         if step % cfg["checkpoint_interval"] == 0 and step < max_steps:
             _report(engine, {"step": step, "loss": loss_mean}, state, history)

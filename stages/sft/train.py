@@ -56,13 +56,13 @@ def _progress_callback(stage: str, max_steps: int, timing: dict[str, float]):
     return Progress()
 
 
-def _resume_state() -> tuple[Path | None, Path | None]:
+def _resume_state(scratch: Path) -> tuple[Path | None, Path | None]:
     """(local copy of a finished run's last checkpoint, local HF Trainer checkpoint to resume from); None if absent."""
     with ray_train.resume_dir() as resume:
         if resume is None:
             return None, None
-        local = Path(tempfile.mkdtemp(prefix="rlhf-resume-"))
-        shutil.copytree(resume, local, dirs_exist_ok=True)
+        local = scratch / "resume"
+        shutil.copytree(resume, local)
     if (local / FINAL_DIR).is_dir() and (local / RESULT_FILE).is_file():
         return local, None
     hf = local / HF_CHECKPOINT_DIR
@@ -115,11 +115,17 @@ def build_trainer(cfg: dict[str, Any], output_dir: str):
 
 def train_loop(cfg: dict[str, Any]) -> None:
     """Fine-tune cfg["model_dir"] on cfg["train_rows"] on this worker; rank 0 reports the final model."""
-    from ray.train.huggingface.transformers import RayTrainReportCallback, prepare_trainer
-
     ray_train.set_torch_threads(cfg["cpus_per_worker"])
     rank = ray_train.world_rank()
-    finished, hf_resume = _resume_state()
+    with tempfile.TemporaryDirectory(prefix="rlhf-sft-") as tmp:
+        _train(cfg, rank, Path(tmp))
+
+
+def _train(cfg: dict[str, Any], rank: int, scratch: Path) -> None:
+    """Train, evaluate, report; every file it writes lives under `scratch` (removed after the upload)."""
+    from ray.train.huggingface.transformers import RayTrainReportCallback, prepare_trainer
+
+    finished, hf_resume = _resume_state(scratch)
     if finished is not None:  # training ended in an earlier attempt: hand its result back
         ray_train.log("sft: training already finished in an earlier attempt; reusing its result")
         ray_train.report({"resumed_finished": 1}, finished if rank == 0 else None)
@@ -127,7 +133,7 @@ def train_loop(cfg: dict[str, Any]) -> None:
     if hf_resume is not None:
         ray_train.log(f"sft: resuming the trainer from {hf_resume}")
 
-    trainer = build_trainer(cfg, tempfile.mkdtemp(prefix="rlhf-sft-"))
+    trainer = build_trainer(cfg, str(scratch / "trainer"))
     tokenizer = trainer.processing_class
     timing: dict[str, float] = {}
     trainer.add_callback(RayTrainReportCallback())
@@ -136,7 +142,7 @@ def train_loop(cfg: dict[str, Any]) -> None:
     train_output = trainer.train(resume_from_checkpoint=str(hf_resume) if hf_resume else None)
     eval_metrics = trainer.evaluate()
 
-    out = Path(tempfile.mkdtemp(prefix="rlhf-sft-final-"))
+    out = scratch / "result"
     trainer.save_model(str(out / FINAL_DIR))  # every rank: ZeRO-3 gathers the shards here
     if rank == 0:
         tokenizer.save_pretrained(out / FINAL_DIR)
