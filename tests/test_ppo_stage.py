@@ -150,14 +150,17 @@ def test_tiny_ppo_publishes_a_policy_that_loads_with_transformers(setup, local_r
 
 @pytest.mark.slow
 def test_a_restarted_stage_continues_from_its_latest_checkpoint(setup, local_ray, tmp_path):
+    # a high learning rate so two iterations move the weights far from the SFT start (a resume that silently
+    # started over would then show in the iteration-3 numbers)
+    fast = dict(checkpoint_every=2, learning_rate=2e-3, critic_learning_rate=2e-3)
     # reference: 4 iterations straight through
-    straight = _run(setup, tmp_path / "straight", iterations=4, checkpoint_every=2)["policy"]
+    straight = _run(setup, tmp_path / "straight", iterations=4, **fast)["policy"]
     # "crash" after the checkpoint at iteration 2 (a run that stops there), then restart with the full config
-    _run(setup, tmp_path / "work", iterations=2, checkpoint_every=2)
+    _run(setup, tmp_path / "work", iterations=2, **fast)
     state = json.loads((tmp_path / "work" / "checkpoints" / "state.json").read_text())
     assert state["iteration"] == 2 and state["tag"] == "iter-000002"
     logs: list[str] = []
-    resumed = _run(setup, tmp_path / "work", logs, iterations=4, checkpoint_every=2)["policy"]
+    resumed = _run(setup, tmp_path / "work", logs, iterations=4, **fast)["policy"]
     assert any("resuming from the checkpoint after iteration 2" in line for line in logs)
     assert sum(line.startswith("ppo iter") for line in logs) == 2  # only iterations 3 and 4 ran again
 
@@ -166,6 +169,7 @@ def test_a_restarted_stage_continues_from_its_latest_checkpoint(setup, local_ray
 
     h_straight, h_resumed = history(straight), history(resumed)
     assert [h["iteration"] for h in h_resumed] == [1, 2, 3, 4]
+    assert abs(h_straight[2]["kl"]) > 0.01  # by iteration 3 the policy has moved away from the reference
     # iteration 3 starts from the restored weights, optimizer state and KL coefficient: same rollout, same scores
     for key in ("rm_score", "kl", "policy_loss", "value_loss"):
         assert h_resumed[2][key] == pytest.approx(h_straight[2][key], rel=1e-3, abs=1e-4), key

@@ -104,7 +104,7 @@ def test_score_replies_counts_format_and_gold():
 
 
 def test_batched_left_padded_generation_matches_one_by_one(demo_sets):
-    from stages.sft.evaluate import greedy_responses
+    from stages.sft.evaluate import generate_replies
 
     tokenizer = build_tiny_tokenizer([r["text"] for r in demo_sets["corpus"]["train"][:500]])
     model = build_tiny_gpt2(tokenizer, seed=1)
@@ -113,8 +113,8 @@ def test_batched_left_padded_generation_matches_one_by_one(demo_sets):
         "User: Tell me about the owl.\nAssistant:",
         "User: Quick question. What is the lake like?\nAssistant:",
     ]
-    batched = greedy_responses(model, tokenizer, prompts, max_new_tokens=6, batch_size=3)
-    single = [greedy_responses(model, tokenizer, [p], max_new_tokens=6, batch_size=1)[0] for p in prompts]
+    batched = generate_replies(model, tokenizer, prompts, max_new_tokens=6, batch_size=3)
+    single = [generate_replies(model, tokenizer, [p], max_new_tokens=6, batch_size=1)[0] for p in prompts]
     assert batched == single
     assert all(batched)  # a random model emits something, and never the eos text itself
     assert not any(tokenizer.eos_token in r for r in batched)
@@ -201,7 +201,14 @@ def test_sft_trains_on_two_ray_workers(setup, ray_session):
     assert before.keys() == after.keys()
     unchanged = [k for k in before if (before[k] == after[k]).all()]
     assert unchanged == []  # every tensor was trained
-    for key in ("eval_loss", "format_rate", "gold_score", "wall_seconds", "train_samples_per_second"):
+    for key in (
+        "eval_loss",
+        "format_rate",
+        "gold_score",
+        "greedy_format_rate",
+        "wall_seconds",
+        "train_samples_per_second",
+    ):
         assert key in model.metrics
     assert 0.0 <= model.metrics["format_rate"] <= 1.0 and model.metrics["eval_loss"] < losses[0]
     assert (Path(model.path) / "loss_curve.png").stat().st_size > 0

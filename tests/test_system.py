@@ -277,8 +277,8 @@ def test_dead_ray_address_fails_fast_with_one_line(tmp_path):
                            "--set", "run.ray_address=127.0.0.1:1"], env=env, cwd=tmp_path, capture_output=True,
                           text=True, timeout=120)
     elapsed = time.perf_counter() - start
-    lines = proc.stderr.strip().splitlines()
+    errors = [line for line in proc.stderr.splitlines() if line.startswith("error: ")]
     assert proc.returncode == 2, proc.stderr[-3000:]
-    assert lines and lines[-1].startswith("error: ") and "does not answer" in lines[-1], proc.stderr[-3000:]
-    assert "127.0.0.1:1" in lines[-1] and "Traceback" not in proc.stderr, proc.stderr[-3000:]
-    assert elapsed < 10, f"took {elapsed:.1f}s"
+    assert len(errors) == 1 and "does not answer" in errors[0] and "127.0.0.1:1" in errors[0], proc.stderr[-3000:]
+    assert "Traceback" not in proc.stderr, proc.stderr[-3000:]  # the user gets the one line, not a stack
+    assert elapsed < 15, f"took {elapsed:.1f}s: the address must be probed before anything slow starts"

@@ -54,7 +54,7 @@ def check_config(config: Config) -> None:
 def _resolve_dir(ref: str, store, kinds: tuple[str, ...], key: str) -> Path:
     """A local HF directory as is, otherwise an artifact ref in the store of one of `kinds`."""
     if Path(ref).is_dir():
-        return Path(ref)
+        return Path(ref).resolve()
     artifact = store.get(ref)
     if artifact.kind not in kinds:
         raise StageInputError(
@@ -164,7 +164,7 @@ def run(config: Config, *, store, ctx: StageContext, corpus, crash_after_step: i
     model_spec, init_dir, _ = _model_spec(config, store, tokenizer)
     train, val = prepare_blocks(config, tokenizer, train_texts, test_texts, ctx.scaling.num_workers, corpus.ref)
     baseline = unigram_perplexity(_tensor(train), _tensor(val[:, 1:]), len(tokenizer))
-    data_dir = f"{ctx.work_dir.rstrip('/')}/data"
+    data_dir = f"{rt.storage_path(ctx.work_dir).rstrip('/')}/data"  # absolute: workers run in other directories
     t_prep = time.time() - t0
     ctx.log(
         f"pretrain: {len(train)} train / {len(val)} val blocks of {config.context} tokens, vocab "
@@ -197,6 +197,7 @@ def run(config: Config, *, store, ctx: StageContext, corpus, crash_after_step: i
         "unigram_perplexity": baseline,
         "tokens_per_second": summary["tokens_per_second"],
         "mfu": summary["mfu"],
+        "tokens_per_cpu_second": summary["tokens_per_cpu_second"],
         "train_steps": summary["train_steps"],
         "wall_seconds": wall,
         "resumed_from_step": summary["resumed_from_step"],

@@ -141,7 +141,7 @@ def train_loop(cfg: dict[str, Any]) -> dict[str, Any]:
     )
     tokens_per_step = world * accum * mb * context
 
-    state = {"step": 0, "train_seconds": 0.0, "train_tokens": 0, "resumes": 0}
+    state = {"step": 0, "train_seconds": 0.0, "train_cpu_seconds": 0.0, "train_tokens": 0, "resumes": 0}
     history: list[dict] = []
     with rt.resume_dir() as resume:
         if resume:
@@ -164,7 +164,7 @@ def train_loop(cfg: dict[str, Any]) -> dict[str, Any]:
     val_loss = None
     step = start_step
     while step < max_steps:
-        started = time.perf_counter()
+        started, started_cpu = time.perf_counter(), time.process_time()
         loss_sum = 0.0
         for micro in range(accum):
             rows = batch_rows(
@@ -182,6 +182,8 @@ def train_loop(cfg: dict[str, Any]) -> dict[str, Any]:
             first_step_unix = time.time()
         if step - start_step > 2:  # the first steps after a (re)start pay one-off warm-up costs
             state["train_seconds"] += elapsed
+            # CPU time of all this process's threads: throughput per CPU-second is robust to a busy machine
+            state["train_cpu_seconds"] = state.get("train_cpu_seconds", 0.0) + time.process_time() - started_cpu
             state["train_tokens"] += tokens_per_step
         window_tokens += tokens_per_step
         window_seconds += elapsed
@@ -210,11 +212,13 @@ def train_loop(cfg: dict[str, Any]) -> dict[str, Any]:
         val_loss = _evaluate(engine, val, mb)
     tokens_per_second = state["train_tokens"] / state["train_seconds"] if state["train_seconds"] else 0.0
     (peak_rss_kb,) = _all_reduce([resource.getrusage(resource.RUSAGE_SELF).ru_maxrss], op="max")
+    (cpu_seconds,) = _all_reduce([state.get("train_cpu_seconds", 0.0)])
     summary = {
         "val_loss": val_loss,
         "val_perplexity": math.exp(val_loss) if val_loss < 700 else math.inf,
         "tokens_per_second": tokens_per_second,
         "mfu": mfu(tokens_per_second, flops_per_token, group_peak),
+        "tokens_per_cpu_second": state["train_tokens"] / cpu_seconds if cpu_seconds else 0.0,
         "train_steps": step,
         "resumed_from_step": start_step,
         "first_step_unix": first_step_unix,

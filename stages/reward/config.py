@@ -11,9 +11,9 @@ class Config(Section):
     """Reward model: the SFT model with a one-output score head, trained on preference pairs (Bradley-Terry loss)."""
 
     max_steps: int = Field(150, ge=1)  # optimizer steps (each sees batch_size pairs)
-    batch_size: int = Field(16, ge=1)  # global pairs per optimizer step, split evenly over the Ray workers
+    batch_size: int = Field(32, ge=1)  # global pairs per optimizer step, split evenly over the Ray workers
     gradient_accumulation_steps: int = Field(1, ge=1)  # micro-batches per step on each worker
-    learning_rate: float = Field(5e-4, gt=0.0)  # AdamW peak rate (the new score head starts from random)
+    learning_rate: float = Field(1e-3, gt=0.0)  # AdamW peak rate (the new score head starts from random)
     warmup_steps: int = Field(10, ge=0)  # linear warm-up, then linear decay to 0 at max_steps
     weight_decay: float = Field(0.0, ge=0.0)
     center_rewards_coefficient: float | None = Field(None, ge=0.0)  # pulls mean reward to 0 (PPO-friendly scale)

@@ -30,7 +30,7 @@ def _check_kind(role: str, artifact, expected: str) -> None:
         )
 
 
-def prepare(config: Config, sft_model, preferences, *, scaling: Scaling, seed: int = 0) -> dict:
+def prepare(config: Config, sft_model, preferences, *, scaling: Scaling, seed: int = 0, store=None) -> dict:
     """Every check that can fail on user input, before Ray starts; returns the workers' loop config."""
     from transformers import AutoTokenizer
 
@@ -47,6 +47,8 @@ def prepare(config: Config, sft_model, preferences, *, scaling: Scaling, seed: i
         check_lengths(rows, tokenizer, limit, f"{NAME}: preferences {preferences.ref} {split}.jsonl")
     return {
         "model_dir": sft_model.path,
+        "model_digest": sft_model.digest,
+        "store_root": store.root if store is not None else None,
         "train_rows": splits["train"],
         "test_rows": splits["test"],
         "demo_task": (preferences.manifest.get("extra") or {}).get("task") == "demo",
@@ -72,7 +74,7 @@ def prepare(config: Config, sft_model, preferences, *, scaling: Scaling, seed: i
 def run(config: Config, *, sft_model, preferences, store, ctx: StageContext) -> dict:
     """Train a reward model from `sft_model` on `preferences` pairs on Ray Train workers; publish `reward-model`."""
     started = time.time()
-    loop_config = prepare(config, sft_model, preferences, scaling=ctx.scaling, seed=ctx.seed)
+    loop_config = prepare(config, sft_model, preferences, scaling=ctx.scaling, seed=ctx.seed, store=store)
     ctx.log(
         f"{NAME}: {len(loop_config['train_rows'])} train / {len(loop_config['test_rows'])} test rows, "
         f"{config.max_steps} steps on {ctx.scaling.num_workers} workers"

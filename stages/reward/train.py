@@ -51,12 +51,22 @@ def load_reward_model(model_dir: str):
     return model, tokenizer
 
 
+def local_model_dir(cfg: dict[str, Any]) -> str:
+    """The input model's directory on this node: the driver's path when it is visible here (one node, shared disk),
+    else fetched and verified from the artifact store (multi-node clusters with an s3:// or gs:// store)."""
+    if Path(cfg["model_dir"]).is_dir() or not cfg.get("store_root"):
+        return cfg["model_dir"]
+    from stages.common.store import ArtifactStore
+
+    return ArtifactStore(cfg["store_root"]).get(cfg["model_digest"]).path
+
+
 def build_trainer(cfg: dict[str, Any], output_dir: str):
     """TRL's RewardTrainer for the loop config `cfg` (see stage.prepare); TRL appends eos to both replies."""
     from datasets import Dataset
     from trl import RewardConfig, RewardTrainer
 
-    model, tokenizer = load_reward_model(cfg["model_dir"])
+    model, tokenizer = load_reward_model(local_model_dir(cfg))
     args = RewardConfig(
         output_dir=output_dir,
         max_steps=cfg["max_steps"],

@@ -19,7 +19,7 @@ class Config(Section):
     max_length: int | None = Field(None, ge=8)  # prompt+completion+eos token limit; None = the model's context
     save_steps: int = Field(50, ge=1)  # checkpoint interval: a rerun after a crash resumes from the latest one
     logging_steps: int = Field(10, ge=1)  # loss is logged (and drawn in loss_curve.png) every this many steps
-    eval_prompts: int = Field(128, ge=0)  # held-out demo prompts answered greedily for format_rate and gold_score
+    eval_prompts: int = Field(128, ge=0)  # held-out demo prompts answered (sampled and greedy) for format/gold metrics
     max_new_tokens: int = Field(32, ge=1)  # generation budget per held-out prompt (demo replies are ~12 tokens)
     generation_batch_size: int = Field(32, ge=1)  # prompts per batched, left-padded generate call
     zero_stage: int | None = Field(None, ge=0, le=3)  # DeepSpeed ZeRO stage; None = plain DDP (the CPU default)

@@ -1,12 +1,22 @@
-"""Held-out evaluation of a fine-tuned model on the demo task: greedy replies, format adherence and gold score."""
+"""Held-out evaluation of a fine-tuned model on the demo task: replies, format adherence and gold score.
+
+Two decodings are measured. Sampled replies (temperature 1, seeded) are what the policy produces and what the PPO
+stage scores before and after RL, so `format_rate` / `gold_score` use them and PPO's gain reads against the same
+measure. Greedy replies are reported as `greedy_format_rate` / `greedy_gold_score`: on the demo task every adjective
+is equally likely, so greedy picks the one most-likely adjective again after "and" ("The cat is calm and calm.")
+unless the model has learnt to suppress repeats, which a tiny model does slowly; greedy figures therefore swing
+between runs and say more about tie-breaking than about format learning.
+"""
 
 from __future__ import annotations
 
 from stages.common import demo
 
 
-def greedy_responses(model, tokenizer, prompts: list[str], *, max_new_tokens: int, batch_size: int) -> list[str]:
-    """Greedy replies to `prompts`, batched with left padding, each cut at the first eos (eos not included)."""
+def generate_replies(
+    model, tokenizer, prompts: list[str], *, max_new_tokens: int, batch_size: int, temperature: float | None = None
+) -> list[str]:
+    """Replies to `prompts` (greedy, or sampled when `temperature` is set), batched with left padding, cut at eos."""
     import torch
 
     tokenizer.padding_side = "left"  # decoder-only: new tokens must follow the prompt directly
@@ -20,7 +30,8 @@ def greedy_responses(model, tokenizer, prompts: list[str], *, max_new_tokens: in
             out = model.generate(
                 **enc,
                 max_new_tokens=max_new_tokens,
-                do_sample=False,
+                do_sample=temperature is not None,
+                **({"temperature": temperature, "top_k": 0, "top_p": 1.0} if temperature is not None else {}),
                 eos_token_id=tokenizer.eos_token_id,
                 pad_token_id=tokenizer.pad_token_id,
             )
@@ -41,17 +52,38 @@ def score_replies(prompts: list[str], replies: list[str]) -> dict[str, float]:
 
 
 def demo_metrics(
-    model_dir: str, prompts: list[str], *, max_new_tokens: int, batch_size: int, use_gpu: bool = False
+    model_dir: str,
+    prompts: list[str],
+    *,
+    max_new_tokens: int,
+    batch_size: int,
+    seed: int = 0,
+    use_gpu: bool = False,
 ) -> tuple[dict[str, float], list[dict]]:
-    """Load the saved model, answer `prompts` greedily, score the replies; also returns a few samples to show."""
+    """Load the saved model, answer `prompts` sampled (T=1) and greedily, score both; also a few samples to show."""
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     tokenizer = AutoTokenizer.from_pretrained(model_dir)
     model = AutoModelForCausalLM.from_pretrained(model_dir).to(torch.device("cuda" if use_gpu else "cpu"))
-    replies = greedy_responses(model, tokenizer, prompts, max_new_tokens=max_new_tokens, batch_size=batch_size)
+    kwargs = {"max_new_tokens": max_new_tokens, "batch_size": batch_size}
+    torch.manual_seed(seed)  # the same sampled replies on a rerun
+    sampled = generate_replies(model, tokenizer, prompts, temperature=1.0, **kwargs)
+    greedy = generate_replies(model, tokenizer, prompts, **kwargs)
+    greedy_scores = score_replies(prompts, greedy)
+    metrics = {
+        **score_replies(prompts, sampled),
+        "greedy_format_rate": greedy_scores["format_rate"],
+        "greedy_gold_score": greedy_scores["gold_score"],
+    }
     samples = [
-        {"prompt": p, "response": r, "follows_format": demo.follows_format(p, r), "gold_score": demo.gold_score(p, r)}
-        for p, r in zip(prompts[:8], replies[:8], strict=True)
+        {
+            "prompt": p,
+            "sampled": s,
+            "greedy": g,
+            "follows_format": demo.follows_format(p, s),
+            "gold_score": demo.gold_score(p, s),
+        }
+        for p, s, g in zip(prompts[:8], sampled[:8], greedy[:8], strict=True)
     ]
-    return score_replies(prompts, replies), samples
+    return metrics, samples

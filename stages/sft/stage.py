@@ -37,7 +37,7 @@ def _check_kind(role: str, artifact, expected: str) -> None:
         )
 
 
-def prepare(config: Config, base_model, data, *, scaling: Scaling, seed: int = 0) -> dict:
+def prepare(config: Config, base_model, data, *, scaling: Scaling, seed: int = 0, store=None) -> dict:
     """Every check that can fail on user input, before Ray starts; returns the workers' loop config."""
     from transformers import AutoTokenizer
 
@@ -56,6 +56,8 @@ def prepare(config: Config, base_model, data, *, scaling: Scaling, seed: int = 0
     demo_task = (data.manifest.get("extra") or {}).get("task") == "demo"
     return {
         "model_dir": base_model.path,
+        "model_digest": base_model.digest,
+        "store_root": store.root if store is not None else None,
         "train_rows": splits["train"],
         "test_rows": splits["test"],
         "eval_prompts": [r["prompt"] for r in splits["test"]][: config.eval_prompts] if demo_task else [],
@@ -82,7 +84,7 @@ def prepare(config: Config, base_model, data, *, scaling: Scaling, seed: int = 0
 def run(config: Config, *, base_model, data, store, ctx: StageContext) -> dict:
     """Fine-tune `base_model` on `data` (loss on completions only) on Ray Train workers; publish `sft-model`."""
     started = time.time()
-    loop_config = prepare(config, base_model, data, scaling=ctx.scaling, seed=ctx.seed)
+    loop_config = prepare(config, base_model, data, scaling=ctx.scaling, seed=ctx.seed, store=store)
     ctx.log(
         f"{NAME}: {len(loop_config['train_rows'])} train / {len(loop_config['test_rows'])} test rows, "
         f"{config.max_steps} steps on {ctx.scaling.num_workers} workers"

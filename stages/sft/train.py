@@ -69,14 +69,25 @@ def _resume_state(scratch: Path) -> tuple[Path | None, Path | None]:
     return None, (hf if hf.is_dir() else None)
 
 
+def local_model_dir(cfg: dict[str, Any]) -> str:
+    """The input model's directory on this node: the driver's path when it is visible here (one node, shared disk),
+    else fetched and verified from the artifact store (multi-node clusters with an s3:// or gs:// store)."""
+    if Path(cfg["model_dir"]).is_dir() or not cfg.get("store_root"):
+        return cfg["model_dir"]
+    from stages.common.store import ArtifactStore
+
+    return ArtifactStore(cfg["store_root"]).get(cfg["model_digest"]).path
+
+
 def build_trainer(cfg: dict[str, Any], output_dir: str):
     """TRL's SFTTrainer for the loop config `cfg` (see stage.prepare): completion-only loss, eos appended by TRL."""
     from datasets import Dataset
     from transformers import AutoModelForCausalLM, AutoTokenizer
     from trl import SFTConfig, SFTTrainer
 
-    tokenizer = AutoTokenizer.from_pretrained(cfg["model_dir"])
-    model = AutoModelForCausalLM.from_pretrained(cfg["model_dir"])
+    model_dir = local_model_dir(cfg)
+    tokenizer = AutoTokenizer.from_pretrained(model_dir)
+    model = AutoModelForCausalLM.from_pretrained(model_dir)
     args = SFTConfig(
         output_dir=output_dir,
         max_steps=cfg["max_steps"],
@@ -155,12 +166,13 @@ def _train(cfg: dict[str, Any], rank: int, scratch: Path) -> None:
         }
         samples: list[dict] = []
         if cfg["demo_task"] and cfg["eval_prompts"]:
-            ray_train.log(f"sft: generating replies to {len(cfg['eval_prompts'])} held-out prompts")
+            ray_train.log(f"sft: answering {len(cfg['eval_prompts'])} held-out prompts (sampled and greedy)")
             gen_metrics, samples = demo_metrics(
                 str(out / FINAL_DIR),
                 cfg["eval_prompts"],
                 max_new_tokens=cfg["max_new_tokens"],
                 batch_size=cfg["generation_batch_size"],
+                seed=cfg["seed"],
                 use_gpu=cfg["use_gpu"],
             )
             metrics |= gen_metrics
