@@ -171,5 +171,5 @@ def test_a_restarted_stage_continues_from_its_latest_checkpoint(setup, local_ray
     assert [h["iteration"] for h in h_resumed] == [1, 2, 3, 4]
     assert abs(h_straight[2]["kl"]) > 0.01  # by iteration 3 the policy has moved away from the reference
     # iteration 3 starts from the restored weights, optimizer state and KL coefficient: same rollout, same scores
-    for key in ("rm_score", "kl", "policy_loss", "value_loss"):
+    for key in ("kl", "policy_loss", "value_loss", "rm_score"):
         assert h_resumed[2][key] == pytest.approx(h_straight[2][key], rel=1e-3, abs=1e-4), key

@@ -158,7 +158,7 @@ def test_reward_model_trains_on_two_ray_workers(setup, ray_session):
     reward = _reward()
     store, sft_model, preferences = setup["store"], setup["sft_model"], setup["preferences"]
     ctx = StageContext(work_dir=str(setup["root"] / "work"), cache_key="train", scaling=Scaling(num_workers=2))
-    config = reward.Config(max_steps=150, learning_rate=1e-3, save_steps=75, logging_steps=10)
+    config = reward.Config(max_steps=150, batch_size=16, learning_rate=1e-3, save_steps=75, logging_steps=10)
     model = reward.run(config, sft_model=sft_model, preferences=preferences, store=store, ctx=ctx)["reward-model"]
 
     assert model.kind == "reward-model" and model.ref == "reward-model@v1"

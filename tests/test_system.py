@@ -165,6 +165,7 @@ def versions(store: ArtifactStore, names: tuple[str, ...]) -> dict[str, list[int
 
 @pytest.mark.system
 @pytest.mark.slow
+@pytest.mark.timeout(1800)  # two pipeline runs; about 8 min on an idle 2-core box
 @needs_cli
 def test_prefect_deployment_run_then_stage_rerun(tmp_path):
     home = Path(tempfile.mkdtemp(prefix="rlhf-prefect-home-"))
@@ -172,6 +173,9 @@ def test_prefect_deployment_run_then_stage_rerun(tmp_path):
     api = f"http://127.0.0.1:{port}/api"
     env = base_env(PREFECT_HOME=str(home), PREFECT_API_URL=api)
     store_root = tmp_path / "store"
+    # Checkpoints in the test's own folder: the deployment's default run.work_dir (./runs) is the repo's.
+    work_dir = json.dumps([f"run.work_dir={tmp_path / 'runs'}"])
+    params = ["-p", "preset=tiny", "-p", f"store={store_root}", "-p", f"overrides={work_dir}"]
     prefect = BIN / "prefect"
     with ExitStack() as cleanup:
         cleanup.callback(shutil.rmtree, home, ignore_errors=True)
@@ -190,8 +194,7 @@ def test_prefect_deployment_run_then_stage_rerun(tmp_path):
         services.start("worker", [prefect, "worker", "start", "--pool", "local"], env, cwd=tmp_path)
 
         start = time.perf_counter()
-        out = run_ok([prefect, "deployment", "run", "rlhf/local", "-p", "preset=tiny", "-p", f"store={store_root}",
-                      "--watch"], env, timeout=600)
+        out = run_ok([prefect, "deployment", "run", "rlhf/local", *params, "--watch"], env, timeout=900)
         print(f"prefect deployment run rlhf/local (tiny, cold): {time.perf_counter() - start:.1f}s")
         assert "Flow run finished successfully" in out, out[-3000:]
         store = ArtifactStore(str(store_root))
@@ -201,8 +204,8 @@ def test_prefect_deployment_run_then_stage_rerun(tmp_path):
         upstream = versions(store, UPSTREAM_OF_REWARD)
 
         start = time.perf_counter()
-        out = run_ok([prefect, "deployment", "run", "rlhf/local", "-p", "preset=tiny", "-p", f"store={store_root}",
-                      "-p", "from_stage=reward", "--watch"], env, timeout=600)
+        out = run_ok([prefect, "deployment", "run", "rlhf/local", *params, "-p", "from_stage=reward", "--watch"],
+                     env, timeout=900)
         print(f"prefect deployment run rlhf/local -p from_stage=reward: {time.perf_counter() - start:.1f}s")
         states = stage_states(api, out)
         assert states == {"pretrain": "Cached", "sft": "Cached", "reward": "Completed", "ppo": "Completed"}, states
@@ -215,6 +218,7 @@ def test_prefect_deployment_run_then_stage_rerun(tmp_path):
 
 @pytest.mark.system
 @pytest.mark.slow
+@pytest.mark.timeout(1200)
 @needs_cli
 def test_ray_job_submit_runs_the_pipeline(tmp_path):
     # Short and unique: Ray's socket paths live under the temp dir and must stay under 108 characters.
@@ -247,8 +251,8 @@ def test_ray_job_submit_runs_the_pipeline(tmp_path):
 
         start = time.perf_counter()
         out = run_ok([BIN / "ray", "job", "submit", "--address", address, "--runtime-env", "cluster/runtime_env.yaml",
-                      "--working-dir", ".", "--", "rlhf", "run", "--preset", "tiny", "--store", store_root],
-                     env, cwd=REPO, timeout=600)
+                      "--working-dir", ".", "--", "rlhf", "run", "--preset", "tiny", "--store", store_root,
+                      "--set", f"run.work_dir={tmp_path / 'runs'}"], env, cwd=REPO, timeout=900)
         print(f"ray job submit -- rlhf run --preset tiny: {time.perf_counter() - start:.1f}s")
         assert re.search(r"Job '\S+' succeeded", out), out[-3000:]
         policy = ArtifactStore(str(store_root)).get("policy@latest", kind="causal-lm")

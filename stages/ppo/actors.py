@@ -151,11 +151,31 @@ class _Trainable(_Role):
             yield
 
     def save_checkpoint(self, directory: str, tag: str) -> None:
-        """DeepSpeed checkpoint (weights, optimizer, scheduler) of this rank's shard; every rank calls it."""
-        self.engine.save_checkpoint(directory, tag=tag)
+        """DeepSpeed checkpoint (weights, optimizer) of this rank's shard under directory/tag; every rank calls it.
+
+        `directory` may be an fsspec URI (a cluster's shared s3:// work_dir): the shard is written locally, then
+        uploaded next to the other ranks' files.
+        """
+        if "://" not in directory:
+            self.engine.save_checkpoint(directory, tag=tag)
+            return
+        import fsspec
+
+        with tempfile.TemporaryDirectory() as local:
+            self.engine.save_checkpoint(local, tag=tag)
+            fs, remote = fsspec.core.url_to_fs(directory)
+            fs.put(str(Path(local) / tag), f"{remote}/{tag}", recursive=True)
 
     def load_checkpoint(self, directory: str, tag: str) -> None:
-        """Restore weights and optimizer state saved by `save_checkpoint`."""
+        """Restore weights and optimizer state saved by `save_checkpoint` (downloading it first from a URI)."""
+        if "://" in directory:
+            import fsspec
+
+            with tempfile.TemporaryDirectory() as local:
+                fs, remote = fsspec.core.url_to_fs(directory)
+                fs.get(f"{remote}/{tag}", str(Path(local) / tag), recursive=True)
+                self.load_checkpoint(local, tag)
+            return
         path, _ = self.engine.load_checkpoint(directory, tag=tag)
         if path is None:
             raise FileNotFoundError(f"no DeepSpeed checkpoint {tag!r} under {directory}")

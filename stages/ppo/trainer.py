@@ -9,7 +9,6 @@ from __future__ import annotations
 import json
 import os
 import random
-import shutil
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -173,44 +172,55 @@ class CheckpointState:
     """Checkpoints under work_dir/checkpoints: DeepSpeed dirs per trainable role plus `state.json` (the commit marker).
 
     state.json holds the iteration, the KL controller, the metric history and the pre-training evaluation, so a
-    restarted stage continues the same curves. It is written last and atomically: a crash mid-save leaves the
-    previous checkpoint in force.
+    restarted stage continues the same curves. It is written last (atomically on a local disk): a crash mid-save
+    leaves the previous checkpoint in force. work_dir may be an fsspec URI shared by the nodes of a cluster.
     """
 
     def __init__(self, work_dir: str):
-        if "://" in work_dir:
-            raise ValueError(f"ppo: work_dir must be a local or shared filesystem path, found URI {work_dir!r}")
-        self.root = Path(work_dir).resolve() / "checkpoints"
+        import fsspec
+
+        self.is_uri = "://" in work_dir
+        self.root = (
+            f"{work_dir.rstrip('/')}/checkpoints" if self.is_uri else str(Path(work_dir).resolve() / "checkpoints")
+        )
+        self.fs, self._path = fsspec.core.url_to_fs(self.root)
 
     def load(self) -> dict | None:
-        path = self.root / STATE_FILE
-        return json.loads(path.read_text()) if path.is_file() else None
+        path = f"{self._path}/{STATE_FILE}"
+        if not self.fs.exists(path):
+            return None
+        with self.fs.open(path, "r") as f:
+            return json.load(f)
 
     def save(self, pool: ActorPool, *, iteration: int, kl_controller, history: list[dict], eval_before: dict) -> None:
         """Every actor of the trainable roles writes its shard, then the driver commits state.json."""
         import ray
 
         tag = f"iter-{iteration:06d}"
-        self.root.mkdir(parents=True, exist_ok=True)
+        self.fs.makedirs(self._path, exist_ok=True)
         ray.get(
-            pool["policy"].broadcast("save_checkpoint", str(self.root / "policy"), tag)
-            + pool["critic"].broadcast("save_checkpoint", str(self.root / "critic"), tag)
+            pool["policy"].broadcast("save_checkpoint", f"{self.root}/policy", tag)
+            + pool["critic"].broadcast("save_checkpoint", f"{self.root}/critic", tag)
         )
         state = {"iteration": iteration, "tag": tag, "kl_controller": kl_controller.state_dict(),
                  "history": history, "eval_before": eval_before}  # fmt: skip
-        tmp = self.root / f".{STATE_FILE}.tmp"
-        tmp.write_text(json.dumps(state))
-        os.replace(tmp, self.root / STATE_FILE)
+        if self.is_uri:
+            with self.fs.open(f"{self._path}/{STATE_FILE}", "w") as f:
+                json.dump(state, f)
+        else:
+            tmp = Path(self._path) / f".{STATE_FILE}.tmp"
+            tmp.write_text(json.dumps(state))
+            os.replace(tmp, Path(self._path) / STATE_FILE)
         for role in ("policy", "critic"):  # keep only the committed tag
-            for old in (self.root / role).glob("iter-*"):
-                if old.name != tag:
-                    shutil.rmtree(old, ignore_errors=True)
+            for old in self.fs.glob(f"{self._path}/{role}/iter-*"):
+                if old.rstrip("/").rsplit("/", 1)[-1] != tag:
+                    self.fs.rm(old, recursive=True)
 
     def restore(self, pool: ActorPool, state: dict) -> None:
         """Load the committed tag into every policy and critic actor."""
         import ray
 
         ray.get(
-            pool["policy"].broadcast("load_checkpoint", str(self.root / "policy"), state["tag"])
-            + pool["critic"].broadcast("load_checkpoint", str(self.root / "critic"), state["tag"])
+            pool["policy"].broadcast("load_checkpoint", f"{self.root}/policy", state["tag"])
+            + pool["critic"].broadcast("load_checkpoint", f"{self.root}/critic", state["tag"])
         )

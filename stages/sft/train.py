@@ -135,6 +135,7 @@ def train_loop(cfg: dict[str, Any]) -> None:
 def _train(cfg: dict[str, Any], rank: int, scratch: Path) -> None:
     """Train, evaluate, report; every file it writes lives under `scratch` (removed after the upload)."""
     from ray.train.huggingface.transformers import RayTrainReportCallback, prepare_trainer
+    from transformers.integrations.deepspeed import unset_hf_deepspeed_config
 
     finished, hf_resume = _resume_state(scratch)
     if finished is not None:  # training ended in an earlier attempt: hand its result back
@@ -155,6 +156,9 @@ def _train(cfg: dict[str, Any], rank: int, scratch: Path) -> None:
 
     out = scratch / "result"
     trainer.save_model(str(out / FINAL_DIR))  # every rank: ZeRO-3 gathers the shards here
+    # ZeRO-3 leaves a process-wide flag that makes from_pretrained partition weights with collectives; rank 0 alone
+    # reloads the saved model for evaluation below (the others wait in report), so switch it off: training is over.
+    unset_hf_deepspeed_config()
     if rank == 0:
         tokenizer.save_pretrained(out / FINAL_DIR)
         (out / FINAL_DIR / "training_args.bin").unlink(missing_ok=True)  # a pickle; the config is in the manifest
