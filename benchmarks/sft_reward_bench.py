@@ -104,8 +104,10 @@ def markdown(rows: list[dict], size: str, ray_start: float, command: str) -> str
         f"### SFT and reward stages: samples/s at 1 and 2 Ray workers ({time.strftime('%Y-%m-%d')}, "
         f"{os.cpu_count()} CPUs, {platform.machine()})",
         "",
-        f"GPT-2 {n_layer} layers x width {n_embd}, vocab {vocab}, demo SFT / preference data, global batch 16, "
-        f"CPU fp32, no DeepSpeed. Local Ray start (once, not in the rows): {ray_start:.1f} s. "
+        f"GPT-2 {n_layer} layers x width {n_embd}, vocab {vocab}, demo SFT / preference data, each stage's default "
+        f"global batch (SFT {sft.Config().batch_size} sequences, reward {reward.Config().batch_size} pairs), "
+        f"CPU fp32, no DeepSpeed. Local Ray start (once, not in the rows): {ray_start:.1f} s. Load average at the "
+        f"end: {os.getloadavg()[0]:.1f} (a shared machine slows every row alike). "
         "samples/s: HF Trainer's figure over all workers (reward: pairs/s). Start-up: stage start -> first step.",
         "",
         "| stage | workers x threads | steps | samples/s | start-up s | wall s |",

@@ -129,15 +129,16 @@ class _Trainable(_Role):
             "train_micro_batch_size_per_gpu": s["micro_batch_size"],
             "gradient_accumulation_steps": 1,
             "gradient_clipping": s["max_grad_norm"],
-            "optimizer": {"type": "AdamW", "params": {"lr": learning_rate, "betas": [0.9, 0.95], "weight_decay": 0.0}},
             "zero_optimization": {"stage": s["zero_stage"]},
             "bf16": {"enabled": bool(s.get("bf16"))},
             "steps_per_print": 10**9,
         }
         self.zero3 = s["zero_stage"] == 3
-        self.engine, *_ = deepspeed.initialize(
-            model=self.model, model_parameters=[p for p in self.model.parameters() if p.requires_grad], config=ds_config
-        )
+        # torch's AdamW as the client optimizer (DeepSpeed wraps it for ZeRO): DeepSpeed's own "AdamW" JIT-compiles
+        # a C++ op on CPU, which costs minutes on first use and blocks every process behind one build lock
+        params = [p for p in self.model.parameters() if p.requires_grad]
+        optimizer = torch.optim.AdamW(params, lr=learning_rate, betas=(0.9, 0.95), weight_decay=0.0)
+        self.engine, *_ = deepspeed.initialize(model=self.model, optimizer=optimizer, config=ds_config)
 
     @contextlib.contextmanager
     def full_params(self) -> Iterator[None]:
