@@ -12,7 +12,7 @@ from stages.common.config import ConfigError
 LOCAL_SCHEMES = ("",)
 
 
-def _probe(address: str, timeout: float = 3.0) -> None:
+def probe_ray_address(address: str, timeout: float = 3.0) -> None:
     """A TCP connect to the Ray address, so a dead address is an error within seconds rather than a long hang."""
     if address in ("auto", "local"):
         return
@@ -39,7 +39,7 @@ class RayDriver:
         self.store_root, self.work_dir = store_root, work_dir
         self._owned = False
         if self.address:
-            _probe(self.address)
+            probe_ray_address(self.address)
 
     def ensure(self) -> None:
         import ray

@@ -19,7 +19,7 @@ from prefect.cache_policies import NO_CACHE  # noqa: E402
 from prefect.states import Completed  # noqa: E402
 
 from flows import report  # noqa: E402
-from flows.cluster_check import RayDriver  # noqa: E402
+from flows.cluster_check import RayDriver, probe_ray_address  # noqa: E402
 from flows.config import STAGE_ORDER, STAGES, PipelineConfig, load_config  # noqa: E402
 from stages.common.config import ConfigError  # noqa: E402
 from stages.common.context import StageContext  # noqa: E402
@@ -180,11 +180,14 @@ def _check_only_inputs(only: str, inputs: dict[str, str]) -> None:
 
 
 def run_pipeline(**params: Any) -> dict[str, Any]:
-    """Validate cheaply first (config, stage names, refs), so a user mistake costs no Prefect or Ray start-up."""
-    load_config(params.get("preset", "demo"), params.get("config_file"), params.get("overrides") or [])
+    """Validate cheaply first (config, stage names, inputs, Ray address), so a user mistake costs no Prefect start-up."""
+    cfg = load_config(params.get("preset", "demo"), params.get("config_file"), params.get("overrides") or [])
     plan_stages(params.get("from_stage"), params.get("only"))
     if params.get("only"):
         _check_only_inputs(params["only"], params.get("inputs") or {})
+    address = cfg.run.ray_address or os.environ.get("RAY_ADDRESS")
+    if address:
+        probe_ray_address(address)
     return rlhf(**params)
 
 

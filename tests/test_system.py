@@ -165,16 +165,17 @@ def versions(store: ArtifactStore, names: tuple[str, ...]) -> dict[str, list[int
 
 @pytest.mark.system
 @pytest.mark.slow
-@pytest.mark.timeout(1800)  # two pipeline runs; about 8 min on an idle 2-core box
+@pytest.mark.timeout(1200)
 @needs_cli
-def test_prefect_deployment_run_then_stage_rerun(tmp_path):
+def test_prefect_deployment_run_then_stage_rerun(tmp_path, pipeline_copy):
+    """A deployment run over the store of the session's tiny pipeline (all cached), then a rerun from reward."""
     home = Path(tempfile.mkdtemp(prefix="rlhf-prefect-home-"))
     (port,) = free_ports(1)
     api = f"http://127.0.0.1:{port}/api"
     env = base_env(PREFECT_HOME=str(home), PREFECT_API_URL=api)
-    store_root = tmp_path / "store"
+    store_root = pipeline_copy["store"]
     # Checkpoints in the test's own folder: the deployment's default run.work_dir (./runs) is the repo's.
-    work_dir = json.dumps([f"run.work_dir={tmp_path / 'runs'}"])
+    work_dir = json.dumps([f"run.work_dir={pipeline_copy['work_dir']}"])
     params = ["-p", "preset=tiny", "-p", f"store={store_root}", "-p", f"overrides={work_dir}"]
     prefect = BIN / "prefect"
     with ExitStack() as cleanup:
@@ -195,12 +196,12 @@ def test_prefect_deployment_run_then_stage_rerun(tmp_path):
 
         start = time.perf_counter()
         out = run_ok([prefect, "deployment", "run", "rlhf/local", *params, "--watch"], env, timeout=900)
-        print(f"prefect deployment run rlhf/local (tiny, cold): {time.perf_counter() - start:.1f}s")
+        print(f"prefect deployment run rlhf/local (tiny, all cached): {time.perf_counter() - start:.1f}s")
         assert "Flow run finished successfully" in out, out[-3000:]
         store = ArtifactStore(str(store_root))
         policy = store.get("policy@latest", kind="causal-lm")  # verifies every file
         assert policy.manifest["stage"] == "ppo"
-        assert stage_states(api, out) == {s: "Completed" for s in STAGES}
+        assert stage_states(api, out) == {s: "Cached" for s in STAGES}
         upstream = versions(store, UPSTREAM_OF_REWARD)
 
         start = time.perf_counter()
@@ -220,7 +221,8 @@ def test_prefect_deployment_run_then_stage_rerun(tmp_path):
 @pytest.mark.slow
 @pytest.mark.timeout(1200)
 @needs_cli
-def test_ray_job_submit_runs_the_pipeline(tmp_path):
+def test_ray_job_submit_runs_the_pipeline(tmp_path, pipeline_copy):
+    """`ray job submit -- rlhf run --from ppo` over the session's tiny store: PPO's actors run on the job's cluster."""
     # Short and unique: Ray's socket paths live under the temp dir and must stay under 108 characters.
     ray_tmp = Path(tempfile.mkdtemp(prefix="rlhf-ray-", dir="/tmp"))
     token = secrets.token_hex(32)
@@ -229,7 +231,7 @@ def test_ray_job_submit_runs_the_pipeline(tmp_path):
     gcs, dashboard, client, agent_http, agent_grpc, metrics, env_agent = free_ports(7)
     address = f"http://127.0.0.1:{dashboard}"
     env = base_env(RAY_AUTH_MODE="token", RAY_AUTH_TOKEN_PATH=str(token_file), PREFECT_HOME=str(ray_tmp / "prefect"))
-    store_root = tmp_path / "store"
+    store_root = pipeline_copy["store"]
     with ExitStack() as cleanup:
         cleanup.callback(shutil.rmtree, ray_tmp, ignore_errors=True)
         services = Services(tmp_path, markers=[str(ray_tmp)])
@@ -252,9 +254,10 @@ def test_ray_job_submit_runs_the_pipeline(tmp_path):
         start = time.perf_counter()
         out = run_ok([BIN / "ray", "job", "submit", "--address", address, "--runtime-env", "cluster/runtime_env.yaml",
                       "--working-dir", ".", "--", "rlhf", "run", "--preset", "tiny", "--store", store_root,
-                      "--set", f"run.work_dir={tmp_path / 'runs'}"], env, cwd=REPO, timeout=900)
-        print(f"ray job submit -- rlhf run --preset tiny: {time.perf_counter() - start:.1f}s")
+                      "--from", "ppo", "--set", f"run.work_dir={pipeline_copy['work_dir']}"], env, cwd=REPO, timeout=900)
+        print(f"ray job submit -- rlhf run --preset tiny --from ppo: {time.perf_counter() - start:.1f}s")
         assert re.search(r"Job '\S+' succeeded", out), out[-3000:]
+        assert "pretrain=Cached, sft=Cached, reward=Cached, ppo=Completed" in out, out[-3000:]
         policy = ArtifactStore(str(store_root)).get("policy@latest", kind="causal-lm")
         assert policy.manifest["stage"] == "ppo"
 

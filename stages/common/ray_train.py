@@ -63,12 +63,23 @@ def storage_path(work_dir: str) -> str:
     return work_dir if "://" in work_dir else str(Path(work_dir).resolve())
 
 
-def latest_checkpoint_dir(work_dir: str, run_name: str) -> str | None:
-    """The newest `checkpoint_*` directory a previous run left under work_dir/run_name (local storage only)."""
+def latest_checkpoint_dir(
+    work_dir: str, run_name: str, is_complete: Callable[[Path], bool] | None = None
+) -> str | None:
+    """The newest whole `checkpoint_*` directory a previous run left under work_dir/run_name (local storage only).
+
+    Ray uploads a checkpoint file by file (in threads, no marker), so a run killed mid-upload leaves a torn folder:
+    a folder counts only if `is_complete(folder)` says so (the stage knows what its checkpoints hold); without
+    `is_complete`, any non-empty folder counts.
+    """
     if "://" in work_dir:
         return None  # remote storage: Ray's own run snapshot does the restoring
     run_dir = Path(storage_path(work_dir)) / run_name
-    found = [p for p in run_dir.glob("checkpoint_*") if p.is_dir() and any(p.iterdir())]
+    found = [
+        p
+        for p in run_dir.glob("checkpoint_*")
+        if p.is_dir() and any(p.iterdir()) and (is_complete is None or is_complete(p))
+    ]
     return str(max(found, key=lambda p: p.stat().st_mtime)) if found else None
 
 
@@ -80,12 +91,15 @@ def fit(
     run_name: str,
     max_failures: int = 1,
     checkpoints_to_keep: int = 2,
+    checkpoint_complete: Callable[[Path], bool] | None = None,
 ):
     """Run `train_loop(loop_config)` on ctx.scaling Ray Train workers; returns the `ray.train.Result`.
 
     Checkpoints go to ctx.work_dir/run_name (the last `checkpoints_to_keep` are kept); a rerun with the same work_dir
     and run_name resumes from the latest one. Worker errors are retried `max_failures` times (from the latest
     checkpoint), then raised as `TrainingFailed`. `result.return_value` is what rank 0's train_loop returned.
+    `checkpoint_complete(dir)` tells a whole checkpoint from one a killed run left half-uploaded (see
+    `latest_checkpoint_dir`).
     """
     import ray.train
     from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
@@ -93,11 +107,16 @@ def fit(
     from ray.util.queue import Queue
 
     ensure_ray()
+    # Ray Train's print patch breaks `datasets` inside workers (dill captures stdout to hash map functions, and the
+    # patched print sends that capture to the logs as pages of bytecode). Ray 2.60 copies this variable from the
+    # driver's environment, when `trainer.fit()` starts, into the runtime_env of its controller and then of the
+    # workers (ray.train.v2._internal.constants.ENV_VARS_TO_PROPAGATE), so setting it here reaches every worker.
+    os.environ.setdefault("RAY_TRAIN_ENABLE_PRINT_PATCH", "0")
     scaling = ctx.scaling
     resources = {"CPU": scaling.cpus_per_worker}
     if scaling.use_gpu:
         resources["GPU"] = 1
-    previous = latest_checkpoint_dir(ctx.work_dir, run_name)
+    previous = latest_checkpoint_dir(ctx.work_dir, run_name, checkpoint_complete)
     if previous:
         ctx.log(f"{run_name}: a previous run left checkpoints; resuming from the latest ({Path(previous).name})")
     has_snapshot = previous is not None and any((Path(previous).parent).glob("checkpoint_manager_snapshot*"))

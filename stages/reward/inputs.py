@@ -10,21 +10,10 @@ from __future__ import annotations
 
 from typing import Any
 
+from stages.common import trl_stage
 from stages.common.errors import StageInputError
-from stages.common.hf import check_vocab_matches
 
 COLUMNS = ("prompt", "chosen", "rejected")
-
-
-def load_rows(artifact, split: str, where: str) -> list[dict[str, Any]]:
-    """Rows of one split of a dataset artifact (train.jsonl / test.jsonl) as plain dicts."""
-    from stages.common.data import DataError, load_dataset_artifact
-
-    try:
-        dataset = load_dataset_artifact(artifact, split)
-    except DataError as e:
-        raise StageInputError(f"{where}: {e}") from None
-    return [dict(row) for row in dataset]
 
 
 def check_pairs(rows: list[dict[str, Any]], where: str) -> list[dict[str, str]]:
@@ -49,32 +38,8 @@ def check_pairs(rows: list[dict[str, Any]], where: str) -> list[dict[str, str]]:
 
 
 def model_context(model_dir: str, tokenizer, where: str) -> int:
-    """The model's context length, after checking its embedding matches the tokenizer and pad/eos exist."""
-    from transformers import AutoConfig
-
-    text_config = AutoConfig.from_pretrained(model_dir).get_text_config()
-    try:
-        check_vocab_matches(len(tokenizer), text_config.vocab_size, where)
-    except ValueError as e:
-        raise StageInputError(str(e)) from None
-    if tokenizer.eos_token is None or tokenizer.pad_token is None:
-        raise StageInputError(
-            f"{where}: the tokenizer needs an eos and a pad token (the score is read at the last non-pad token), "
-            f"found eos={tokenizer.eos_token!r}, pad={tokenizer.pad_token!r}"
-        )
-    context = getattr(text_config, "n_positions", None) or getattr(text_config, "max_position_embeddings", None)
-    if not context:
-        raise StageInputError(f"{where}: config.json names no context length (n_positions / max_position_embeddings)")
-    return int(context)
-
-
-def token_limit(max_length: int | None, context: int, where: str) -> int:
-    """The longest sequence allowed: the config's max_length, which may not exceed the model's context."""
-    if max_length is None:
-        return context
-    if max_length > context:
-        raise StageInputError(f"{where}: max_length {max_length} exceeds the model's context of {context} tokens")
-    return max_length
+    """The model's context length, after the shared tokenizer checks; the pad token is where the score is read."""
+    return trl_stage.model_context(model_dir, tokenizer, where, pad_reason="the score is read at the last non-pad token")
 
 
 def check_lengths(rows: list[dict[str, str]], tokenizer, limit: int, where: str) -> None:
@@ -92,10 +57,3 @@ def check_lengths(rows: list[dict[str, str]], tokenizer, limit: int, where: str)
             f"{where}: {len(too_long)} of {len(rows)} pairs are longer than the {limit}-token limit (row {first}: "
             f"{longest[first]} tokens); shorten them, or use a model with a longer context"
         )
-
-
-def per_worker_batch(batch_size: int, num_workers: int, where: str) -> int:
-    """Split the global batch over the workers, so results do not depend on the worker count."""
-    if batch_size % num_workers:
-        raise StageInputError(f"{where}: batch_size {batch_size} is not divisible by num_workers {num_workers}")
-    return batch_size // num_workers

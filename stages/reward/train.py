@@ -1,44 +1,30 @@
-"""The reward-model training loop that runs on every Ray Train worker: TRL's RewardTrainer, checkpoints, evaluation.
+"""The reward-model training loop that runs on every Ray Train worker: TRL's RewardTrainer, then pair scoring.
 
 The model is the SFT model loaded as `AutoModelForSequenceClassification` with one output: the transformer is kept,
 the LM head is dropped and a fresh `score` head reads the last non-pad token. The loss is Bradley-Terry,
--log sigmoid(r_chosen - r_rejected). Checkpoint/resume works as in the SFT stage: HF Trainer checkpoints are
-uploaded to the Ray run storage by `RayTrainReportCallback`; the last checkpoint holds `final/` and `result.json`.
+-log sigmoid(r_chosen - r_rejected). Checkpoints, resume and the final `final/` + `result.json` checkpoint follow
+`stages.common.trl_stage`.
 """
 
 from __future__ import annotations
 
-import json
-import shutil
-import tempfile
-import time
 from pathlib import Path
 from typing import Any
 
 from stages.common import ray_train
+from stages.common.trl_stage import (
+    FINAL_DIR,
+    RESULT_FILE,
+    deepspeed_config,
+    local_model_dir,
+    report_result,
+    run_on_worker,
+    train_and_save,
+    training_args,
+)
 from stages.reward.evaluate import evaluate_pairs
 
-FINAL_DIR = "final"  # inside the last checkpoint: the trained reward model + tokenizer (a standard HF dir)
-RESULT_FILE = "result.json"  # inside the last checkpoint: metrics, log history, scored samples
-HF_CHECKPOINT_DIR = "checkpoint"  # where RayTrainReportCallback puts the HF Trainer checkpoint
-
-
-def deepspeed_config(zero_stage: int | None, bf16: bool) -> dict | None:
-    """DeepSpeed settings for the HF Trainer; "auto" values are filled in from the training arguments."""
-    if zero_stage is None:
-        return None
-    zero: dict[str, Any] = {"stage": zero_stage}
-    if zero_stage == 3:
-        zero["stage3_gather_16bit_weights_on_model_save"] = True  # save_model writes full weights, not shards
-    return {
-        "train_micro_batch_size_per_gpu": "auto",
-        "gradient_accumulation_steps": "auto",
-        "train_batch_size": "auto",
-        "gradient_clipping": "auto",
-        "zero_optimization": zero,
-        "optimizer": {"type": "AdamW", "params": {"lr": "auto", "weight_decay": "auto"}},
-        "bf16": {"enabled": bf16},
-    }
+__all__ = ["FINAL_DIR", "RESULT_FILE", "build_trainer", "deepspeed_config", "load_reward_model", "train_loop"]
 
 
 def load_reward_model(model_dir: str):
@@ -51,16 +37,6 @@ def load_reward_model(model_dir: str):
     return model, tokenizer
 
 
-def local_model_dir(cfg: dict[str, Any]) -> str:
-    """The input model's directory on this node: the driver's path when it is visible here (one node, shared disk),
-    else fetched and verified from the artifact store (multi-node clusters with an s3:// or gs:// store)."""
-    if Path(cfg["model_dir"]).is_dir() or not cfg.get("store_root"):
-        return cfg["model_dir"]
-    from stages.common.store import ArtifactStore
-
-    return ArtifactStore(cfg["store_root"]).get(cfg["model_digest"]).path
-
-
 def build_trainer(cfg: dict[str, Any], output_dir: str):
     """TRL's RewardTrainer for the loop config `cfg` (see stage.prepare); TRL appends eos to both replies."""
     from datasets import Dataset
@@ -68,31 +44,9 @@ def build_trainer(cfg: dict[str, Any], output_dir: str):
 
     model, tokenizer = load_reward_model(local_model_dir(cfg))
     args = RewardConfig(
-        output_dir=output_dir,
-        max_steps=cfg["max_steps"],
-        per_device_train_batch_size=cfg["per_worker_batch"],
-        per_device_eval_batch_size=cfg["per_worker_batch"],
-        gradient_accumulation_steps=cfg["gradient_accumulation_steps"],
-        learning_rate=cfg["learning_rate"],
-        lr_scheduler_type="linear",
-        warmup_steps=cfg["warmup_steps"],
-        weight_decay=cfg["weight_decay"],
+        **training_args(cfg, output_dir),
         center_rewards_coefficient=cfg["center_rewards_coefficient"],
         max_length=cfg["max_length"],  # the stage already rejected longer pairs, so TRL's filter drops none
-        activation_checkpointing=False,  # TRL turns it on by default; tiny models do not need the memory
-        bf16=cfg["bf16"],
-        use_cpu=not cfg["use_gpu"],
-        deepspeed=cfg["deepspeed"],
-        ddp_find_unused_parameters=False,  # every parameter gets a gradient; the check costs a graph traversal
-        logging_steps=cfg["logging_steps"],
-        save_strategy="steps",
-        save_steps=cfg["save_steps"],
-        save_total_limit=1,  # older checkpoints are already in the Ray run storage
-        eval_strategy="no",
-        report_to="none",
-        disable_tqdm=True,
-        dataloader_num_workers=0,
-        seed=cfg["seed"],
     )
     return RewardTrainer(
         model=model,
@@ -103,93 +57,25 @@ def build_trainer(cfg: dict[str, Any], output_dir: str):
     )
 
 
-def _progress_callback(stage: str, max_steps: int, timing: dict[str, float]):
-    """A TrainerCallback that sends loss lines to the driver and records when the first step finished."""
-    from transformers import TrainerCallback
-
-    class Progress(TrainerCallback):
-        def on_step_end(self, args, state, control, **kwargs):
-            timing.setdefault("first_step_at", time.time())
-
-        def on_log(self, args, state, control, logs=None, **kwargs):
-            if logs and "loss" in logs:
-                acc = f" accuracy {logs['accuracy']:.3f}" if "accuracy" in logs else ""
-                ray_train.log(f"{stage}: step {state.global_step}/{max_steps} loss {logs['loss']:.4f}{acc}")
-
-    return Progress()
-
-
-def _resume_state(scratch: Path) -> tuple[Path | None, Path | None]:
-    """(local copy of a finished run's last checkpoint, local HF Trainer checkpoint to resume from); None if absent."""
-    with ray_train.resume_dir() as resume:
-        if resume is None:
-            return None, None
-        local = scratch / "resume"
-        shutil.copytree(resume, local)
-    if (local / FINAL_DIR).is_dir() and (local / RESULT_FILE).is_file():
-        return local, None
-    hf = local / HF_CHECKPOINT_DIR
-    return None, (hf if hf.is_dir() else None)
-
-
 def train_loop(cfg: dict[str, Any]) -> None:
     """Train the reward model on cfg["train_rows"] on this worker; rank 0 reports the final model and metrics."""
-    ray_train.set_torch_threads(cfg["cpus_per_worker"])
-    rank = ray_train.world_rank()
-    with tempfile.TemporaryDirectory(prefix="rlhf-reward-") as tmp:
-        _train(cfg, rank, Path(tmp))
+    run_on_worker(cfg, "reward", _train)
 
 
 def _train(cfg: dict[str, Any], rank: int, scratch: Path) -> None:
     """Train, evaluate, report; every file it writes lives under `scratch` (removed after the upload)."""
-    from ray.train.huggingface.transformers import RayTrainReportCallback, prepare_trainer
-    from transformers.integrations.deepspeed import unset_hf_deepspeed_config
-
-    finished, hf_resume = _resume_state(scratch)
-    if finished is not None:  # training ended in an earlier attempt: hand its result back
-        ray_train.log("reward: training already finished in an earlier attempt; reusing its result")
-        ray_train.report({"resumed_finished": 1}, finished if rank == 0 else None)
+    trained = train_and_save(cfg, rank, scratch, stage="reward", build_trainer=build_trainer, log_keys=("accuracy",))
+    if trained is None:
         return
-    if hf_resume is not None:
-        ray_train.log(f"reward: resuming the trainer from {hf_resume}")
-
-    trainer = build_trainer(cfg, str(scratch / "trainer"))
-    tokenizer = trainer.processing_class
-    timing: dict[str, float] = {}
-    trainer.add_callback(RayTrainReportCallback())
-    trainer.add_callback(_progress_callback("reward", cfg["max_steps"], timing))
-    trainer = prepare_trainer(trainer)
-    train_output = trainer.train(resume_from_checkpoint=str(hf_resume) if hf_resume else None)
-    eval_metrics = trainer.evaluate()
-
-    out = scratch / "result"
-    trainer.save_model(str(out / FINAL_DIR))  # every rank: ZeRO-3 gathers the shards here
-    # ZeRO-3 leaves a process-wide flag that makes from_pretrained partition weights with collectives; rank 0 alone
-    # reloads the saved model for evaluation below (the others wait in report), so switch it off: training is over.
-    unset_hf_deepspeed_config()
+    metrics, samples = dict(trained.metrics), []
     if rank == 0:
-        tokenizer.save_pretrained(out / FINAL_DIR)
-        (out / FINAL_DIR / "training_args.bin").unlink(missing_ok=True)  # a pickle; the config is in the manifest
         ray_train.log(f"reward: scoring {len(cfg['test_rows'])} held-out pairs")
         pair_metrics, samples = evaluate_pairs(
-            str(out / FINAL_DIR),
+            str(trained.out / FINAL_DIR),
             cfg["test_rows"],
             demo_task=cfg["demo_task"],
             batch_size=cfg["score_batch_size"],
             use_gpu=cfg["use_gpu"],
         )
-        metrics = {
-            "eval_loss": float(eval_metrics["eval_loss"]),
-            "train_loss": float(train_output.training_loss),
-            "train_samples_per_second": float(train_output.metrics.get("train_samples_per_second", 0.0)),
-            "train_seconds": float(train_output.metrics.get("train_runtime", 0.0)),
-            **pair_metrics,
-        }
-        result = {
-            "metrics": metrics,
-            "log_history": trainer.state.log_history,
-            "first_step_at": timing.get("first_step_at"),
-            "samples": samples,
-        }
-        (out / RESULT_FILE).write_text(json.dumps(result, indent=1))
-    ray_train.report({"finished": 1}, out if rank == 0 else None)
+        metrics |= pair_metrics
+    report_result(trained, rank, metrics, samples)

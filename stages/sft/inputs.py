@@ -11,20 +11,8 @@ from __future__ import annotations
 from typing import Any
 
 from stages.common.errors import StageInputError
-from stages.common.hf import check_vocab_matches
 
 ROLE_NAMES = {"system": "System", "user": "User", "assistant": "Assistant"}
-
-
-def load_rows(artifact, split: str, where: str) -> list[dict[str, Any]]:
-    """Rows of one split of a dataset artifact (train.jsonl / test.jsonl) as plain dicts."""
-    from stages.common.data import DataError, load_dataset_artifact
-
-    try:
-        dataset = load_dataset_artifact(artifact, split)
-    except DataError as e:
-        raise StageInputError(f"{where}: {e}") from None
-    return [dict(row) for row in dataset]
 
 
 def render_messages(messages: Any, where: str) -> dict[str, str]:
@@ -83,36 +71,6 @@ def to_prompt_completion(rows: list[dict[str, Any]], where: str) -> list[dict[st
     return out
 
 
-def model_context(model_dir: str, tokenizer, where: str) -> int:
-    """The model's context length, after checking its embedding matches the tokenizer and pad/eos exist."""
-    from transformers import AutoConfig
-
-    config = AutoConfig.from_pretrained(model_dir)
-    text_config = config.get_text_config()
-    try:
-        check_vocab_matches(len(tokenizer), text_config.vocab_size, where)
-    except ValueError as e:
-        raise StageInputError(str(e)) from None
-    if tokenizer.eos_token is None or tokenizer.pad_token is None:
-        raise StageInputError(
-            f"{where}: the tokenizer needs an eos and a pad token, found eos={tokenizer.eos_token!r}, "
-            f"pad={tokenizer.pad_token!r}"
-        )
-    context = getattr(text_config, "n_positions", None) or getattr(text_config, "max_position_embeddings", None)
-    if not context:
-        raise StageInputError(f"{where}: config.json names no context length (n_positions / max_position_embeddings)")
-    return int(context)
-
-
-def token_limit(max_length: int | None, context: int, where: str) -> int:
-    """The longest sequence allowed: the config's max_length, which may not exceed the model's context."""
-    if max_length is None:
-        return context
-    if max_length > context:
-        raise StageInputError(f"{where}: max_length {max_length} exceeds the model's context of {context} tokens")
-    return max_length
-
-
 def check_lengths(texts: list[str], tokenizer, limit: int, where: str) -> list[int]:
     """Token counts of `texts`; any text over `limit` tokens is rejected with the count and the first offender."""
     lengths = [len(ids) for ids in tokenizer(texts, add_special_tokens=False)["input_ids"]]
@@ -124,10 +82,3 @@ def check_lengths(texts: list[str], tokenizer, limit: int, where: str) -> list[i
             f"{lengths[first]} tokens); shorten them, or use a model with a longer context"
         )
     return lengths
-
-
-def per_worker_batch(batch_size: int, num_workers: int, where: str) -> int:
-    """Split the global batch over the workers, so results do not depend on the worker count."""
-    if batch_size % num_workers:
-        raise StageInputError(f"{where}: batch_size {batch_size} is not divisible by num_workers {num_workers}")
-    return batch_size // num_workers

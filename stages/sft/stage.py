@@ -2,47 +2,26 @@
 
 from __future__ import annotations
 
-import json
-import os
-import shutil
-import tempfile
 import time
-from pathlib import Path
 
-from stages.common import ray_train
+from stages.common import ray_train, trl_stage
 from stages.common.context import Scaling, StageContext
-from stages.common.errors import StageInputError
-from stages.common.fingerprint import code_fingerprint
+from stages.common.trl_stage import check_kind, load_rows, model_context, token_limit
 from stages.sft.config import Config
-from stages.sft.inputs import (
-    check_lengths,
-    load_rows,
-    model_context,
-    per_worker_batch,
-    to_prompt_completion,
-    token_limit,
-)
-from stages.sft.report import plot_loss_curve, write_metrics_jsonl
-from stages.sft.train import FINAL_DIR, RESULT_FILE, deepspeed_config, train_loop
+from stages.sft.inputs import check_lengths, to_prompt_completion
+from stages.sft.train import train_loop
 
 NAME = "sft"
 INPUTS = {"base_model": "causal-lm", "data": "dataset"}
 OUTPUTS = ["sft-model"]
 
 
-def _check_kind(role: str, artifact, expected: str) -> None:
-    if artifact.kind != expected:
-        raise StageInputError(
-            f"{NAME}: input {role} = {artifact.ref}: expected kind {expected!r}, found {artifact.kind!r}"
-        )
-
-
 def prepare(config: Config, base_model, data, *, scaling: Scaling, seed: int = 0, store=None) -> dict:
     """Every check that can fail on user input, before Ray starts; returns the workers' loop config."""
     from transformers import AutoTokenizer
 
-    _check_kind("base_model", base_model, INPUTS["base_model"])
-    _check_kind("data", data, INPUTS["data"])
+    check_kind(NAME, "base_model", base_model, INPUTS["base_model"])
+    check_kind(NAME, "data", data, INPUTS["data"])
     splits = {
         split: to_prompt_completion(load_rows(data, split, f"{NAME}: data"), f"{NAME}: data {data.ref} {split}.jsonl")
         for split in ("train", "test")
@@ -55,29 +34,13 @@ def prepare(config: Config, base_model, data, *, scaling: Scaling, seed: int = 0
         check_lengths(texts, tokenizer, limit, f"{NAME}: data {data.ref} {split}.jsonl")
     demo_task = (data.manifest.get("extra") or {}).get("task") == "demo"
     return {
-        "model_dir": base_model.path,
-        "model_digest": base_model.digest,
-        "store_root": store.root if store is not None else None,
-        "train_rows": splits["train"],
-        "test_rows": splits["test"],
+        **trl_stage.loop_config(
+            config, base_model, splits, stage=NAME, limit=limit, scaling=scaling, seed=seed, store=store
+        ),
         "eval_prompts": [r["prompt"] for r in splits["test"]][: config.eval_prompts] if demo_task else [],
         "demo_task": demo_task,
-        "max_length": limit,
-        "per_worker_batch": per_worker_batch(config.batch_size, scaling.num_workers, f"{NAME}: config"),
-        "max_steps": config.max_steps,
-        "gradient_accumulation_steps": config.gradient_accumulation_steps,
-        "learning_rate": config.learning_rate,
-        "warmup_steps": config.warmup_steps,
-        "weight_decay": config.weight_decay,
-        "save_steps": config.save_steps,
-        "logging_steps": config.logging_steps,
         "max_new_tokens": config.max_new_tokens,
         "generation_batch_size": config.generation_batch_size,
-        "bf16": config.bf16,
-        "deepspeed": deepspeed_config(config.zero_stage, config.bf16),
-        "seed": seed,
-        "use_gpu": scaling.use_gpu,
-        "cpus_per_worker": scaling.cpus_per_worker,
     }
 
 
@@ -89,38 +52,20 @@ def run(config: Config, *, base_model, data, store, ctx: StageContext) -> dict:
         f"{NAME}: {len(loop_config['train_rows'])} train / {len(loop_config['test_rows'])} test rows, "
         f"{config.max_steps} steps on {ctx.scaling.num_workers} workers"
     )
-    # Ray Train's print patch breaks `datasets` inside workers (dill captures stdout to hash map functions, and the
-    # patched print sends that capture to the logs as pages of bytecode). The env var reaches the workers.
-    os.environ.setdefault("RAY_TRAIN_ENABLE_PRINT_PATCH", "0")
-    result = ray_train.fit(train_loop, loop_config, ctx=ctx, run_name=NAME)
-    with tempfile.TemporaryDirectory(prefix="rlhf-sft-out-") as out, result.checkpoint.as_directory() as ckpt:
-        shutil.copytree(Path(ckpt) / FINAL_DIR, out, dirs_exist_ok=True)
-        outcome = json.loads((Path(ckpt) / RESULT_FILE).read_text())
-        write_metrics_jsonl(outcome["log_history"], Path(out) / "metrics.jsonl")
-        plot_loss_curve(outcome["log_history"], Path(out) / "loss_curve.png", f"SFT of {base_model.ref}")
-        if outcome["samples"]:
-            (Path(out) / "eval_samples.jsonl").write_text("".join(json.dumps(s) + "\n" for s in outcome["samples"]))
-        metrics = dict(outcome["metrics"])
-        first_step = outcome.get("first_step_at")
-        timings = {"startup_seconds": round(first_step - started, 2)} if first_step else {}
-        metrics["wall_seconds"] = round(time.time() - started, 2)
-        timings["wall_seconds"] = metrics["wall_seconds"]
-        artifact = store.publish(
-            out,
-            name=OUTPUTS[0],
-            kind="causal-lm",
-            stage=NAME,
-            config=config.to_dict(),
-            inputs={"base_model": base_model, "data": data},
-            metrics=metrics,
-            timings=timings,
-            cache_key=ctx.cache_key,
-            code_fingerprint=code_fingerprint(NAME),
-            extra={
-                "max_length": loop_config["max_length"],
-                "long_rows": "rejected",
-                "rows": {"train": len(loop_config["train_rows"]), "test": len(loop_config["test_rows"])},
-            },
-        )
-    ctx.log(f"{NAME}: published {artifact.ref} " + ", ".join(f"{k}={v:.4g}" for k, v in metrics.items()))
+    result = ray_train.fit(
+        train_loop, loop_config, ctx=ctx, run_name=NAME, checkpoint_complete=trl_stage.checkpoint_complete
+    )
+    artifact = trl_stage.publish_result(
+        result,
+        stage=NAME,
+        output=OUTPUTS[0],
+        kind="causal-lm",
+        title=f"SFT of {base_model.ref}",
+        started=started,
+        config=config,
+        inputs={"base_model": base_model, "data": data},
+        loop_config=loop_config,
+        store=store,
+        ctx=ctx,
+    )
     return {OUTPUTS[0]: artifact}

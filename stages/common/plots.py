@@ -1,4 +1,4 @@
-"""Files written next to the model in the artifact: the loss history as JSON lines and a loss-curve picture."""
+"""Files written next to a trained model in its artifact: the Trainer log history as JSON lines and a loss curve."""
 
 from __future__ import annotations
 

@@ -1,0 +1,334 @@
+"""What the TRL-based stages (SFT, reward) share: input checks, the DeepSpeed config, and the HF-Trainer-on-Ray loop.
+
+Driver side: `check_kind`, `load_rows`, `model_context`, `token_limit`, `per_worker_batch` (one-line
+`StageInputError`s), `deepspeed_config`, `loop_config` (the fields every loop config holds) and `publish_result`
+(the final checkpoint -> a published artifact with metrics.jsonl and loss_curve.png).
+Worker side: `run_on_worker` wraps a stage's `train(cfg, rank, scratch)`; `train_and_save` resumes, trains, evaluates
+and saves the model; `report_result` writes `result.json` and reports the last checkpoint.
+
+Checkpoints: the HF Trainer saves every `save_steps` into a local scratch dir and `RayTrainReportCallback` uploads
+each one into the Ray run storage (ctx.work_dir); a rerun resumes the Trainer (weights, optimizer, scheduler, step)
+from the latest. When training is done, rank 0 reports one last checkpoint holding `final/` (the trained model) and
+`result.json` (metrics, loss history); a rerun that finds it skips training and hands the same result back.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+import tempfile
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from stages.common import ray_train
+from stages.common.errors import StageInputError
+from stages.common.hf import check_vocab_matches
+
+FINAL_DIR = "final"  # inside the last checkpoint: the trained model + tokenizer (a standard HF dir)
+RESULT_FILE = "result.json"  # inside the last checkpoint: metrics, log history, samples
+HF_CHECKPOINT_DIR = "checkpoint"  # where RayTrainReportCallback puts the HF Trainer checkpoint
+HF_CHECKPOINT_FILES = ("model.safetensors", "optimizer.pt", "scheduler.pt", "trainer_state.json")
+
+# ----------------------------------------------------------------------------------------------------- driver: inputs
+
+
+def check_kind(stage: str, role: str, artifact, expected: str) -> None:
+    """Reject an input artifact of the wrong kind (one line naming the stage, role, ref and both kinds)."""
+    if artifact.kind != expected:
+        raise StageInputError(
+            f"{stage}: input {role} = {artifact.ref}: expected kind {expected!r}, found {artifact.kind!r}"
+        )
+
+
+def load_rows(artifact, split: str, where: str) -> list[dict[str, Any]]:
+    """Rows of one split of a dataset artifact (train.jsonl / test.jsonl) as plain dicts."""
+    from stages.common.data import DataError, load_dataset_artifact
+
+    try:
+        dataset = load_dataset_artifact(artifact, split)
+    except DataError as e:
+        raise StageInputError(f"{where}: {e}") from None
+    return [dict(row) for row in dataset]
+
+
+def model_context(model_dir: str, tokenizer, where: str, pad_reason: str = "") -> int:
+    """The model's context length, after checking its embedding matches the tokenizer and pad/eos exist."""
+    from transformers import AutoConfig
+
+    text_config = AutoConfig.from_pretrained(model_dir).get_text_config()
+    try:
+        check_vocab_matches(len(tokenizer), text_config.vocab_size, where)
+    except ValueError as e:
+        raise StageInputError(str(e)) from None
+    if tokenizer.eos_token is None or tokenizer.pad_token is None:
+        reason = f" ({pad_reason})" if pad_reason else ""
+        raise StageInputError(
+            f"{where}: the tokenizer needs an eos and a pad token{reason}, "
+            f"found eos={tokenizer.eos_token!r}, pad={tokenizer.pad_token!r}"
+        )
+    context = getattr(text_config, "n_positions", None) or getattr(text_config, "max_position_embeddings", None)
+    if not context:
+        raise StageInputError(f"{where}: config.json names no context length (n_positions / max_position_embeddings)")
+    return int(context)
+
+
+def token_limit(max_length: int | None, context: int, where: str) -> int:
+    """The longest sequence allowed: the config's max_length, which may not exceed the model's context."""
+    if max_length is None:
+        return context
+    if max_length > context:
+        raise StageInputError(f"{where}: max_length {max_length} exceeds the model's context of {context} tokens")
+    return max_length
+
+
+def per_worker_batch(batch_size: int, num_workers: int, where: str) -> int:
+    """Split the global batch over the workers, so results do not depend on the worker count."""
+    if batch_size % num_workers:
+        raise StageInputError(f"{where}: batch_size {batch_size} is not divisible by num_workers {num_workers}")
+    return batch_size // num_workers
+
+
+# ------------------------------------------------------------------------------------------------ driver: loop config
+
+
+def deepspeed_config(zero_stage: int | None, bf16: bool) -> dict | None:
+    """DeepSpeed settings for the HF Trainer; "auto" values are filled in from the training arguments."""
+    if zero_stage is None:
+        return None
+    zero: dict[str, Any] = {"stage": zero_stage}
+    if zero_stage == 3:
+        zero["stage3_gather_16bit_weights_on_model_save"] = True  # save_model writes full weights, not shards
+    return {
+        "train_micro_batch_size_per_gpu": "auto",
+        "gradient_accumulation_steps": "auto",
+        "train_batch_size": "auto",
+        "gradient_clipping": "auto",
+        "zero_optimization": zero,
+        "optimizer": {"type": "AdamW", "params": {"lr": "auto", "weight_decay": "auto"}},
+        "bf16": {"enabled": bf16},
+    }
+
+
+def loop_config(config, model, splits: dict[str, list], *, stage: str, limit: int, scaling, seed: int, store) -> dict:
+    """The loop-config fields both stages send to their workers (model, rows, optimiser, checkpoints, resources)."""
+    return {
+        "model_dir": model.path,
+        "model_digest": model.digest,
+        "store_root": store.root if store is not None else None,
+        "train_rows": splits["train"],
+        "test_rows": splits["test"],
+        "max_length": limit,
+        "per_worker_batch": per_worker_batch(config.batch_size, scaling.num_workers, f"{stage}: config"),
+        "max_steps": config.max_steps,
+        "gradient_accumulation_steps": config.gradient_accumulation_steps,
+        "learning_rate": config.learning_rate,
+        "warmup_steps": config.warmup_steps,
+        "weight_decay": config.weight_decay,
+        "save_steps": config.save_steps,
+        "logging_steps": config.logging_steps,
+        "bf16": config.bf16,
+        "deepspeed": deepspeed_config(config.zero_stage, config.bf16),
+        "seed": seed,
+        "use_gpu": scaling.use_gpu,
+        "cpus_per_worker": scaling.cpus_per_worker,
+    }
+
+
+def checkpoint_complete(path: Path) -> bool:
+    """True if a checkpoint dir in the run storage holds a whole final result or a whole HF Trainer checkpoint."""
+    try:
+        if (path / RESULT_FILE).is_file():
+            json.loads((path / RESULT_FILE).read_text())  # the stage writes it last; a torn upload does not parse
+            return (path / FINAL_DIR / "config.json").is_file()
+        hf = path / HF_CHECKPOINT_DIR
+        json.loads((hf / "trainer_state.json").read_text())
+        return all((hf / name).is_file() for name in HF_CHECKPOINT_FILES)
+    except (OSError, ValueError):
+        return False
+
+
+# ---------------------------------------------------------------------------------------------- driver: publishing
+
+
+def publish_result(result, *, stage: str, output: str, kind: str, title: str, started: float, config, inputs: dict,
+                   loop_config: dict, store, ctx) -> Any:
+    """Publish the final checkpoint of `ray_train.fit` as `output`: model files, metrics.jsonl, loss_curve.png."""
+    from stages.common.fingerprint import code_fingerprint
+    from stages.common.plots import plot_loss_curve, write_metrics_jsonl
+
+    with tempfile.TemporaryDirectory(prefix=f"rlhf-{stage}-out-") as out, result.checkpoint.as_directory() as ckpt:
+        shutil.copytree(Path(ckpt) / FINAL_DIR, out, dirs_exist_ok=True)
+        outcome = json.loads((Path(ckpt) / RESULT_FILE).read_text())
+        write_metrics_jsonl(outcome["log_history"], Path(out) / "metrics.jsonl")
+        plot_loss_curve(outcome["log_history"], Path(out) / "loss_curve.png", title)
+        if outcome["samples"]:
+            (Path(out) / "eval_samples.jsonl").write_text("".join(json.dumps(s) + "\n" for s in outcome["samples"]))
+        metrics = dict(outcome["metrics"])
+        first_step = outcome.get("first_step_at")
+        timings = {"startup_seconds": round(first_step - started, 2)} if first_step else {}
+        metrics["wall_seconds"] = round(time.time() - started, 2)
+        timings["wall_seconds"] = metrics["wall_seconds"]
+        artifact = store.publish(
+            out,
+            name=output,
+            kind=kind,
+            stage=stage,
+            config=config.to_dict(),
+            inputs=inputs,
+            metrics=metrics,
+            timings=timings,
+            cache_key=ctx.cache_key,
+            code_fingerprint=code_fingerprint(stage),
+            extra={
+                "max_length": loop_config["max_length"],
+                "long_rows": "rejected",
+                "rows": {"train": len(loop_config["train_rows"]), "test": len(loop_config["test_rows"])},
+            },
+        )
+    ctx.log(f"{stage}: published {artifact.ref} " + ", ".join(f"{k}={v:.4g}" for k, v in metrics.items()))
+    return artifact
+
+
+# --------------------------------------------------------------------------------------------------------- worker
+
+
+def local_model_dir(cfg: dict[str, Any]) -> str:
+    """The input model's directory on this node: the driver's path when it is visible here (one node, shared disk),
+    else fetched and verified from the artifact store (multi-node clusters with an s3:// or gs:// store)."""
+    if Path(cfg["model_dir"]).is_dir() or not cfg.get("store_root"):
+        return cfg["model_dir"]
+    from stages.common.store import ArtifactStore
+
+    return ArtifactStore(cfg["store_root"]).get(cfg["model_digest"]).path
+
+
+def training_args(cfg: dict[str, Any], output_dir: str) -> dict[str, Any]:
+    """Keyword arguments of SFTConfig / RewardConfig that both stages set the same way from the loop config."""
+    return dict(
+        output_dir=output_dir,
+        max_steps=cfg["max_steps"],
+        per_device_train_batch_size=cfg["per_worker_batch"],
+        per_device_eval_batch_size=cfg["per_worker_batch"],
+        gradient_accumulation_steps=cfg["gradient_accumulation_steps"],
+        learning_rate=cfg["learning_rate"],
+        lr_scheduler_type="linear",
+        warmup_steps=cfg["warmup_steps"],
+        weight_decay=cfg["weight_decay"],
+        activation_checkpointing=False,  # TRL turns it on by default; tiny models do not need the memory
+        bf16=cfg["bf16"],
+        use_cpu=not cfg["use_gpu"],
+        deepspeed=cfg["deepspeed"],
+        ddp_find_unused_parameters=False,  # every parameter gets a gradient; the check costs a graph traversal
+        logging_steps=cfg["logging_steps"],
+        save_strategy="steps",
+        save_steps=cfg["save_steps"],
+        save_total_limit=1,  # older checkpoints are already in the Ray run storage
+        eval_strategy="no",
+        report_to="none",
+        disable_tqdm=True,
+        dataloader_num_workers=0,
+        seed=cfg["seed"],
+    )
+
+
+def progress_callback(stage: str, max_steps: int, timing: dict[str, float], extra_keys: tuple[str, ...] = ()):
+    """A TrainerCallback that sends loss lines to the driver and records when the first step finished."""
+    from transformers import TrainerCallback
+
+    class Progress(TrainerCallback):
+        def on_step_end(self, args, state, control, **kwargs):
+            timing.setdefault("first_step_at", time.time())
+
+        def on_log(self, args, state, control, logs=None, **kwargs):
+            if logs and "loss" in logs:
+                extra = "".join(f" {k} {logs[k]:.3f}" for k in extra_keys if k in logs)
+                ray_train.log(f"{stage}: step {state.global_step}/{max_steps} loss {logs['loss']:.4f}{extra}")
+
+    return Progress()
+
+
+def resume_state(scratch: Path) -> tuple[Path | None, Path | None]:
+    """(local copy of a finished run's last checkpoint, local HF Trainer checkpoint to resume from); None if absent."""
+    with ray_train.resume_dir() as resume:
+        if resume is None:
+            return None, None
+        local = scratch / "resume"
+        shutil.copytree(resume, local)
+    if (local / FINAL_DIR).is_dir() and (local / RESULT_FILE).is_file():
+        return local, None
+    hf = local / HF_CHECKPOINT_DIR
+    return None, (hf if hf.is_dir() else None)
+
+
+def run_on_worker(cfg: dict[str, Any], stage: str, train: Callable[[dict[str, Any], int, Path], None]) -> None:
+    """Set torch threads, then run `train(cfg, rank, scratch)` with a scratch dir removed afterwards."""
+    ray_train.set_torch_threads(cfg["cpus_per_worker"])
+    rank = ray_train.world_rank()
+    with tempfile.TemporaryDirectory(prefix=f"rlhf-{stage}-") as tmp:
+        train(cfg, rank, Path(tmp))
+
+
+@dataclass
+class Trained:
+    """What `train_and_save` hands back: the trainer, its metrics, and the result dir holding `final/`."""
+
+    trainer: Any
+    metrics: dict[str, float]  # eval_loss, train_loss, train_samples_per_second, train_seconds
+    out: Path
+    timing: dict[str, float]
+
+
+def train_and_save(cfg: dict[str, Any], rank: int, scratch: Path, *, stage: str, build_trainer: Callable,
+                   log_keys: tuple[str, ...] = ()) -> Trained | None:
+    """Resume or train, evaluate and save the model into scratch/result/final; None if an earlier attempt finished."""
+    from ray.train.huggingface.transformers import RayTrainReportCallback, prepare_trainer
+    from transformers.integrations.deepspeed import unset_hf_deepspeed_config
+
+    finished, hf_resume = resume_state(scratch)
+    if finished is not None:  # training ended in an earlier attempt: hand its result back
+        ray_train.log(f"{stage}: training already finished in an earlier attempt; reusing its result")
+        ray_train.report({"resumed_finished": 1}, finished if rank == 0 else None)
+        return None
+    if hf_resume is not None:
+        ray_train.log(f"{stage}: resuming the trainer from {hf_resume}")
+
+    trainer = build_trainer(cfg, str(scratch / "trainer"))
+    tokenizer = trainer.processing_class
+    timing: dict[str, float] = {}
+    trainer.add_callback(RayTrainReportCallback())
+    trainer.add_callback(progress_callback(stage, cfg["max_steps"], timing, log_keys))
+    trainer = prepare_trainer(trainer)
+    train_output = trainer.train(resume_from_checkpoint=str(hf_resume) if hf_resume else None)
+    eval_metrics = trainer.evaluate()
+
+    out = scratch / "result"
+    trainer.save_model(str(out / FINAL_DIR))  # every rank: ZeRO-3 gathers the shards here
+    # ZeRO-3 leaves a process-wide flag that makes from_pretrained partition weights with collectives; rank 0 alone
+    # reloads the saved model for evaluation (the others wait in report), so switch it off: training is over.
+    unset_hf_deepspeed_config()
+    if rank == 0:
+        tokenizer.save_pretrained(out / FINAL_DIR)
+        (out / FINAL_DIR / "training_args.bin").unlink(missing_ok=True)  # a pickle; the config is in the manifest
+    metrics = {
+        "eval_loss": float(eval_metrics["eval_loss"]),
+        "train_loss": float(train_output.training_loss),
+        "train_samples_per_second": float(train_output.metrics.get("train_samples_per_second", 0.0)),
+        "train_seconds": float(train_output.metrics.get("train_runtime", 0.0)),
+    }
+    return Trained(trainer=trainer, metrics=metrics, out=out, timing=timing)
+
+
+def report_result(trained: Trained, rank: int, metrics: dict[str, float], samples: list[dict]) -> None:
+    """Rank 0 writes result.json next to final/; every rank reports (a barrier), rank 0 with the result dir."""
+    if rank == 0:
+        result = {
+            "metrics": metrics,
+            "log_history": trained.trainer.state.log_history,
+            "first_step_at": trained.timing.get("first_step_at"),
+            "samples": samples,
+        }
+        (trained.out / RESULT_FILE).write_text(json.dumps(result, indent=1))
+    ray_train.report({"finished": 1}, trained.out if rank == 0 else None)
