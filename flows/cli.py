@@ -69,7 +69,10 @@ def _print_run_summary(summary: dict[str, Any], store) -> None:
     from stages.common.store import ArtifactStore
 
     store = store or ArtifactStore(summary["store"])
-    print(f"\npipeline finished in {summary['wall_seconds']:.1f} s (store: {summary['store']})")
+    print(
+        f"\npipeline finished in {summary['wall_seconds']:.1f} s, orchestration overhead "
+        f"{summary['orchestration_overhead_seconds']:.1f} s (store: {summary['store']})"
+    )
     for name, info in summary["stages"].items():
         for ref in info["outputs"].values():
             metrics = store.get(ref).metrics

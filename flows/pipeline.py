@@ -156,16 +156,30 @@ def rlhf(
                     refs[role] = data_task(cfg, art_store, DATA_ROLES[(name, role)])
                 else:
                     refs[role] = produced[UPSTREAM_ROLES[(name, role)]]
+            task_start = time.perf_counter()
             state = stage_task(name, cfg, art_store, ray_driver, refs, force or name in forced, return_state=True)
             outputs = state.result()  # re-raises the stage's error after retries
             produced.update(outputs)
-            summary["stages"][name] = {"state": state.name, "outputs": outputs, "inputs": refs}
+            summary["stages"][name] = {
+                "state": state.name,
+                "outputs": outputs,
+                "inputs": refs,
+                "task_seconds": round(time.perf_counter() - task_start, 2),
+                "stage_seconds": 0.0 if state.name == "Cached" else _stage_seconds(art_store, outputs),
+            }
         summary["wall_seconds"] = round(time.perf_counter() - flow_start, 2)
+        stage_total = sum(info["stage_seconds"] for info in summary["stages"].values())
+        summary["orchestration_overhead_seconds"] = round(summary["wall_seconds"] - stage_total, 2)
         report.pipeline_summary(art_store, summary)
         logger.info(report.summary_line(summary))
         return summary
     finally:
         ray_driver.close()
+
+
+def _stage_seconds(store: ArtifactStore, outputs: dict[str, str]) -> float:
+    """The stage's own wall time, as it recorded in its artifacts' timings (the longest of its outputs)."""
+    return round(max(store.get(ref).manifest.get("timings", {}).get("wall_seconds", 0.0) for ref in outputs.values()), 2)
 
 
 def _check_only_inputs(only: str, inputs: dict[str, str]) -> None:

@@ -63,7 +63,10 @@ def pipeline_summary(store: ArtifactStore, summary: dict[str, Any]) -> None:
     lines = ["# RLHF pipeline", "", "| stage | state | outputs |", "|---|---|---|"]
     for name, info in summary["stages"].items():
         lines.append(f"| {name} | {info['state']} | {', '.join(info['outputs'].values())} |")
-    lines.append(f"\nTotal wall time: {summary['wall_seconds']:.1f} s")
+    lines.append(
+        f"\nTotal wall time: {summary['wall_seconds']:.1f} s, of which orchestration (data ingest, cache checks, "
+        f"Ray start-up, Prefect bookkeeping): {summary['orchestration_overhead_seconds']:.1f} s"
+    )
     final = list(summary["stages"].values())[-1]["outputs"]
     for ref in final.values():
         lines += ["", f"## Lineage of `{ref}`", *_lineage_lines(store.lineage(ref), None, "")]
@@ -85,4 +88,7 @@ def pipeline_summary(store: ArtifactStore, summary: dict[str, Any]) -> None:
 
 def summary_line(summary: dict[str, Any]) -> str:
     parts = [f"{name}={info['state']}" for name, info in summary["stages"].items()]
-    return f"pipeline done in {summary['wall_seconds']:.1f} s: " + ", ".join(parts)
+    return (
+        f"pipeline done in {summary['wall_seconds']:.1f} s "
+        f"(orchestration overhead {summary['orchestration_overhead_seconds']:.1f} s): " + ", ".join(parts)
+    )

@@ -1,8 +1,8 @@
 """What the TRL-based stages (SFT, reward) share: input checks, the DeepSpeed config, and the HF-Trainer-on-Ray loop.
 
 Driver side: `check_kind`, `load_rows`, `model_context`, `token_limit`, `per_worker_batch` (one-line
-`StageInputError`s), `deepspeed_config`, `loop_config` (the fields every loop config holds) and `publish_result`
-(the final checkpoint -> a published artifact with metrics.jsonl and loss_curve.png).
+`StageInputError`s), `deepspeed_config`, `loop_config` (the fields every loop config holds) and `train_and_publish`
+(`ray_train.fit`, then the final checkpoint -> an artifact with metrics.jsonl and loss_curve.png).
 Worker side: `run_on_worker` wraps a stage's `train(cfg, rank, scratch)`; `train_and_save` resumes, trains, evaluates
 and saves the model; `report_result` writes `result.json` and reports the last checkpoint.
 
@@ -18,6 +18,7 @@ import json
 import shutil
 import tempfile
 import time
+import zipfile
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -142,23 +143,45 @@ def checkpoint_complete(path: Path) -> bool:
     try:
         if (path / RESULT_FILE).is_file():
             json.loads((path / RESULT_FILE).read_text())  # the stage writes it last; a torn upload does not parse
-            return (path / FINAL_DIR / "config.json").is_file()
+            return (path / FINAL_DIR / "config.json").is_file() and _whole_safetensors(path / FINAL_DIR)
         hf = path / HF_CHECKPOINT_DIR
         json.loads((hf / "trainer_state.json").read_text())
-        return all((hf / name).is_file() for name in HF_CHECKPOINT_FILES)
-    except (OSError, ValueError):
+        return (
+            all((hf / name).is_file() for name in HF_CHECKPOINT_FILES)
+            and _whole_safetensors(hf)
+            and all(zipfile.is_zipfile(hf / name) for name in ("optimizer.pt", "scheduler.pt"))  # torch.save = zip
+        )
+    except (OSError, ValueError, KeyError, TypeError):
         return False
 
 
-# ---------------------------------------------------------------------------------------------- driver: publishing
+def _whole_safetensors(model_dir: Path) -> bool:
+    """Every *.safetensors file in model_dir is as long as its header says (a torn copy is shorter)."""
+    files = list(model_dir.glob("*.safetensors"))
+    for f in files:
+        with f.open("rb") as fh:
+            header_len = int.from_bytes(fh.read(8), "little")
+            header = json.loads(fh.read(header_len))
+        end = max((t["data_offsets"][1] for k, t in header.items() if k != "__metadata__"), default=0)
+        if f.stat().st_size != 8 + header_len + end:
+            return False
+    return bool(files)
 
 
-def publish_result(result, *, stage: str, output: str, kind: str, title: str, started: float, config, inputs: dict,
-                   loop_config: dict, store, ctx) -> Any:
-    """Publish the final checkpoint of `ray_train.fit` as `output`: model files, metrics.jsonl, loss_curve.png."""
+# ------------------------------------------------------------------------------------------ driver: train, publish
+
+
+def train_and_publish(train_loop: Callable, loop_config: dict, *, stage: str, output: str, kind: str, title: str,
+                      started: float, config, inputs: dict, store, ctx) -> Any:
+    """Run `train_loop` on Ray Train, then publish its final checkpoint as `output` (model, metrics.jsonl, plot)."""
     from stages.common.fingerprint import code_fingerprint
     from stages.common.plots import plot_loss_curve, write_metrics_jsonl
 
+    ctx.log(
+        f"{stage}: {len(loop_config['train_rows'])} train / {len(loop_config['test_rows'])} test rows, "
+        f"{config.max_steps} steps on {ctx.scaling.num_workers} workers"
+    )
+    result = ray_train.fit(train_loop, loop_config, ctx=ctx, run_name=stage, checkpoint_complete=checkpoint_complete)
     with tempfile.TemporaryDirectory(prefix=f"rlhf-{stage}-out-") as out, result.checkpoint.as_directory() as ckpt:
         shutil.copytree(Path(ckpt) / FINAL_DIR, out, dirs_exist_ok=True)
         outcome = json.loads((Path(ckpt) / RESULT_FILE).read_text())
@@ -232,6 +255,13 @@ def training_args(cfg: dict[str, Any], output_dir: str) -> dict[str, Any]:
         dataloader_num_workers=0,
         seed=cfg["seed"],
     )
+
+
+def trainer_datasets(cfg: dict[str, Any]) -> dict[str, Any]:
+    """train_dataset / eval_dataset keyword arguments for a TRL trainer, from the loop config's rows."""
+    from datasets import Dataset
+
+    return {"train_dataset": Dataset.from_list(cfg["train_rows"]), "eval_dataset": Dataset.from_list(cfg["test_rows"])}
 
 
 def progress_callback(stage: str, max_steps: int, timing: dict[str, float], extra_keys: tuple[str, ...] = ()):

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import time
 
-from stages.common import ray_train, trl_stage
+from stages.common import trl_stage
 from stages.common.context import Scaling, StageContext
 from stages.common.trl_stage import check_kind, load_rows, token_limit
 from stages.reward.config import Config
@@ -45,15 +45,9 @@ def run(config: Config, *, sft_model, preferences, store, ctx: StageContext) -> 
     """Train a reward model from `sft_model` on `preferences` pairs on Ray Train workers; publish `reward-model`."""
     started = time.time()
     loop_config = prepare(config, sft_model, preferences, scaling=ctx.scaling, seed=ctx.seed, store=store)
-    ctx.log(
-        f"{NAME}: {len(loop_config['train_rows'])} train / {len(loop_config['test_rows'])} test rows, "
-        f"{config.max_steps} steps on {ctx.scaling.num_workers} workers"
-    )
-    result = ray_train.fit(
-        train_loop, loop_config, ctx=ctx, run_name=NAME, checkpoint_complete=trl_stage.checkpoint_complete
-    )
-    artifact = trl_stage.publish_result(
-        result,
+    artifact = trl_stage.train_and_publish(
+        train_loop,
+        loop_config,
         stage=NAME,
         output=OUTPUTS[0],
         kind="reward-model",
@@ -61,7 +55,6 @@ def run(config: Config, *, sft_model, preferences, store, ctx: StageContext) -> 
         started=started,
         config=config,
         inputs={"sft_model": sft_model, "preferences": preferences},
-        loop_config=loop_config,
         store=store,
         ctx=ctx,
     )

@@ -20,6 +20,7 @@ from stages.common.trl_stage import (
     report_result,
     run_on_worker,
     train_and_save,
+    trainer_datasets,
     training_args,
 )
 from stages.reward.evaluate import evaluate_pairs
@@ -39,7 +40,6 @@ def load_reward_model(model_dir: str):
 
 def build_trainer(cfg: dict[str, Any], output_dir: str):
     """TRL's RewardTrainer for the loop config `cfg` (see stage.prepare); TRL appends eos to both replies."""
-    from datasets import Dataset
     from trl import RewardConfig, RewardTrainer
 
     model, tokenizer = load_reward_model(local_model_dir(cfg))
@@ -48,13 +48,7 @@ def build_trainer(cfg: dict[str, Any], output_dir: str):
         center_rewards_coefficient=cfg["center_rewards_coefficient"],
         max_length=cfg["max_length"],  # the stage already rejected longer pairs, so TRL's filter drops none
     )
-    return RewardTrainer(
-        model=model,
-        args=args,
-        train_dataset=Dataset.from_list(cfg["train_rows"]),
-        eval_dataset=Dataset.from_list(cfg["test_rows"]),
-        processing_class=tokenizer,
-    )
+    return RewardTrainer(model=model, args=args, processing_class=tokenizer, **trainer_datasets(cfg))
 
 
 def train_loop(cfg: dict[str, Any]) -> None:

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import time
 
-from stages.common import ray_train, trl_stage
+from stages.common import trl_stage
 from stages.common.context import Scaling, StageContext
 from stages.common.trl_stage import check_kind, load_rows, model_context, token_limit
 from stages.sft.config import Config
@@ -48,15 +48,9 @@ def run(config: Config, *, base_model, data, store, ctx: StageContext) -> dict:
     """Fine-tune `base_model` on `data` (loss on completions only) on Ray Train workers; publish `sft-model`."""
     started = time.time()
     loop_config = prepare(config, base_model, data, scaling=ctx.scaling, seed=ctx.seed, store=store)
-    ctx.log(
-        f"{NAME}: {len(loop_config['train_rows'])} train / {len(loop_config['test_rows'])} test rows, "
-        f"{config.max_steps} steps on {ctx.scaling.num_workers} workers"
-    )
-    result = ray_train.fit(
-        train_loop, loop_config, ctx=ctx, run_name=NAME, checkpoint_complete=trl_stage.checkpoint_complete
-    )
-    artifact = trl_stage.publish_result(
-        result,
+    artifact = trl_stage.train_and_publish(
+        train_loop,
+        loop_config,
         stage=NAME,
         output=OUTPUTS[0],
         kind="causal-lm",
@@ -64,7 +58,6 @@ def run(config: Config, *, base_model, data, store, ctx: StageContext) -> dict:
         started=started,
         config=config,
         inputs={"base_model": base_model, "data": data},
-        loop_config=loop_config,
         store=store,
         ctx=ctx,
     )

@@ -17,6 +17,7 @@ from stages.common.trl_stage import (
     report_result,
     run_on_worker,
     train_and_save,
+    trainer_datasets,
     training_args,
 )
 from stages.sft.evaluate import demo_metrics
@@ -26,7 +27,6 @@ __all__ = ["FINAL_DIR", "RESULT_FILE", "build_trainer", "deepspeed_config", "tra
 
 def build_trainer(cfg: dict[str, Any], output_dir: str):
     """TRL's SFTTrainer for the loop config `cfg` (see stage.prepare): completion-only loss, eos appended by TRL."""
-    from datasets import Dataset
     from transformers import AutoModelForCausalLM, AutoTokenizer
     from trl import SFTConfig, SFTTrainer
 
@@ -38,13 +38,7 @@ def build_trainer(cfg: dict[str, Any], output_dir: str):
         max_length=cfg["max_length"],
         completion_only_loss=True,  # labels of prompt tokens are -100 (tested in tests/test_sft.py)
     )
-    return SFTTrainer(
-        model=model,
-        args=args,
-        train_dataset=Dataset.from_list(cfg["train_rows"]),
-        eval_dataset=Dataset.from_list(cfg["test_rows"]),
-        processing_class=tokenizer,
-    )
+    return SFTTrainer(model=model, args=args, processing_class=tokenizer, **trainer_datasets(cfg))
 
 
 def train_loop(cfg: dict[str, Any]) -> None:
