@@ -7,7 +7,7 @@ from pathlib import Path
 
 
 def write_metrics_jsonl(log_history: list[dict], path: str | Path) -> Path:
-    """One JSON object per Trainer log entry (step, loss, learning rate, eval results), in order."""
+    """One JSON object per log entry (a Trainer log step, a PPO iteration), in order."""
     p = Path(path)
     p.write_text("".join(json.dumps(entry, sort_keys=True) + "\n" for entry in log_history))
     return p

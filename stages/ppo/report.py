@@ -26,11 +26,6 @@ def log_line(m: dict, total: int) -> str:
     )
 
 
-def write_metrics_jsonl(history: list[dict], path: Path) -> None:
-    """One JSON object per iteration."""
-    path.write_text("".join(json.dumps(m, sort_keys=True) + "\n" for m in history))
-
-
 def write_curves(history: list[dict], path: Path) -> None:
     """curves.png: reward, gold score, KL, losses and policy statistics per iteration."""
     import matplotlib

@@ -12,6 +12,7 @@ from pydantic import ValidationError
 from stages.common.context import StageContext
 from stages.common.errors import StageInputError
 from stages.common.fingerprint import code_fingerprint
+from stages.common.plots import write_metrics_jsonl
 from stages.ppo import report
 from stages.ppo.config import Config
 from stages.ppo.group import ActorPool, ModelSource
@@ -84,7 +85,7 @@ def run(config: Config, *, store, ctx: StageContext, sft_model, reward_model, pr
             (out / name).write_bytes(data)
         _save_tokenizer(sft_model.path, out)
         report.write_samples(eval_before["rows"], eval_after["rows"], config.samples_shown, out / "samples.json")
-        report.write_metrics_jsonl(history, out / "metrics.jsonl")
+        write_metrics_jsonl(history, out / "metrics.jsonl")
         report.write_curves(history, out / "curves.png")
         (out / "eval.json").write_text(json.dumps({"before": eval_before, "after": eval_after}, indent=1) + "\n")
         artifact = store.publish(
