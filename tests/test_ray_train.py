@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 import sys
 import tempfile
 from pathlib import Path
@@ -41,7 +42,8 @@ def test_failure_is_one_line_and_a_rerun_resumes(tmp_path, local_ray):
     ctx = StageContext(work_dir=str(tmp_path / "work"), scaling=Scaling(num_workers=2), log=lines.append)
     with pytest.raises(rt.TrainingFailed) as err:
         rt.fit(counting_loop, {"steps": 4, "crash_at": 3}, ctx=ctx, run_name="count", max_failures=0)
-    assert str(err.value) == "count: training failed on worker rank 0: ValueError: bad batch at step 3"
+    # Both ranks raise at step 3; which one Ray reports first is a race, so either rank is right.
+    assert re.fullmatch(r"count: training failed on worker rank [01]: ValueError: bad batch at step 3", str(err.value))
     assert err.value.__cause__ is not None
     assert len([p for p in (tmp_path / "work" / "count").glob("checkpoint_*") if p.is_dir()]) == 2  # steps 1 and 2
 
