@@ -292,7 +292,7 @@ def test_deepspeed_config_follows_the_typed_config():
     from stages.sft.train import deepspeed_config
 
     assert deepspeed_config(None, bf16=False) is None  # plain DDP: the CPU default
-    zero3 = deepspeed_config(3, bf16=True)
+    zero3 = deepspeed_config(3, bf16=True, use_gpu=True)
     assert zero3["zero_optimization"] == {"stage": 3, "stage3_gather_16bit_weights_on_model_save": True}
     assert zero3["bf16"] == {"enabled": True}
     assert deepspeed_config(2, bf16=False)["zero_optimization"] == {"stage": 2}

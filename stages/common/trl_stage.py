@@ -24,6 +24,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from stages.common import deepspeed_config as ds
 from stages.common import ray_train
 from stages.common.errors import StageInputError
 from stages.common.hf import check_vocab_matches
@@ -95,22 +96,20 @@ def per_worker_batch(batch_size: int, num_workers: int, where: str) -> int:
 # ------------------------------------------------------------------------------------------------ driver: loop config
 
 
-def deepspeed_config(zero_stage: int | None, bf16: bool) -> dict | None:
-    """DeepSpeed settings for the HF Trainer; "auto" values are filled in from the training arguments."""
+def deepspeed_config(zero_stage: int | None, bf16: bool, use_gpu: bool = True) -> dict | None:
+    """DeepSpeed settings for the HF Trainer (None = plain DDP); "auto" values come from the training arguments."""
     if zero_stage is None:
         return None
-    zero: dict[str, Any] = {"stage": zero_stage}
-    if zero_stage == 3:
-        zero["stage3_gather_16bit_weights_on_model_save"] = True  # save_model writes full weights, not shards
-    return {
-        "train_micro_batch_size_per_gpu": "auto",
-        "gradient_accumulation_steps": "auto",
-        "train_batch_size": "auto",
-        "gradient_clipping": "auto",
-        "zero_optimization": zero,
-        "optimizer": {"type": "AdamW", "params": {"lr": "auto", "weight_decay": "auto"}},
-        "bf16": {"enabled": bf16},
-    }
+    return ds.build(
+        zero_stage=zero_stage,
+        precision="bf16" if bf16 else "fp32",
+        use_gpu=use_gpu,
+        micro_batch_size="auto",
+        grad_accum="auto",
+        grad_clip="auto",
+        train_batch_size="auto",
+        optimizer=ds.AdamW(),
+    )
 
 
 def loop_config(config, model, splits: dict[str, list], *, stage: str, limit: int, scaling, seed: int, store) -> dict:
@@ -131,7 +130,7 @@ def loop_config(config, model, splits: dict[str, list], *, stage: str, limit: in
         "save_steps": config.save_steps,
         "logging_steps": config.logging_steps,
         "bf16": config.bf16,
-        "deepspeed": deepspeed_config(config.zero_stage, config.bf16),
+        "deepspeed": deepspeed_config(config.zero_stage, config.bf16, scaling.use_gpu),
         "seed": seed,
         "use_gpu": scaling.use_gpu,
         "cpus_per_worker": scaling.cpus_per_worker,
