@@ -7,6 +7,13 @@ from typing import Literal
 from pydantic import Field, model_validator
 
 from stages.common.config import Section
+from stages.common.gates import Gate
+
+
+class PPOGate(Gate):
+    """What shows RL stayed sane: the policy's KL to the reference within a bound (a blown-up KL is reward hacking)."""
+
+    max_kl: float | None = Field(10.0, gt=0)  # nats per reply on the held-out prompts
 
 
 class Config(Section):
@@ -51,6 +58,7 @@ class Config(Section):
     eval_prompts: int = Field(64, ge=1)  # held-out prompts scored before and after training
     samples_shown: int = Field(8, ge=0)  # SFT vs PPO responses saved side by side in samples.json
     checkpoint_every: int = Field(10, ge=1)  # iterations between checkpoints (the last one is always saved)
+    gate: PPOGate = Field(default_factory=PPOGate)  # checked by the flow; not part of the cache key
 
     @model_validator(mode="after")
     def _batches_divide(self) -> Config:

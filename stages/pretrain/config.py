@@ -7,6 +7,13 @@ from typing import Literal
 from pydantic import Field
 
 from stages.common.config import Section
+from stages.common.gates import Gate
+
+
+class PretrainGate(Gate):
+    """What shows pretraining worked: the model beats the no-context (unigram) baseline on held-out text."""
+
+    max_perplexity_vs_unigram: float | None = Field(1.0, gt=0)  # val perplexity / unigram perplexity
 
 
 class Config(Section):
@@ -47,3 +54,4 @@ class Config(Section):
     checkpoint_interval: int = Field(100, ge=1)  # steps between checkpoints (resume points)
     max_failures: int = Field(1, ge=0)  # Ray Train retries of a failed worker group, from the latest checkpoint
     peak_flops: float | None = Field(None, gt=0)  # per-worker peak FLOP/s for MFU; None = measure a matmul on it
+    gate: PretrainGate = Field(default_factory=PretrainGate)  # checked by the flow; not part of the cache key

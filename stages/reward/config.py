@@ -5,6 +5,13 @@ from __future__ import annotations
 from pydantic import Field
 
 from stages.common.config import Section
+from stages.common.gates import Gate
+
+
+class RewardGate(Gate):
+    """What shows the reward model learnt: held-out pairwise accuracy clearly above chance (0.5)."""
+
+    min_eval_accuracy: float | None = Field(0.6, ge=0, le=1)
 
 
 class Config(Section):
@@ -23,3 +30,4 @@ class Config(Section):
     score_batch_size: int = Field(64, ge=1)  # sequences per forward pass when scoring the held-out pairs
     zero_stage: int | None = Field(None, ge=0, le=3)  # DeepSpeed ZeRO stage; None = plain DDP (the CPU default)
     bf16: bool = False  # bf16 mixed precision (GPU clusters); CPU runs stay in fp32
+    gate: RewardGate = Field(default_factory=RewardGate)  # checked by the flow; not part of the cache key

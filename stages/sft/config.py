@@ -5,10 +5,22 @@ from __future__ import annotations
 from pydantic import Field
 
 from stages.common.config import Section
+from stages.common.gates import Gate
+
+
+class SFTGate(Gate):
+    """What shows SFT worked: the training loss fell (last logged loss below the first) and stayed finite."""
+
+    max_loss_vs_first: float | None = Field(1.0, gt=0)  # last logged train loss / first logged train loss
+    max_eval_loss: float | None = Field(None, gt=0)  # held-out loss ceiling (off by default: data-dependent)
 
 
 class Config(Section):
     """Supervised fine-tuning of the base model on prompt/completion pairs (loss on the completion only)."""
+
+    # start from this causal LM (an artifact ref such as my-llama@latest, or a local HF directory, which is imported
+    # into the store by content) instead of the pretrain stage's base-model; the pretrain node then does not run
+    base_model: str | None = Field(None, min_length=1)
 
     max_steps: int = Field(150, ge=1)  # optimizer steps; the demo format is learnt in well under one epoch
     batch_size: int = Field(16, ge=1)  # global batch per optimizer step, split evenly over the Ray workers
@@ -24,3 +36,4 @@ class Config(Section):
     generation_batch_size: int = Field(32, ge=1)  # prompts per batched, left-padded generate call
     zero_stage: int | None = Field(None, ge=0, le=3)  # DeepSpeed ZeRO stage; None = plain DDP (the CPU default)
     bf16: bool = False  # bf16 mixed precision (GPU clusters); CPU runs stay in fp32
+    gate: SFTGate = Field(default_factory=SFTGate)  # checked by the flow; not part of the cache key

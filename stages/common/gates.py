@@ -1,0 +1,91 @@
+"""Quality gates: the metrics that show a stage did its job, with thresholds the user can change or turn off.
+
+Each stage's config holds a `gate` section, a `Gate` subclass whose fields are named `min_<metric>` or
+`max_<metric>` (None turns a check off). The flow checks the gate on the stage's published metrics, whether the
+stage ran or was reused: a stage that misses its gate has published its artifact (so it can be inspected), but the
+flow stops before the next stage. Gates are not part of the cache key, so changing a threshold and rerunning reuses
+the artifact and only re-checks it.
+
+Some gated metrics are ratios of published ones (`DERIVED`), so a stage need not publish every ratio itself.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+from stages.common.config import Section
+
+
+def _ratio(numerator: str, denominator: str) -> Callable[[dict[str, Any]], float | None]:
+    def compute(metrics: dict[str, Any]) -> float | None:
+        top, bottom = metrics.get(numerator), metrics.get(denominator)
+        if not isinstance(top, int | float) or not isinstance(bottom, int | float) or bottom == 0:
+            return None
+        return float(top) / float(bottom)
+
+    return compute
+
+
+# metric name -> how to compute it from the published metrics (when the stage does not publish it itself)
+DERIVED: dict[str, Callable[[dict[str, Any]], float | None]] = {
+    "perplexity_vs_unigram": _ratio("val_perplexity", "unigram_perplexity"),
+    "loss_vs_first": _ratio("last_logged_loss", "first_logged_loss"),
+}
+
+
+class Gate(Section):
+    """Base of every stage's gate section: fields `min_<metric>` / `max_<metric>`, None = that check is off."""
+
+    def checks(self) -> list[tuple[str, str, float]]:
+        """(metric, "min" | "max", threshold) for every check that is on."""
+        out = []
+        for field, threshold in self.model_dump().items():
+            if threshold is None:
+                continue
+            bound, _, metric = field.partition("_")
+            if bound not in ("min", "max") or not metric:
+                raise ValueError(f"{type(self).__name__}.{field}: gate fields must be named min_<metric> or max_<metric>")
+            out.append((metric, bound, float(threshold)))
+        return out
+
+
+@dataclass(frozen=True)
+class GateMiss:
+    """One failed check, phrased for the one-line error."""
+
+    stage: str
+    metric: str
+    bound: str
+    threshold: float
+    value: float | None
+
+    def __str__(self) -> str:
+        want = f"at least {self.threshold:g}" if self.bound == "min" else f"at most {self.threshold:g}"
+        found = "missing" if self.value is None else f"{self.value:.4g}"
+        field = f"{self.stage}.gate.{self.bound}_{self.metric}"
+        return f"{self.stage}: quality gate missed: {self.metric} = {found}, expected {want} ({field})"
+
+
+def metric_value(metrics: dict[str, Any], metric: str) -> float | None:
+    """A published metric, or a derived one; None when neither exists or it is not a number."""
+    if metric in metrics:
+        value = metrics[metric]
+        return float(value) if isinstance(value, int | float) and not isinstance(value, bool) else None
+    derive = DERIVED.get(metric)
+    return derive(metrics) if derive else None
+
+
+def check(stage: str, gate: Gate | None, metrics: dict[str, Any]) -> list[GateMiss]:
+    """Every check of `gate` that `metrics` fails; a missing or non-finite value fails its check."""
+    if gate is None:
+        return []
+    misses = []
+    for metric, bound, threshold in gate.checks():
+        value = metric_value(metrics, metric)
+        ok = value is not None and math.isfinite(value) and (value >= threshold if bound == "min" else value <= threshold)
+        if not ok:
+            misses.append(GateMiss(stage, metric, bound, threshold, value))
+    return misses
