@@ -73,6 +73,8 @@ def _print_run_summary(summary: dict[str, Any], store) -> None:
         f"\npipeline finished in {summary['wall_seconds']:.1f} s, orchestration overhead "
         f"{summary['orchestration_overhead_seconds']:.1f} s (store: {summary['store']})"
     )
+    for name, reason in summary.get("skipped", {}).items():
+        print(f"  {name:<8} {'Skipped':<9} not run: {reason}")
     for name, info in summary["stages"].items():
         for ref in info["outputs"].values():
             metrics = store.get(ref).metrics
@@ -182,7 +184,7 @@ def _add_store(p: argparse.ArgumentParser) -> None:
 
 
 def _add_config(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--preset", default="demo", choices=["tiny", "demo", "gpu-cluster"], help="base preset (default demo)")
+    p.add_argument("--preset", default="demo", choices=["tiny", "demo", "single-gpu", "gpu-cluster"], help="base preset (default demo)")
     p.add_argument("--config", help="YAML file merged over the preset")
     p.add_argument("--set", action="append", metavar="KEY=VALUE", help="override one key, e.g. --set sft.max_steps=50")
 
@@ -248,6 +250,7 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     from stages.common.config import ConfigError
     from stages.common.errors import StageInputError
+    from stages.common.gates import GateFailed
     from stages.common.store import ArtifactCorrupted, ArtifactError
 
     try:
@@ -259,7 +262,7 @@ def main(argv: list[str] | None = None) -> int:
     except ArtifactCorrupted as e:
         print(f"error: {e}", file=sys.stderr)
         return 1
-    except (UsageError, ConfigError, ArtifactError, DataError, StageInputError) as e:
+    except (UsageError, ConfigError, ArtifactError, DataError, StageInputError, GateFailed) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:

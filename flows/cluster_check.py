@@ -34,9 +34,10 @@ class RayDriver:
     once. `close()` shuts down only a Ray this driver started or joined itself.
     """
 
-    def __init__(self, address: str | None, store_root: str, work_dir: str):
+    def __init__(self, address: str | None, store_root: str, work_dir: str, check=None):
         self.address = address or os.environ.get("RAY_ADDRESS")
         self.store_root, self.work_dir = store_root, work_dir
+        self.check = check  # called with the joined cluster's Resources: does the run fit there?
         self._owned = False
         if self.address:
             probe_ray_address(self.address)
@@ -50,6 +51,10 @@ class RayDriver:
             else:
                 ray.init(num_cpus=os.cpu_count(), include_dashboard=False, log_to_driver=True)
             self._owned = True
+            if self.address and self.check is not None:
+                from flows.preflight import Resources
+
+                self.check(Resources.of_ray_cluster(self.address))
         check_store_reachable(self.store_root, self.work_dir)
 
     def close(self) -> None:

@@ -32,7 +32,7 @@ from stages.sft import Config as SFTConfig
 
 STAGES = {m.NAME: m for m in (pretrain, sft, reward, ppo)}
 STAGE_ORDER = ["pretrain", "sft", "reward", "ppo"]
-PRESETS = ("tiny", "demo", "gpu-cluster")
+PRESETS = ("tiny", "demo", "single-gpu", "gpu-cluster")
 
 
 class RunSection(Section):
@@ -119,7 +119,32 @@ def load_config(preset: str = "demo", config_file: str | None = None, overrides:
         merged = deep_merge(merged, data)
     merged = apply_overrides(merged, overrides)
     try:
-        return PipelineConfig.model_validate(merged)
+        cfg = PipelineConfig.model_validate(merged)
     except ValidationError as exc:
         loc = [str(p) for p in exc.errors(include_url=False)[0]["loc"]]
         raise ConfigError(format_validation_error(exc, _source_of(loc, layers, overrides))) from None
+    _check_precision_fits_device(cfg, layers, overrides)
+    return cfg
+
+
+def _half_precision_keys(cfg: PipelineConfig) -> list[tuple[str, str]]:
+    """(key path, value) of every stage setting that asks for bf16/fp16 compute."""
+    keys = []
+    if cfg.pretrain.precision in ("bf16", "fp16"):
+        keys.append(("pretrain.precision", repr(cfg.pretrain.precision)))
+    for section in ("sft", "reward", "ppo"):
+        if getattr(cfg, section).bf16:
+            keys.append((f"{section}.bf16", "true"))
+    return keys
+
+
+def _check_precision_fits_device(cfg: PipelineConfig, layers, overrides: list[str]) -> None:
+    """bf16/fp16 need a GPU: on CPU they are refused here, before anything starts, instead of deep in a worker."""
+    if cfg.run.use_gpu:
+        return
+    for key, value in _half_precision_keys(cfg):
+        source = _source_of(key.split("."), layers, overrides)
+        raise ConfigError(
+            f"config error in {source}: {key}: {value} needs a GPU, but run.use_gpu is false; "
+            f"use fp32 on CPU (pretrain.precision=auto or fp32, <stage>.bf16=false) or set run.use_gpu=true"
+        )

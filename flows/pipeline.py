@@ -16,16 +16,18 @@ os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
 
 from prefect import flow, get_run_logger, task  # noqa: E402
 from prefect.cache_policies import NO_CACHE  # noqa: E402
-from prefect.states import Completed  # noqa: E402
+from prefect.states import Completed, Failed  # noqa: E402
 
 from flows import report  # noqa: E402
 from flows.cluster_check import RayDriver, probe_ray_address  # noqa: E402
 from flows.config import STAGE_ORDER, STAGES, PipelineConfig, load_config  # noqa: E402
+from flows.preflight import Resources, check_fits  # noqa: E402
 from stages.common.config import ConfigError  # noqa: E402
 from stages.common.context import StageContext  # noqa: E402
 from stages.common.data import DataError, ingest  # noqa: E402
 from stages.common.errors import StageInputError  # noqa: E402
 from stages.common.fingerprint import cache_key, code_fingerprint  # noqa: E402
+from stages.common.gates import GateFailed, check_gate  # noqa: E402
 from stages.common.store import ArtifactError, ArtifactStore  # noqa: E402
 
 # Which data set feeds which stage role, and which upstream output feeds which role.
@@ -33,7 +35,15 @@ DATA_ROLES = {("pretrain", "corpus"): "corpus", ("sft", "data"): "sft", ("reward
               ("ppo", "prompts"): "prompts"}
 UPSTREAM_ROLES = {("sft", "base_model"): "base-model", ("reward", "sft_model"): "sft-model",
                   ("ppo", "sft_model"): "sft-model", ("ppo", "reward_model"): "reward-model"}
-USER_ERRORS = (ConfigError, DataError, StageInputError, ArtifactError)
+USER_ERRORS = (ConfigError, DataError, StageInputError, ArtifactError, GateFailed)
+# Config fields that do not change what a stage computes: gate thresholds (checked after the fact, so changing one
+# reuses the artifact) and references to inputs (their artifact digests are in the key instead).
+NOT_IN_CACHE_KEY = ("gate", "base_model")
+
+
+def _user_failure(exc: BaseException):
+    """A user's mistake as a Failed state: Prefect shows the one-line message, logs no traceback, never retries."""
+    return Failed(message=str(exc), data=exc)
 
 
 def _worth_retrying(task_obj, task_run, state) -> bool:
@@ -50,8 +60,9 @@ def _worth_retrying(task_obj, task_run, state) -> bool:
 def stage_cache_key(name: str, cfg: PipelineConfig, inputs: dict[str, Any]) -> str:
     """The stage's cache key: its code, its own config plus the run-level knobs that change results, its inputs."""
     run = cfg.run
+    stage_config = {k: v for k, v in cfg.stage_config(name).to_dict().items() if k not in NOT_IN_CACHE_KEY}
     config = {
-        "stage": cfg.stage_config(name).to_dict(),
+        "stage": stage_config,
         "run": {"seed": run.seed, "num_workers": run.num_workers, "use_gpu": run.use_gpu},
     }
     return cache_key(name, code_fingerprint(name), config, {role: a.digest for role, a in inputs.items()})
@@ -61,9 +72,41 @@ def stage_cache_key(name: str, cfg: PipelineConfig, inputs: dict[str, Any]) -> s
 def data_task(cfg: PipelineConfig, store: ArtifactStore, fmt: str) -> str:
     """Materialise one data source as a dataset artifact (identical data -> the same version)."""
     source = getattr(cfg.data, fmt)
-    art = ingest(source, fmt, store, demo_cfg=cfg.data.demo, test_fraction=cfg.data.test_fraction, seed=cfg.run.seed)
+    try:
+        art = ingest(source, fmt, store, demo_cfg=cfg.data.demo, test_fraction=cfg.data.test_fraction,
+                     seed=cfg.run.seed)  # fmt: skip
+    except USER_ERRORS as e:
+        return _user_failure(e)
     get_run_logger().info(f"data {fmt}: {source} -> {art.ref} ({art.metrics})")
     return art.ref
+
+
+@task(name="model", task_run_name="{key}", cache_policy=NO_CACHE, persist_result=False)
+def model_task(key: str, value: str, kind: str, store: ArtifactStore) -> str:
+    """A model named in the config (`sft.base_model`): an artifact ref, or a local HF directory imported by content."""
+    from pathlib import Path
+
+    try:
+        if Path(value).expanduser().is_dir():
+            from stages.common.model_import import import_model
+
+            art = import_model(store, str(Path(value).expanduser()), kind=kind, name=_import_name(value))
+            get_run_logger().info(f"{key}: local directory {value} -> {art.ref} (digest {art.digest[:12]})")
+        else:
+            art = store.get(value, kind=kind)
+            get_run_logger().info(f"{key}: {value} -> {art.ref} (digest {art.digest[:12]})")
+    except USER_ERRORS as e:
+        return _user_failure(e)
+    return art.ref
+
+
+def _import_name(path: str) -> str:
+    """An artifact name for a directory imported on the fly: its folder name, reduced to safe characters."""
+    import re
+    from pathlib import Path
+
+    name = re.sub(r"[^A-Za-z0-9._-]+", "-", Path(path).expanduser().resolve().name).strip("-.")
+    return name or "imported-model"
 
 
 @task(
@@ -79,6 +122,14 @@ def stage_task(
     name: str, cfg: PipelineConfig, store: ArtifactStore, ray_driver: RayDriver, input_refs: dict[str, str], force: bool
 ):
     """Reuse the stage's artifacts when its cache key matches; otherwise run it, publish, and record the key."""
+    try:
+        return _run_or_reuse(name, cfg, store, ray_driver, input_refs, force)
+    except USER_ERRORS as e:
+        return _user_failure(e)
+
+
+def _run_or_reuse(name: str, cfg: PipelineConfig, store: ArtifactStore, ray_driver: RayDriver,
+                  input_refs: dict[str, str], force: bool):  # fmt: skip
     logger = get_run_logger()
     module = STAGES[name]
     inputs = {role: store.get(ref, kind=module.INPUTS[role]) for role, ref in input_refs.items()}
@@ -89,6 +140,7 @@ def stage_task(
             refs = {out: art.ref for out, art in hit.items()}
             logger.info(f"{name}: cache key {key[:12]} matches; reusing {', '.join(refs.values())}")
             report.stage_markdown(name, "reused", hit, inputs, wall_seconds=0.0)
+            check_gate(name, getattr(cfg.stage_config(name), "gate", None), hit)
             return Completed(name="Cached", message=f"reused {', '.join(refs.values())}", data=refs)
     ctx = StageContext(
         work_dir=os.path.join(cfg.run.work_dir, name, key[:16]),
@@ -104,11 +156,15 @@ def stage_task(
     wall = time.perf_counter() - start
     store.record_cache(key, outputs)
     report.stage_markdown(name, "ran", outputs, inputs, wall_seconds=wall)
+    check_gate(name, getattr(cfg.stage_config(name), "gate", None), outputs)
     return {out: art.ref for out, art in outputs.items()}
 
 
-def plan_stages(from_stage: str | None, only: str | None) -> tuple[list[str], set[str]]:
-    """Which stages run, and which of them are forced (ignore the cache)."""
+def plan_stages(from_stage: str | None, only: str | None, cfg: PipelineConfig | None = None) -> tuple[list[str], set[str]]:
+    """Which stages run, and which of them are forced (ignore the cache).
+
+    With `sft.base_model` set the pipeline starts at SFT from that model: the pretrain node is left out.
+    """
     for flag, value in (("--from", from_stage), ("--only", only)):
         if value is not None and value not in STAGES:
             raise ConfigError(f"{flag} {value!r}: unknown stage; expected one of {', '.join(STAGE_ORDER)}")
@@ -116,9 +172,18 @@ def plan_stages(from_stage: str | None, only: str | None) -> tuple[list[str], se
         raise ConfigError("--from and --only cannot be combined")
     if only:
         return [only], set()
+    order = [s for s in STAGE_ORDER if not (s == "pretrain" and cfg is not None and cfg.sft.base_model)]
     if from_stage:
-        return STAGE_ORDER, set(STAGE_ORDER[STAGE_ORDER.index(from_stage):])
-    return STAGE_ORDER, set()
+        if from_stage not in order:
+            raise ConfigError(f"--from {from_stage}: sft.base_model is set, so {from_stage} does not run in this pipeline")
+        return order, set(order[order.index(from_stage):])
+    return order, set()
+
+
+def preflight(cfg: PipelineConfig, stages: list[str]) -> None:
+    """Fail in seconds when the run cannot fit: on this machine when the flow starts a local Ray itself."""
+    if not (cfg.run.ray_address or os.environ.get("RAY_ADDRESS")):
+        check_fits(cfg, Resources.of_this_machine(), stages)
 
 
 # log_prints stays off: libraries print to stdout internally (dill disassembles functions while hashing them).
@@ -133,19 +198,36 @@ def rlhf(
     inputs: dict[str, str] | None = None,
     force: bool = False,
 ) -> dict[str, Any]:
-    """The whole RLHF pipeline as a DAG; see `rlhf run --help` for the meaning of each parameter."""
+    """The whole RLHF pipeline as a DAG; see `rlhf run --help` for the meaning of each parameter.
+
+    A user's mistake found anywhere in the run (config, data, inputs, resources, a missed quality gate) ends the
+    flow Failed with that one-line message and re-raises it to the caller; no traceback is logged, nothing retried.
+    """
+    try:
+        return _pipeline(preset, config_file, overrides, store, from_stage, only, inputs, force)
+    except USER_ERRORS as e:
+        return _user_failure(e)
+
+
+def _pipeline(preset, config_file, overrides, store, from_stage, only, inputs, force) -> dict[str, Any]:
     logger = get_run_logger()
     flow_start = time.perf_counter()
     cfg = load_config(preset, config_file, overrides or [])
-    stages, forced = plan_stages(from_stage, only)
+    stages, forced = plan_stages(from_stage, only, cfg)
     inputs = dict(inputs or {})
     if only:
         _check_only_inputs(only, inputs)
+    preflight(cfg, stages)
     art_store = ArtifactStore(store or os.environ.get("RLHF_STORE") or cfg.run.store)
-    ray_driver = RayDriver(cfg.run.ray_address, art_store.root, cfg.run.work_dir)
+    ray_driver = RayDriver(cfg.run.ray_address, art_store.root, cfg.run.work_dir,
+                           check=lambda resources: check_fits(cfg, resources, stages))  # fmt: skip
     try:
         produced: dict[str, str] = {}  # output name -> ref, as the DAG proceeds
-        summary: dict[str, Any] = {"store": art_store.root, "stages": {}}
+        summary: dict[str, Any] = {"store": art_store.root, "stages": {}, "skipped": {}}
+        if cfg.sft.base_model and not only:
+            summary["skipped"]["pretrain"] = f"sft.base_model = {cfg.sft.base_model}"
+            produced["base-model"] = model_task("sft.base_model", cfg.sft.base_model, "causal-lm", art_store)
+            logger.info(f"pretrain: not run; sft starts from {cfg.sft.base_model} ({produced['base-model']})")
         for name in stages:
             module = STAGES[name]
             refs: dict[str, str] = {}
@@ -158,7 +240,7 @@ def rlhf(
                     refs[role] = produced[UPSTREAM_ROLES[(name, role)]]
             task_start = time.perf_counter()
             state = stage_task(name, cfg, art_store, ray_driver, refs, force or name in forced, return_state=True)
-            outputs = state.result()  # re-raises the stage's error after retries
+            outputs = state.result()  # re-raises the stage's error after retries (a user error: at once)
             produced.update(outputs)
             summary["stages"][name] = {
                 "state": state.name,
@@ -196,13 +278,14 @@ def _check_only_inputs(only: str, inputs: dict[str, str]) -> None:
 def run_pipeline(**params: Any) -> dict[str, Any]:
     """Validate cheaply first (config, stage names, inputs, Ray address), so a user mistake costs no Prefect start-up."""
     cfg = load_config(params.get("preset", "demo"), params.get("config_file"), params.get("overrides") or [])
-    plan_stages(params.get("from_stage"), params.get("only"))
+    stages, _ = plan_stages(params.get("from_stage"), params.get("only"), cfg)
     if params.get("only"):
         _check_only_inputs(params["only"], params.get("inputs") or {})
     address = cfg.run.ray_address or os.environ.get("RAY_ADDRESS")
     if address:
         probe_ray_address(address)
+    preflight(cfg, stages)
     return rlhf(**params)
 
 
-__all__ = ["rlhf", "run_pipeline", "plan_stages", "stage_cache_key"]
+__all__ = ["rlhf", "run_pipeline", "plan_stages", "preflight", "stage_cache_key"]

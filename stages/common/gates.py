@@ -89,3 +89,18 @@ def check(stage: str, gate: Gate | None, metrics: dict[str, Any]) -> list[GateMi
         if not ok:
             misses.append(GateMiss(stage, metric, bound, threshold, value))
     return misses
+
+
+class GateFailed(ValueError):
+    """A stage's output missed its quality gate; the message names the metric, its value and the threshold."""
+
+
+def check_gate(stage: str, gate: Gate | None, outputs: dict[str, Any]) -> None:
+    """Raise GateFailed if the stage's published artifacts (name -> Artifact) miss `gate`; the artifacts stay."""
+    metrics: dict[str, Any] = {}
+    for artifact in outputs.values():
+        metrics.update(artifact.metrics)
+    misses = check(stage, gate, metrics)
+    if misses:
+        refs = ", ".join(a.ref for a in outputs.values())
+        raise GateFailed(f"{misses[0]}; {refs} is published for inspection, the next stages did not run")
