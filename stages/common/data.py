@@ -119,8 +119,19 @@ def read_splits(source: str) -> dict[str, datasets.Dataset]:
     return _read_hub(source)
 
 
+# Columns that may hold TRL's conversational form (a list of {role, content} turns) instead of a string; a row is
+# all strings or all conversational. Completion-side columns hold the assistant's turns only.
+CONVERSATIONAL = {"prompt", "completion", "chosen", "rejected"}
+REPLY_COLUMNS = {"completion", "chosen", "rejected"}
+
+
 def validate(ds: datasets.Dataset, fmt: str, source: str) -> datasets.Dataset:
-    """Check rows, required columns and string types for `fmt`; returns `ds` with only the required columns."""
+    """Check rows, required columns, types and content for `fmt`; returns `ds` with only the required columns.
+
+    Everything a stage would refuse is refused here, before the data is published as a dataset version: empty
+    texts, prompts or replies, a messages row that does not end in an assistant reply, chosen == rejected and a
+    preference pair given twice. Each error names the row.
+    """
     alternatives = _check_format(fmt)
     found = list(ds.column_names)
     columns = next((alt for alt in alternatives if all(c in found for c in alt)), None)
@@ -135,18 +146,55 @@ def validate(ds: datasets.Dataset, fmt: str, source: str) -> datasets.Dataset:
     if len(ds) == 0:
         raise DataError(f"{source}: empty data set")
     ds = ds.select_columns(columns)
+    values = {col: ds[col] for col in columns}
     for col in columns:
-        values = ds[col]
-        check = _is_messages if col == "messages" else (lambda v: isinstance(v, str))
-        bad = next((i for i, v in enumerate(values) if not check(v)), None)
-        if bad is not None:
-            what = "a list of {role, content} strings" if col == "messages" else "strings"
-            raise DataError(f"{source}: row {bad}: column {col!r} must hold {what}, found {values[bad]!r:.60}")
+        for i, value in enumerate(values[col]):
+            _check_value(value, col, f"{source}: row {i}")
+    conversational = [col for col in columns if col in CONVERSATIONAL]
+    for i in range(len(ds)):
+        kinds = {col: isinstance(values[col][i], list) for col in conversational}
+        if len(set(kinds.values())) > 1:
+            found = ", ".join(f"{c}={'messages' if k else 'string'}" for c, k in kinds.items())
+            raise DataError(f"{source}: row {i}: mixes strings and message lists ({found}); use one form per row")
     if fmt == "preferences":
-        same = next((i for i, (c, r) in enumerate(zip(ds["chosen"], ds["rejected"], strict=True)) if c == r), None)
-        if same is not None:
-            raise DataError(f"{source}: row {same}: chosen and rejected are the same text")
+        seen: dict[str, int] = {}
+        for i, (p, c, r) in enumerate(zip(values["prompt"], values["chosen"], values["rejected"], strict=True)):
+            if c == r:
+                raise DataError(f"{source}: row {i}: chosen and rejected are the same text")
+            key = json.dumps([p, c, r], sort_keys=True)
+            if key in seen:
+                raise DataError(f"{source}: row {i}: the same prompt/chosen/rejected pair as row {seen[key]}")
+            seen[key] = i
     return ds
+
+
+def _check_value(value: Any, col: str, where: str) -> None:
+    """One cell: the right type for its column and not empty (an empty prompt or reply teaches nothing)."""
+    if isinstance(value, str) or col not in CONVERSATIONAL | {"messages"}:
+        if not isinstance(value, str):
+            raise DataError(f"{where}: column {col!r} must hold strings, found {value!r:.60}")
+        if not value.strip():
+            raise DataError(f"{where}: column {col!r} is empty")
+        return
+    if not _is_messages(value):
+        what = "a list of {role, content} strings" if col == "messages" else "strings or a list of {role, content}"
+        raise DataError(f"{where}: column {col!r} must hold {what}, found {value!r:.60}")
+    if col == "messages":
+        if len(value) < 2 or value[-1]["role"] != "assistant":
+            raise DataError(
+                f"{where}: column 'messages' must end in an assistant reply after at least one turn, "
+                f"found {len(value)} turn(s) ending with role {value[-1]['role']!r}"
+            )
+        if not value[-1]["content"].strip():
+            raise DataError(f"{where}: column 'messages': the last (assistant) turn is empty")
+        return
+    if col in REPLY_COLUMNS and any(m["role"] != "assistant" for m in value):
+        roles = ", ".join(m["role"] for m in value)
+        raise DataError(f"{where}: column {col!r} must hold assistant turns only, found roles {roles}")
+    if col == "prompt" and value[-1]["role"] == "assistant":
+        raise DataError(f"{where}: column 'prompt' must not end with an assistant turn (that is the reply)")
+    if not any(m["content"].strip() for m in value):
+        raise DataError(f"{where}: column {col!r} is empty (every turn's content is blank)")
 
 
 def _is_messages(value: Any) -> bool:
@@ -183,19 +231,65 @@ def _rows(ds: datasets.Dataset) -> list[dict]:
     return [dict(row) for row in ds]
 
 
+def rename_columns(ds: datasets.Dataset, fmt: str, columns: dict[str, str], source: str) -> datasets.Dataset:
+    """Rename a file's columns to the canonical names of `fmt`; `columns` maps canonical name -> the file's column.
+
+    E.g. {"chosen": "better", "rejected": "worse"} for preference pairs stored as prompt/better/worse.
+    """
+    canonical = sorted({c for alt in _check_format(fmt) for c in alt})
+    unknown = sorted(set(columns) - set(canonical))
+    if unknown:
+        raise DataError(
+            f"{source}: column map for format {fmt!r} names unknown column(s) {', '.join(unknown)} "
+            f"(expected keys among {', '.join(canonical)})"
+        )
+    found = list(ds.column_names)
+    missing = sorted(f"{want} <- {have}" for want, have in columns.items() if have not in found)
+    if missing:
+        raise DataError(
+            f"{source}: column map {', '.join(missing)}: no such column in the file (found columns: "
+            f"{', '.join(found) or 'none'})"
+        )
+    sources = list(columns.values())
+    if len(set(sources)) != len(sources):
+        raise DataError(f"{source}: column map uses one file column for two names ({columns})")
+    renames = {have: want for want, have in columns.items() if have != want}
+    # A canonical name already in the file that another column is renamed to would clash: the mapped column wins.
+    clashing = [want for have, want in renames.items() if want in found and want not in renames]
+    return ds.remove_columns(clashing).rename_columns(renames) if renames else ds
+
+
 def ingest(
-    source: str, fmt: str, store: ArtifactStore, *, demo_cfg: DemoConfig, test_fraction: float = 0.1, seed: int = 0
+    source: str,
+    fmt: str,
+    store: ArtifactStore,
+    *,
+    demo_cfg: DemoConfig,
+    test_fraction: float = 0.1,
+    seed: int = 0,
+    columns: dict[str, str] | None = None,
 ) -> Artifact:
-    """Materialise a source as a dataset artifact (train.jsonl + test.jsonl); same rows give the same version."""
+    """Materialise a source as a dataset artifact (train.jsonl + test.jsonl); same rows give the same version.
+
+    `columns` (canonical name -> the file's column) renames the file's columns before validation; it is recorded in
+    the artifact's config.
+    """
     _check_format(fmt)
     if not 0.0 < test_fraction < 1.0:
         raise DataError(f"test_fraction must be in (0, 1), found {test_fraction}")
     is_demo = source == "demo"
+    if is_demo and columns:
+        raise DataError(f"demo: a column map ({columns}) applies to a user's file, not to the generated demo data")
     if is_demo:
         splits = demo.generate(demo_cfg)[fmt]
         config: dict[str, Any] = {"source": source, "format": fmt, "demo": demo_cfg.to_dict()}
     else:
         loaded = read_splits(source)
+        if columns:
+            loaded = {
+                split: rename_columns(ds, fmt, columns, f"{source} [{split}]" if len(loaded) > 1 else source)
+                for split, ds in loaded.items()
+            }
         if "test" in loaded:
             parts = {s: validate(loaded[s], fmt, f"{source} [{s}]") for s in SPLITS}
         else:
@@ -208,6 +302,8 @@ def ingest(
             "seed": seed,
             "test_split": "given" if "test" in loaded else "seeded",
         }
+        if columns:
+            config["columns"] = dict(sorted(columns.items()))
     with tempfile.TemporaryDirectory(prefix="rlhf-data-") as tmp:
         for split in SPLITS:
             (Path(tmp) / f"{split}.jsonl").write_text(demo.to_jsonl(splits[split]), encoding="utf-8")
