@@ -1,10 +1,12 @@
 """What the TRL-based stages (SFT, reward) share: input checks, the DeepSpeed config, and the HF-Trainer-on-Ray loop.
 
 Driver side: `check_kind`, `load_rows`, `model_context`, `token_limit`, `per_worker_batch` (one-line
-`StageInputError`s), `deepspeed_config`, `loop_config` (the fields every loop config holds) and `train_and_publish`
-(`ray_train.fit`, then the final checkpoint -> an artifact with metrics.jsonl and loss_curve.png).
-Worker side: `run_on_worker` wraps a stage's `train(cfg, rank, scratch)`; `train_and_save` resumes, trains, evaluates
-and saves the model; `report_result` writes `result.json` and reports the last checkpoint.
+`StageInputError`s), `tokenizer_plan` (pad = eos when there is no pad token), `token_ids_as_trl` (the ids TRL will
+train on, for length checks and scoring), `deepspeed_config`, `loop_config` (the fields every loop config holds) and
+`train_and_publish` (`ray_train.fit`, then the final checkpoint -> an artifact with metrics.jsonl and loss_curve.png).
+Worker side: `run_on_worker` wraps a stage's `train(cfg, rank, scratch)`; `load_tokenizer` applies the plan;
+`train_and_save` resumes, trains, evaluates and saves the model; `report_result` writes `result.json` and reports the
+last checkpoint.
 
 Checkpoints: the HF Trainer saves every `save_steps` into a local scratch dir and `RayTrainReportCallback` uploads
 each one into the Ray run storage (ctx.work_dir); a rerun resumes the Trainer (weights, optimizer, scheduler, step)
@@ -27,7 +29,7 @@ from typing import Any
 from stages.common import deepspeed_config as ds
 from stages.common import ray_train
 from stages.common.errors import StageInputError
-from stages.common.hf import check_vocab_matches
+from stages.common.hf import check_vocab_matches, use_eos_as_pad
 
 FINAL_DIR = "final"  # inside the last checkpoint: the trained model + tokenizer (a standard HF dir)
 RESULT_FILE = "result.json"  # inside the last checkpoint: metrics, log history, samples
@@ -56,8 +58,8 @@ def load_rows(artifact, split: str, where: str) -> list[dict[str, Any]]:
     return [dict(row) for row in dataset]
 
 
-def model_context(model_dir: str, tokenizer, where: str, pad_reason: str = "") -> int:
-    """The model's context length, after checking its embedding matches the tokenizer and pad/eos exist."""
+def model_context(model_dir: str, tokenizer, where: str) -> int:
+    """The model's context length, after checking its embedding matches the tokenizer and it has an eos token."""
     from transformers import AutoConfig
 
     text_config = AutoConfig.from_pretrained(model_dir).get_text_config()
@@ -65,12 +67,8 @@ def model_context(model_dir: str, tokenizer, where: str, pad_reason: str = "") -
         check_vocab_matches(len(tokenizer), text_config.vocab_size, where)
     except ValueError as e:
         raise StageInputError(str(e)) from None
-    if tokenizer.eos_token is None or tokenizer.pad_token is None:
-        reason = f" ({pad_reason})" if pad_reason else ""
-        raise StageInputError(
-            f"{where}: the tokenizer needs an eos and a pad token{reason}, "
-            f"found eos={tokenizer.eos_token!r}, pad={tokenizer.pad_token!r}"
-        )
+    if tokenizer.eos_token is None:  # eos ends every reply (and stands in for a missing pad token)
+        raise StageInputError(f"{where}: the tokenizer has no eos token (found eos=None, pad={tokenizer.pad_token!r})")
     context = getattr(text_config, "n_positions", None) or getattr(text_config, "max_position_embeddings", None)
     if not context:
         raise StageInputError(f"{where}: config.json names no context length (n_positions / max_position_embeddings)")
@@ -84,6 +82,37 @@ def token_limit(max_length: int | None, context: int, where: str) -> int:
     if max_length > context:
         raise StageInputError(f"{where}: max_length {max_length} exceeds the model's context of {context} tokens")
     return max_length
+
+
+def tokenizer_plan(tokenizer) -> dict[str, Any]:
+    """What the stage does to the tokenizer (applied to `tokenizer` here, and again on each worker by
+    `load_tokenizer`), recorded in the published artifact: pad = eos when it has no pad token; chat template or not."""
+    note = use_eos_as_pad(tokenizer)
+    return {
+        "pad_token": tokenizer.pad_token,
+        "pad_token_id": tokenizer.pad_token_id,
+        "pad_is_eos": tokenizer.pad_token_id == tokenizer.eos_token_id,
+        "pad_note": note,
+        "chat_template": bool(getattr(tokenizer, "chat_template", None)),
+    }
+
+
+def load_tokenizer(model_dir: str):
+    """The model's tokenizer as the stages train with it: pad = eos when it has none, padding on the right."""
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(model_dir)
+    use_eos_as_pad(tokenizer)
+    return tokenizer
+
+
+def token_ids_as_trl(tokenizer, prompt: str | list, reply: str | list) -> list[int]:
+    """The ids TRL's SFT and reward trainers build for prompt + reply: a conversational row through the chat
+    template (which ends the reply itself), a plain-text row tokenized as TRL does, with eos appended."""
+    if isinstance(prompt, list):
+        return list(tokenizer.apply_chat_template(prompt + reply, tokenize=True, return_dict=True)["input_ids"])
+    eos = tokenizer.eos_token
+    return list(tokenizer(prompt + (reply if reply.endswith(eos) else reply + eos))["input_ids"])
 
 
 def per_worker_batch(batch_size: int, num_workers: int, where: str) -> int:
@@ -112,9 +141,11 @@ def deepspeed_config(zero_stage: int | None, bf16: bool, use_gpu: bool = True) -
     )
 
 
-def loop_config(config, model, splits: dict[str, list], *, stage: str, limit: int, scaling, seed: int, store) -> dict:
+def loop_config(config, model, splits: dict[str, list], *, stage: str, limit: int, scaling, seed: int, store,
+                tokenizer: dict[str, Any]) -> dict:
     """The loop-config fields both stages send to their workers (model, rows, optimiser, checkpoints, resources)."""
     return {
+        "tokenizer": tokenizer,
         "model_dir": model.path,
         "model_digest": model.digest,
         "store_root": store.root if store is not None else None,
@@ -180,6 +211,8 @@ def train_and_publish(train_loop: Callable, loop_config: dict, *, stage: str, ou
         f"{stage}: {len(loop_config['train_rows'])} train / {len(loop_config['test_rows'])} test rows, "
         f"{config.max_steps} steps on {ctx.scaling.num_workers} workers"
     )
+    if loop_config["tokenizer"]["pad_note"]:
+        ctx.log(f"{stage}: {loop_config['tokenizer']['pad_note']}")
     result = ray_train.fit(train_loop, loop_config, ctx=ctx, run_name=stage, checkpoint_complete=checkpoint_complete)
     with tempfile.TemporaryDirectory(prefix=f"rlhf-{stage}-out-") as out, result.checkpoint.as_directory() as ckpt:
         shutil.copytree(Path(ckpt) / FINAL_DIR, out, dirs_exist_ok=True)
@@ -189,6 +222,9 @@ def train_and_publish(train_loop: Callable, loop_config: dict, *, stage: str, ou
         if outcome["samples"]:
             (Path(out) / "eval_samples.jsonl").write_text("".join(json.dumps(s) + "\n" for s in outcome["samples"]))
         metrics = dict(outcome["metrics"])
+        logged = [row["loss"] for row in outcome["log_history"] if isinstance(row.get("loss"), int | float)]
+        if logged:  # for the quality gate: did the training loss fall?
+            metrics["first_logged_loss"], metrics["last_logged_loss"] = float(logged[0]), float(logged[-1])
         first_step = outcome.get("first_step_at")
         timings = {"startup_seconds": round(first_step - started, 2)} if first_step else {}
         metrics["wall_seconds"] = round(time.time() - started, 2)
@@ -208,6 +244,7 @@ def train_and_publish(train_loop: Callable, loop_config: dict, *, stage: str, ou
                 "max_length": loop_config["max_length"],
                 "long_rows": "rejected",
                 "rows": {"train": len(loop_config["train_rows"]), "test": len(loop_config["test_rows"])},
+                "tokenizer": loop_config["tokenizer"],
             },
         )
     ctx.log(f"{stage}: published {artifact.ref} " + ", ".join(f"{k}={v:.4g}" for k, v in metrics.items()))
