@@ -103,6 +103,24 @@ def _read_hub(name: str) -> dict[str, datasets.Dataset]:
     return dict(loaded)
 
 
+def _is_saved_dataset(path: Path) -> bool:
+    """A folder written by `Dataset.save_to_disk` (state.json) or `DatasetDict.save_to_disk` (dataset_dict.json)."""
+    return (path / "dataset_dict.json").is_file() or (path / "state.json").is_file()
+
+
+def _read_saved(path: Path) -> dict[str, datasets.Dataset]:
+    import datasets
+
+    try:
+        loaded = datasets.load_from_disk(str(path))
+    except Exception as e:  # a damaged or partial save surfaces as many library errors; all mean "cannot read it"
+        raise DataError(f"{path}: cannot read as a save_to_disk data set ({_first_line(e)})") from None
+    splits = dict(loaded) if isinstance(loaded, datasets.DatasetDict) else {"train": loaded}
+    if "train" not in splits:
+        raise DataError(f"{path}: no train split in the saved data set (found: {', '.join(splits) or 'none'})")
+    return splits
+
+
 def read_splits(source: str) -> dict[str, datasets.Dataset]:
     """Every split a source has, unvalidated: {"train": ...} for a file, train/test for a directory or a hub set."""
     if source == "demo":
@@ -111,7 +129,7 @@ def read_splits(source: str) -> dict[str, datasets.Dataset]:
         return _read_hub(source[3:])
     path = Path(source).expanduser()
     if path.is_dir():
-        return _read_dir(path)
+        return _read_saved(path) if _is_saved_dataset(path) else _read_dir(path)
     if path.is_file():
         return {"train": _read_file(path)}
     if path.suffix.lower() in _BUILDERS or source.startswith((".", "/", "~")):
@@ -268,11 +286,12 @@ def ingest(
     test_fraction: float = 0.1,
     seed: int = 0,
     columns: dict[str, str] | None = None,
+    name: str | None = None,
 ) -> Artifact:
     """Materialise a source as a dataset artifact (train.jsonl + test.jsonl); same rows give the same version.
 
     `columns` (canonical name -> the file's column) renames the file's columns before validation; it is recorded in
-    the artifact's config.
+    the artifact's config. `name` publishes under another name than the format's default (`rlhf artifacts import`).
     """
     _check_format(fmt)
     if not 0.0 < test_fraction < 1.0:
@@ -309,7 +328,7 @@ def ingest(
             (Path(tmp) / f"{split}.jsonl").write_text(demo.to_jsonl(splits[split]), encoding="utf-8")
         return store.publish(
             tmp,
-            name=DATASET_NAMES[fmt],
+            name=name or DATASET_NAMES[fmt],
             kind="dataset",
             stage="data",
             config=config,
