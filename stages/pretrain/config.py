@@ -17,19 +17,24 @@ class PretrainGate(Gate):
 
 
 class Config(Section):
-    """Tokenizer, GPT-2 size, DeepSpeed optimisation, evaluation and checkpointing of the pretraining stage."""
+    """Tokenizer, model (GPT-2 or Llama-style), DeepSpeed optimisation, evaluation and checkpointing of the stage."""
 
     # --- tokenizer ---
     vocab_size: int = Field(2048, ge=1)  # BPE vocabulary incl. the 256 byte symbols and the special tokens
     tokenizer: str | None = None  # use this tokenizer instead of training one: an artifact ref or a local HF dir
 
-    # --- model (GPT-2 architecture) ---
-    init_from: str | None = None  # start from this causal-lm (artifact ref or local HF dir) instead of random init
+    # --- model ---
+    # continue pretraining this causal LM (artifact ref or local HF dir; any AutoModelForCausalLM family) instead of
+    # a random init; the shape fields below and `architecture` are then the model's own
+    init_from: str | None = None
+    # from scratch: "gpt2" (learned positions, LayerNorm, GELU MLP) or "llama" (RoPE, RMSNorm, SwiGLU MLP of about
+    # 8/3 x n_embd rounded up to a multiple of 64, tied embeddings)
+    architecture: Literal["gpt2", "llama"] = "gpt2"
     n_layer: int = Field(4, ge=1)
     n_embd: int = Field(256, ge=1)  # width; must be a multiple of n_head
     n_head: int = Field(4, ge=1)
     context: int = Field(128, ge=2)  # tokens per training block; at most n_positions
-    n_positions: int | None = None  # position table size; None = context (ignored with init_from: the model's own)
+    n_positions: int | None = None  # longest sequence the model supports; None = context (init_from: the model's own)
     dropout: float = Field(0.0, ge=0.0, lt=1.0)  # tiny models on a small corpus overfit little in a few minutes
 
     # --- optimisation (becomes the DeepSpeed config) ---
@@ -46,6 +51,9 @@ class Config(Section):
     zero_stage: int = Field(2, ge=0, le=3)  # DeepSpeed ZeRO stage
     offload_optimizer: bool = False  # ZeRO-Offload: optimizer state and step on CPU (builds DeepSpeed's CPU Adam)
     precision: Literal["auto", "fp32", "bf16", "fp16"] = "auto"  # auto: bf16 on GPU, fp32 on CPU
+    # torch.compile the model inside the DeepSpeed engine; None = on for GPU, off for CPU (where compiling takes
+    # longer than a tiny run and needs a C++ toolchain on every worker)
+    compile: bool | None = None
 
     # --- evaluation, logging, checkpoints ---
     eval_interval: int = Field(50, ge=1)  # steps between validation passes (one more at the end)
@@ -53,5 +61,7 @@ class Config(Section):
     log_interval: int = Field(25, ge=1)  # steps between progress lines
     checkpoint_interval: int = Field(100, ge=1)  # steps between checkpoints (resume points)
     max_failures: int = Field(1, ge=0)  # Ray Train retries of a failed worker group, from the latest checkpoint
-    peak_flops: float | None = Field(None, gt=0)  # per-worker peak FLOP/s for MFU; None = measure a matmul on it
+    # per-worker peak FLOP/s for MFU; None = the data-sheet peak of the worker's GPU (stages/pretrain/metrics.py),
+    # or a measured matmul on a CPU or a GPU the table does not know
+    peak_flops: float | None = Field(None, gt=0)
     gate: PretrainGate = Field(default_factory=PretrainGate)  # checked by the flow; not part of the cache key

@@ -24,6 +24,7 @@ from stages.pretrain.blocks import pack_blocks, write_blocks
 from stages.pretrain.config import Config
 from stages.pretrain.deepspeed_setup import deepspeed_config, resolve_precision
 from stages.pretrain.metrics import perplexity, unigram_perplexity
+from stages.pretrain.model import is_causal_lm, max_positions, scratch_spec
 from stages.pretrain.report import plot_loss_curve
 from stages.pretrain.train_loop import train_loop
 
@@ -44,6 +45,11 @@ def check_config(config: Config) -> None:
             raise StageInputError(
                 f"pretrain.n_head: expected a divisor of n_embd={config.n_embd}, found {config.n_head}"
             )
+        if config.architecture == "llama" and (config.n_embd // config.n_head) % 2:
+            raise StageInputError(
+                f"pretrain.n_head: RoPE needs an even head size, found n_embd/n_head = "
+                f"{config.n_embd}/{config.n_head} = {config.n_embd // config.n_head}"
+            )
         n_positions = config.n_positions or config.context
         if config.context > n_positions:
             raise StageInputError(
@@ -63,53 +69,68 @@ def _resolve_dir(ref: str, store, kinds: tuple[str, ...], key: str) -> Path:
     return Path(artifact.path)
 
 
-def _model_spec(config: Config, store, tokenizer) -> tuple[dict | None, str | None, int]:
-    """(GPT2Config kwargs or None, init_from dir or None, n_positions) with the context checked against it."""
-    vocab_rows = len(tokenizer)
-    if config.init_from:
-        from transformers import AutoConfig
+def _model_spec(config: Config, store, tokenizer) -> dict:
+    """What the workers build (model.py): a from-scratch config, or an init_from directory checked against the
+    context (its max_position_embeddings / n_positions) and the tokenizer (its vocab_size)."""
+    if not config.init_from:
+        return scratch_spec(config, tokenizer)
+    from transformers import AutoConfig
 
-        path = _resolve_dir(config.init_from, store, ("causal-lm",), "init_from")
+    path = _init_from_dir(config, store)
+    try:
         hf_config = AutoConfig.from_pretrained(path)
-        if hf_config.model_type != "gpt2":
-            raise StageInputError(f"pretrain.init_from: {path} is a {hf_config.model_type!r} model, expected 'gpt2'")
-        if config.context > hf_config.n_positions:
-            raise StageInputError(
-                f"pretrain.context: expected at most the model's n_positions="
-                f"{hf_config.n_positions} ({path}), found {config.context}"
-            )
-        check_vocab_matches(vocab_rows, hf_config.vocab_size, f"pretrain.init_from {path}")
-        return None, str(path), hf_config.n_positions
-    n_positions = config.n_positions or config.context
-    model = {
-        "vocab_size": vocab_rows,
-        "n_positions": n_positions,
-        "n_embd": config.n_embd,
-        "n_layer": config.n_layer,
-        "n_head": config.n_head,
-        "resid_pdrop": config.dropout,
-        "embd_pdrop": config.dropout,
-        "attn_pdrop": config.dropout,
-        "pad_token_id": tokenizer.pad_token_id,
-        "eos_token_id": tokenizer.eos_token_id,
-        "bos_token_id": tokenizer.eos_token_id,
-    }
-    return model, None, n_positions
+    except (OSError, ValueError, KeyError) as err:
+        first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        raise StageInputError(f"pretrain.init_from: {path} has no readable model config: {first}") from err
+    if not is_causal_lm(hf_config):
+        raise StageInputError(
+            f"pretrain.init_from: {path} is a {hf_config.model_type!r} model, expected a causal LM "
+            "(one AutoModelForCausalLM can load: gpt2, llama, qwen2, gpt_neox, ...)"
+        )
+    limit = max_positions(hf_config)
+    if limit is not None and config.context > limit:
+        raise StageInputError(
+            f"pretrain.context: expected at most the model's max_position_embeddings={limit} ({path}), "
+            f"found {config.context}"
+        )
+    try:
+        check_vocab_matches(len(tokenizer), hf_config.vocab_size, f"pretrain.init_from {path}")
+    except ValueError as err:
+        raise StageInputError(str(err)) from err
+    return {"architecture": hf_config.model_type, "config": None, "init_from": str(path)}
+
+
+def _init_from_dir(config: Config, store) -> Path:
+    return _resolve_dir(config.init_from, store, ("causal-lm",), "init_from")
 
 
 def _tokenizer(config: Config, store, texts: list[str], work: Path):
-    """The configured tokenizer, or a BPE trained on the corpus (kept in work_dir so a resumed run reuses it)."""
+    """The configured tokenizer; with init_from, the model's own (continued pretraining keeps its vocabulary);
+    otherwise a BPE trained on the corpus (kept in work_dir so a resumed run reuses it)."""
     from transformers import AutoTokenizer
 
     if config.tokenizer:
-        return AutoTokenizer.from_pretrained(
+        return _with_pad(AutoTokenizer.from_pretrained(
             _resolve_dir(config.tokenizer, store, ("tokenizer", "causal-lm"), "tokenizer")
-        )
+        ))
+    if config.init_from:
+        model_dir = _init_from_dir(config, store)
+        if any((model_dir / f).is_file() for f in ("tokenizer.json", "tokenizer_config.json")):
+            return _with_pad(AutoTokenizer.from_pretrained(model_dir))
     saved = work / "tokenizer"
     if (saved / "tokenizer.json").is_file():
         return AutoTokenizer.from_pretrained(saved)
     tokenizer = train_bpe_tokenizer(texts, config.vocab_size)
     tokenizer.save_pretrained(saved)
+    return tokenizer
+
+
+def _with_pad(tokenizer):
+    """Blocks are separated by eos; a tokenizer without one cannot be packed. A missing pad becomes eos."""
+    if tokenizer.eos_token_id is None:
+        raise StageInputError(f"pretrain.tokenizer: {tokenizer.name_or_path} has no eos token, expected one")
+    if tokenizer.pad_token_id is None:
+        tokenizer.pad_token = tokenizer.eos_token
     return tokenizer
 
 
@@ -144,7 +165,7 @@ def prepare_blocks(
 
 
 def run(config: Config, *, store, ctx: StageContext, corpus, crash_after_step: int | None = None) -> dict[str, Any]:
-    """Train tokenizer + GPT-2 on `corpus` with DeepSpeed on Ray Train; publish `tokenizer` and `base-model`.
+    """Train tokenizer + causal LM on `corpus` with DeepSpeed on Ray Train; publish `tokenizer` and `base-model`.
 
     `crash_after_step` is a test hook: the first attempt raises right after the checkpoint at that step.
     """
@@ -161,7 +182,7 @@ def run(config: Config, *, store, ctx: StageContext, corpus, crash_after_step: i
             f"context={config.context} tokens' worth"
         )
     tokenizer = _tokenizer(config, store, train_texts, work)
-    model_spec, init_dir, _ = _model_spec(config, store, tokenizer)
+    model_spec = _model_spec(config, store, tokenizer)
     train, val = prepare_blocks(config, tokenizer, train_texts, test_texts, ctx.scaling.num_workers, corpus.ref)
     baseline = unigram_perplexity(_tensor(train), _tensor(val[:, 1:]), len(tokenizer))
     data_dir = f"{rt.storage_path(ctx.work_dir).rstrip('/')}/data"  # absolute: workers run in other directories
@@ -174,7 +195,7 @@ def run(config: Config, *, store, ctx: StageContext, corpus, crash_after_step: i
     loop_config = {
         "deepspeed": deepspeed_config(config, use_gpu=ctx.scaling.use_gpu),
         "model": model_spec,
-        "init_from": init_dir,
+        "compile": use_compile(config, ctx.scaling.use_gpu),
         "train_path": write_blocks(train, f"{data_dir}/train_blocks.npy"),
         "val_path": write_blocks(val, f"{data_dir}/val_blocks.npy"),
         "max_steps": config.max_steps,
@@ -188,6 +209,7 @@ def run(config: Config, *, store, ctx: StageContext, corpus, crash_after_step: i
         "use_gpu": ctx.scaling.use_gpu,
         "crash_after_step": crash_after_step,
     }
+    t_fit = time.time()
     result = rt.fit(train_loop, loop_config, ctx=ctx, run_name=RUN_NAME, max_failures=config.max_failures)
     summary = result.return_value
     wall = time.time() - t0
@@ -203,15 +225,40 @@ def run(config: Config, *, store, ctx: StageContext, corpus, crash_after_step: i
         "resumed_from_step": summary["resumed_from_step"],
         "peak_rss_mb_per_worker": summary["peak_rss_mb_per_worker"],
         "peak_flops": summary["peak_flops"],
+        "peak_source": summary["peak_source"],
+        "device_name": summary["device_name"],
+        "compiled": summary["compiled"],
         "n_params": summary["n_params"],
+        "architecture": summary["architecture"],
     }
     startup = (summary["first_step_unix"] - t0) if summary["first_step_unix"] else None
-    timings = {"wall_seconds": wall, "prepare_seconds": t_prep, "startup_seconds": startup}
+    timings = {
+        "wall_seconds": wall,
+        "prepare_seconds": t_prep,
+        "startup_seconds": startup,
+        "startup_breakdown": startup_breakdown(t0, t_prep, t_fit, summary["startup_marks"]),
+    }
     ctx.log(
         f"pretrain: val perplexity {metrics['val_perplexity']:.2f} vs unigram {baseline:.2f}, "
         f"{metrics['tokens_per_second']:.0f} tok/s, MFU {metrics['mfu']:.1%}, {wall:.0f}s"
     )
     return _publish(config, store, ctx, corpus, tokenizer, result, metrics, timings)
+
+
+def use_compile(config: Config, use_gpu: bool) -> bool:
+    """pretrain.compile, with None meaning on for GPU workers and off for CPU ones."""
+    return use_gpu if config.compile is None else config.compile
+
+
+def startup_breakdown(t0: float, prepare: float, fit_call: float, marks: dict[str, float]) -> dict[str, float]:
+    """Seconds spent in each phase from run() to the end of the first optimizer step (marks: unix times on rank 0
+    of the last attempt, in phase order; a phase is the time since the previous mark)."""
+    phases = {"prepare": prepare, "write_blocks": fit_call - t0 - prepare}
+    previous = fit_call
+    for name, at in marks.items():
+        phases[name] = at - previous
+        previous = at
+    return {name: round(seconds, 3) for name, seconds in phases.items()}
 
 
 def _tensor(array: np.ndarray):
