@@ -5,6 +5,7 @@ tensors, log-probs, values, scores and metrics with the driver. A rollout batch 
     tokens [B, P + T]: prompt left-padded to P, response right-padded to T = max_new_tokens;
     attention_mask [B, P + T]; response_mask [B, T] (1 up to and including eos).
 The trainable roles (policy, critic) are DeepSpeed engines; several actors of a role form one torch.distributed group.
+All four roles hold their weights in the run's precision (`devices.py`); log-probs are always taken in fp32.
 """
 
 from __future__ import annotations
@@ -19,6 +20,7 @@ from pathlib import Path
 import torch
 
 from stages.ppo import algorithm as A
+from stages.ppo.devices import dist_backend, model_dtype
 
 
 # ---------------------------------------------------------------------------------------------------- helpers
@@ -44,9 +46,34 @@ def position_ids(attention_mask: torch.Tensor) -> torch.Tensor:
 
 
 def response_logits(model, tokens: torch.Tensor, attention_mask: torch.Tensor, prompt_len: int) -> torch.Tensor:
-    """Logits predicting each response token: [B, P + T] -> [B, T, V] (position t predicts token t + 1)."""
+    """fp32 logits predicting each response token: [B, P + T] -> [B, T, V] (position t predicts token t + 1).
+
+    Upcast before any temperature or log_softmax: bf16 keeps 8 bits of mantissa, so the policy's and the
+    reference's log-probs (and the KL between them) would otherwise carry rounding of the order of 0.01 nats.
+    """
     out = model(input_ids=tokens, attention_mask=attention_mask, position_ids=position_ids(attention_mask))
-    return out.logits[:, prompt_len - 1 : -1]
+    return out.logits[:, prompt_len - 1 : -1].float()
+
+
+def response_mask_from_eos(responses: torch.Tensor, eos_ids: torch.Tensor, generated: int) -> torch.Tensor:
+    """1 on each response token up to and including the first eos, 0 after it and past `generated` tokens: [B, T].
+
+    Derived from the first eos, never from the pad id: when pad == eos (tokenizers without a pad token) the
+    padding HF generate writes after a finished reply is indistinguishable from eos itself.
+    """
+    is_eos = torch.isin(responses, eos_ids)
+    after_eos = (is_eos.long().cumsum(-1) - is_eos.long()) > 0
+    within = torch.arange(responses.shape[1], device=responses.device) < generated
+    return (~after_eos & within).long()
+
+
+def first_head(model) -> torch.nn.Module:
+    """The one-output head of a sequence-classification model (`score` in most, `classifier` in some)."""
+    for name in ("score", "classifier"):
+        head = getattr(model, name, None)
+        if isinstance(head, torch.nn.Module):
+            return head
+    raise TypeError(f"{type(model).__name__}: no `score` or `classifier` head to read values from")
 
 
 @contextlib.contextmanager
@@ -71,11 +98,9 @@ class TokenValueModel(torch.nn.Module):
 
     def __init__(self, model):
         super().__init__()
+        # the backbone under its prefix: `model` (Llama, Qwen2), `gpt_neox` (GPT-NeoX), `transformer` (GPT-2)
         self.backbone = getattr(model, model.base_model_prefix)
-        head = getattr(model, "score", None) or getattr(model, "classifier", None)
-        if head is None:
-            raise TypeError(f"{type(model).__name__}: no `score` or `classifier` head to read values from")
-        self.head = head
+        self.head = first_head(model)
 
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
         hidden = self.backbone(
@@ -86,7 +111,7 @@ class TokenValueModel(torch.nn.Module):
 
 # ---------------------------------------------------------------------------------------------------- roles
 class _Role:
-    """Common set-up: torch threads, device, seed."""
+    """Common set-up: torch threads, device, dtype, seed."""
 
     def __init__(self, settings: dict):
         threads = int(settings.get("torch_threads", 1))
@@ -94,7 +119,13 @@ class _Role:
         os.environ["OMP_NUM_THREADS"] = str(threads)
         self.settings = settings
         self.rank = int(settings.get("rank", 0))
-        self.device = torch.device("cuda" if settings.get("use_gpu") and torch.cuda.is_available() else "cpu")
+        if settings.get("use_gpu") and not torch.cuda.is_available():
+            raise RuntimeError(
+                f"ppo {type(self).__name__} rank {self.rank}: run.use_gpu is true but torch sees no CUDA device "
+                f"(CUDA_VISIBLE_DEVICES={os.environ.get('CUDA_VISIBLE_DEVICES')!r}, torch {torch.__version__})"
+            )
+        self.device = torch.device("cuda", 0) if settings.get("use_gpu") else torch.device("cpu")  # Ray shows one GPU
+        self.dtype = model_dtype(settings.get("precision", "fp32"))
         torch.manual_seed(int(settings.get("seed", 0)) + 1000 * self.rank)
 
     def address(self) -> tuple[str, int]:
@@ -116,26 +147,26 @@ class _Trainable(_Role):
     model: torch.nn.Module
 
     def init_engine(self, master_addr: str, master_port: int, world_size: int, learning_rate: float) -> None:
-        """Join the role's process group (gloo on CPU) and wrap the model in a DeepSpeed engine with AdamW."""
+        """Join the role's process group (NCCL on GPU, gloo on CPU) and wrap the model in a DeepSpeed engine."""
         os.environ.update(
             MASTER_ADDR=master_addr, MASTER_PORT=str(master_port), RANK=str(self.rank),
             WORLD_SIZE=str(world_size), LOCAL_RANK="0",
         )  # fmt: skip
         import deepspeed
 
-        deepspeed.init_distributed(dist_backend="gloo" if self.device.type == "cpu" else None, verbose=False)
+        from stages.common import deepspeed_config
+
+        if self.device.type == "cuda":
+            torch.cuda.set_device(self.device)
+        deepspeed.init_distributed(dist_backend=dist_backend(self.device), verbose=False)
         s = self.settings
-        ds_config = {
-            "train_micro_batch_size_per_gpu": s["micro_batch_size"],
-            "gradient_accumulation_steps": 1,
-            "gradient_clipping": s["max_grad_norm"],
-            "zero_optimization": {"stage": s["zero_stage"]},
-            "bf16": {"enabled": bool(s.get("bf16"))},
-            "steps_per_print": 10**9,
-        }
+        ds_config = deepspeed_config.build(
+            zero_stage=s["zero_stage"], precision=s["precision"], use_gpu=bool(s["use_gpu"]),
+            micro_batch_size=s["micro_batch_size"], grad_accum=1, grad_clip=s["max_grad_norm"], optimizer=None,
+        )  # fmt: skip
         self.zero3 = s["zero_stage"] == 3
-        # torch's AdamW as the client optimizer (DeepSpeed wraps it for ZeRO): DeepSpeed's own "AdamW" JIT-compiles
-        # a C++ op on CPU, which costs minutes on first use and blocks every process behind one build lock
+        # torch's AdamW as the client optimizer (DeepSpeed wraps it for ZeRO and keeps fp32 masters under bf16):
+        # nothing to compile on any node
         params = [p for p in self.model.parameters() if p.requires_grad]
         optimizer = torch.optim.AdamW(params, lr=learning_rate, betas=(0.9, 0.95), weight_decay=0.0)
         self.engine, *_ = deepspeed.initialize(model=self.model, optimizer=optimizer, config=ds_config)
@@ -199,10 +230,10 @@ class PolicyActor(_Trainable):
         model_dir = resolve_model_dir(**source)
         from transformers import AutoModelForCausalLM
 
-        self.model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).to(self.device)
+        self.model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=self.dtype).to(self.device)
         disable_dropout(self.model)
-        self.pad_id = self.model.config.pad_token_id
-        self.eos_id = self.model.config.eos_token_id
+        self.pad_id = int(settings["pad_token_id"])
+        self.eos_ids = [int(i) for i in settings["eos_token_ids"]]
 
     @torch.no_grad()
     def generate(self, prompts: dict, seed: int | None = None) -> dict:
@@ -220,17 +251,16 @@ class PolicyActor(_Trainable):
         P, T = prompt_ids.shape[1], s["max_new_tokens"]
         gen_config = GenerationConfig(
             do_sample=True, temperature=s["temperature"], top_p=s["top_p"], top_k=0, max_new_tokens=T,
-            eos_token_id=self.eos_id, pad_token_id=self.pad_id, use_cache=True,
+            eos_token_id=self.eos_ids, pad_token_id=self.pad_id, use_cache=True,
         )  # fmt: skip
         with seeded(seed), self.full_params():
             out = module.generate(input_ids=prompt_ids, attention_mask=prompt_mask, generation_config=gen_config)
         responses = torch.full((out.shape[0], T), self.pad_id, dtype=out.dtype, device=out.device)
         responses[:, : out.shape[1] - P] = out[:, P:]
         # keep everything up to and including the first eos; what follows (and what was never generated) is padding
-        is_eos = responses == self.eos_id
-        after_eos = (is_eos.long().cumsum(-1) - is_eos.long()) > 0
-        generated = torch.arange(T, device=out.device) < out.shape[1] - P
-        response_mask = (~after_eos & generated).long()
+        eos_ids = torch.tensor(self.eos_ids, dtype=responses.dtype, device=responses.device)
+        response_mask = response_mask_from_eos(responses, eos_ids, generated=out.shape[1] - P)
+        ended = (torch.isin(responses, eos_ids) & (response_mask > 0)).any(-1)
         responses = responses.masked_fill(response_mask == 0, self.pad_id)
         tokens = torch.cat([prompt_ids, responses], dim=1)
         attention_mask = torch.cat([prompt_mask.long(), response_mask], dim=1)
@@ -242,7 +272,7 @@ class PolicyActor(_Trainable):
             "attention_mask": attention_mask.cpu(),
             "response_mask": response_mask.float().cpu(),
             "logprobs": logprobs.cpu(),
-            "ended": is_eos.any(-1).cpu(),
+            "ended": ended.cpu(),
         }
 
     def train(self, batch: dict, epochs: int, seed: int) -> dict[str, float]:
@@ -285,7 +315,7 @@ class CriticActor(_Trainable):
         model_dir = resolve_model_dir(**source)
         from transformers import AutoModelForSequenceClassification
 
-        base = AutoModelForSequenceClassification.from_pretrained(model_dir, num_labels=1, dtype=torch.float32)
+        base = AutoModelForSequenceClassification.from_pretrained(model_dir, num_labels=1, dtype=self.dtype)
         disable_dropout(base)
         self.model = TokenValueModel(base).to(self.device)
 
@@ -325,7 +355,7 @@ class ReferenceActor(_Role):
         model_dir = resolve_model_dir(**source)
         from transformers import AutoModelForCausalLM
 
-        self.model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).to(self.device).eval()
+        self.model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=self.dtype).to(self.device).eval()
         self.model.requires_grad_(False)
 
     @torch.no_grad()
@@ -345,7 +375,7 @@ class RewardActor(_Role):
         model_dir = resolve_model_dir(**source)
         from transformers import AutoModelForSequenceClassification
 
-        base = AutoModelForSequenceClassification.from_pretrained(model_dir, dtype=torch.float32)
+        base = AutoModelForSequenceClassification.from_pretrained(model_dir, dtype=self.dtype)
         self.model = TokenValueModel(base).to(self.device).eval()
         self.model.requires_grad_(False)
 

@@ -48,10 +48,12 @@ class Config(Section):
     # --- models and placement ---
     critic_init: Literal["reward_model", "sft_model"] = "reward_model"  # where the value model starts
     zero_stage: int = Field(0, ge=0, le=3)  # DeepSpeed ZeRO stage of the policy and critic engines
-    bf16: bool = False  # bf16 mixed precision (GPU clusters); CPU runs stay in fp32
+    bf16: bool = False  # bf16 for all four roles (GPU only; DeepSpeed keeps fp32 master weights); CPU runs stay fp32
     actors_per_role: int | None = Field(1, ge=1)  # data-parallel actors per role; None = run.num_workers
     cpus_per_actor: float = Field(0.5, gt=0.0)  # Ray CPUs per actor (4 roles x 0.5 = the 2 cores of a laptop box)
-    gpus_per_actor: float = Field(1.0, ge=0.0)  # GPUs per actor when the run uses GPUs (0 < x < 1 shares a GPU)
+    # GPU fraction per actor when the run uses GPUs; None derives it so the four roles share the GPUs there are
+    # (1 GPU: 0.25 each). An explicit x < 1 packs 1/x actors on a GPU. See `placement.py`.
+    gpus_per_actor: float | None = Field(None, gt=0.0, le=1.0)
     torch_threads: int = Field(1, ge=1)  # intra-op threads per actor (more than the CPUs you reserve oversubscribes)
     placement_strategy: Literal["STRICT_PACK", "PACK", "SPREAD", "STRICT_SPREAD"] = "PACK"  # Ray placement group
     # --- evaluation and checkpoints ---

@@ -1,18 +1,22 @@
 """Ray placement of the four PPO roles: one placement group, `actors_per_role` actors per role, sharded calls.
 
-On one node the bundles are packed together with fractional CPUs; on a GPU cluster `SPREAD` places them over the
-nodes. Trainable roles (policy, critic) form one torch.distributed group per role: rank 0 hosts the rendezvous and
-DeepSpeed all-reduces gradients over the group, so a rollout batch is split evenly over the role's actors.
+The bundles and GPU fractions come from `placement.plan` over the cluster's resources: on CPU one bundle per actor,
+on GPUs one bundle per GPU shared by the actors placed there. Trainable roles (policy, critic) form one
+torch.distributed group per role (NCCL on GPU, gloo on CPU): rank 0 hosts the rendezvous and DeepSpeed all-reduces
+gradients over the group, so a rollout batch is split evenly over the role's actors.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Literal
 
 import torch
 
+from stages.ppo import placement
 from stages.ppo.actors import CriticActor, PolicyActor, ReferenceActor, RewardActor
 from stages.ppo.config import Config
+from stages.ppo.devices import ppo_precision
 
 ROLE_CLASSES = {"policy": PolicyActor, "critic": CriticActor, "reference": ReferenceActor, "reward": RewardActor}
 PLACEMENT_TIMEOUT_S = 120
@@ -28,19 +32,36 @@ class ModelSource:
 
 
 def split_batch(batch: dict, n: int) -> list[dict]:
-    """Split every tensor of a batch into `n` equal row shards (other values are copied to each shard)."""
+    """Split every tensor of a batch into `n` equal row shards (other values are copied to each shard).
+
+    Every actor of a role must get a shard of the same size (DeepSpeed steps and ZeRO-3 gathers are collectives),
+    so rows that do not divide by `n` are a bug of the caller: see `pad_to_multiple`.
+    """
     if n == 1:
         return [batch]
     out: list[dict] = [{} for _ in range(n)]
     for key, value in batch.items():
-        parts = torch.chunk(value, n, dim=0) if isinstance(value, torch.Tensor) else [value] * n
+        if isinstance(value, torch.Tensor):
+            if value.shape[0] % n:
+                raise ValueError(f"split_batch: {key!r} has {value.shape[0]} rows, expected a multiple of {n} actors")
+            parts = torch.chunk(value, n, dim=0)
+        else:
+            parts = [value] * n
         for shard, part in zip(out, parts, strict=True):
             shard[key] = part
     return out
 
 
+def pad_to_multiple(items: list, n: int) -> list:
+    """`items` repeated cyclically up to the next multiple of `n` (at least `n`), so `n` actors get equal shards."""
+    if not items:
+        raise ValueError("pad_to_multiple: expected at least one item, found none")
+    size = max(n, -(-len(items) // n) * n)
+    return [items[i % len(items)] for i in range(size)]
+
+
 class RoleGroup:
-    """The actors of one role; `call` shards a batch over them and concatenates what they return."""
+    """The actors of one role; `submit` shards a batch over them, `gather` joins what they return."""
 
     def __init__(self, role: str, handles: list):
         self.role = role
@@ -56,62 +77,85 @@ class RoleGroup:
         return [getattr(h, method).remote(*args) for h in self.handles]
 
 
-def gather(refs: list):
-    """Wait for sharded results and join them: tensors are concatenated, metric dicts averaged."""
+Join = Literal["concat", "mean"]
+
+
+def join(parts: list, how: Join):
+    """Join the per-actor results of one call, as the caller says.
+
+    "concat": tensors, or dicts of tensors, concatenated along rows in rank order (sharded outputs);
+    "mean": dicts of numbers (int or float) averaged over the actors (per-shard statistics).
+    """
+    if how == "concat":
+        if isinstance(parts[0], torch.Tensor):
+            return torch.cat(parts, dim=0)
+        return {k: torch.cat([p[k] for p in parts], dim=0) for k in parts[0]}
+    if how == "mean":
+        return {k: sum(float(p[k]) for p in parts) / len(parts) for k in parts[0]}
+    raise ValueError(f"join: expected 'concat' or 'mean', found {how!r}")
+
+
+def gather(refs: list, how: Join):
+    """Wait for the sharded results of `RoleGroup.submit` and `join` them."""
     import ray
 
-    parts = ray.get(refs)
-    first = parts[0]
-    if isinstance(first, torch.Tensor):
-        return torch.cat(parts, dim=0)
-    if isinstance(first, dict) and all(isinstance(v, float) for v in first.values()):
-        return {k: sum(p[k] for p in parts) / len(parts) for k in first}
-    if isinstance(first, dict):
-        return {k: torch.cat([p[k] for p in parts], dim=0) for k in first}
-    return parts
+    return join(ray.get(refs), how)
 
 
-def actor_settings(cfg: Config, *, seed: int, use_gpu: bool) -> dict:
-    """The plain settings every actor gets (no config objects cross the process boundary)."""
+def actor_settings(cfg: Config, *, seed: int, use_gpu: bool, pad_token_id: int, eos_token_ids: list[int]) -> dict:
+    """The plain settings every actor gets (no config objects cross the process boundary).
+
+    The special token ids come from the driver's tokenizer: a model config may have no pad id (Llama) or
+    several eos ids, and the policy's response mask must agree with the driver's decoding.
+    """
     return {
         **cfg.to_dict(),
         "seed": seed,
         "use_gpu": use_gpu,
+        "precision": ppo_precision(cfg.bf16, use_gpu),
         "micro_batch_size": cfg.mini_batch_size // cfg.actors_per_role,
+        "pad_token_id": pad_token_id,
+        "eos_token_ids": list(eos_token_ids),
     }
 
 
 class ActorPool:
     """Owns the placement group and the four role groups; `shutdown` releases them."""
 
-    def __init__(self, cfg: Config, sources: dict[str, ModelSource], *, seed: int, use_gpu: bool, log=print):
+    def __init__(
+        self, cfg: Config, sources: dict[str, ModelSource], *, seed: int, use_gpu: bool, special_tokens: dict,
+        log=print,
+    ):  # fmt: skip
         import ray
         from ray.util.placement_group import placement_group
         from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 
         n = cfg.actors_per_role
-        bundle: dict[str, float] = {"CPU": cfg.cpus_per_actor}
-        if use_gpu:
-            bundle["GPU"] = cfg.gpus_per_actor
-        self.pg = placement_group([dict(bundle) for _ in range(4 * n)], strategy=cfg.placement_strategy)
+        layout = placement.plan(
+            actors_per_role=n, cpus_per_actor=cfg.cpus_per_actor, gpus_per_actor=cfg.gpus_per_actor, use_gpu=use_gpu,
+            resources=placement.cluster_resources(), strategy=cfg.placement_strategy,
+        )  # fmt: skip
+        self.pg = placement_group([dict(b) for b in layout.bundles], strategy=layout.strategy)
         ready, _ = ray.wait([self.pg.ready()], timeout=PLACEMENT_TIMEOUT_S)
         if not ready:
             ray.util.remove_placement_group(self.pg)
             raise RuntimeError(
-                f"ppo: the Ray cluster cannot place {4 * n} actors of {bundle} with strategy "
-                f"{cfg.placement_strategy} (cluster resources: {ray.cluster_resources()}); lower ppo.cpus_per_actor, "
-                "ppo.actors_per_role or ppo.gpus_per_actor"
+                f"ppo: the Ray cluster did not place the bundles {list(layout.bundles)} with strategy "
+                f"{layout.strategy} within {PLACEMENT_TIMEOUT_S}s (cluster resources: {ray.cluster_resources()}); "
+                "other jobs may hold them"
             )
-        settings = actor_settings(cfg, seed=seed, use_gpu=use_gpu)
+        settings = actor_settings(cfg, seed=seed, use_gpu=use_gpu, **special_tokens)
         self.groups: dict[str, RoleGroup] = {}
-        for role_index, (role, cls) in enumerate(ROLE_CLASSES.items()):
+        for role, cls in ROLE_CLASSES.items():
             remote_cls = ray.remote(cls)
             handles = []
             for rank in range(n):
-                strategy = PlacementGroupSchedulingStrategy(self.pg, placement_group_bundle_index=role_index * n + rank)
+                strategy = PlacementGroupSchedulingStrategy(
+                    self.pg, placement_group_bundle_index=layout.actor_bundle[(role, rank)]
+                )
                 handle = remote_cls.options(
-                    num_cpus=cfg.cpus_per_actor,
-                    num_gpus=cfg.gpus_per_actor if use_gpu else 0,
+                    num_cpus=layout.cpus_per_actor,
+                    num_gpus=layout.gpus_per_actor,
                     scheduling_strategy=strategy,
                     name=None,
                 ).remote(_model_source(role, sources), {**settings, "rank": rank})
@@ -124,7 +168,7 @@ class ActorPool:
             addr, port = ray.get(handles[0].address.remote())
             starts += [h.init_engine.remote(addr, port, n, lr) for h in handles]
         ray.get(starts)
-        log(f"ppo: {4 * n} actors up ({n} per role, {bundle} each, placement {cfg.placement_strategy})")
+        log(f"ppo: {layout.describe()}")
 
     def __getitem__(self, role: str) -> RoleGroup:
         return self.groups[role]

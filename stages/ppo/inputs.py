@@ -11,12 +11,14 @@ from stages.ppo.config import Config
 
 @dataclass
 class PreparedInputs:
-    """What the loop needs from the inputs: the policy's tokenizer (left padding) and the prompt lists."""
+    """What the loop needs from the inputs: the policy's tokenizer (left padding), the prompt lists, and the
+    special token ids the actors use (`{"pad_token_id": int, "eos_token_ids": [int, ...]}`)."""
 
     tokenizer: Any
     train_prompts: list[str]
     test_prompts: list[str]
     is_demo: bool
+    special_tokens: dict
 
 
 def _context_length(model_config, where: str) -> int:
@@ -74,10 +76,8 @@ def check_inputs(cfg: Config, *, sft_model, reward_model, prompts) -> PreparedIn
     policy_tok = AutoTokenizer.from_pretrained(sft_model.path)
     rm_tok = AutoTokenizer.from_pretrained(reward_model.path)
     _check_same_tokenizer(policy_tok, rm_tok, rm_where)
-    if policy_tok.pad_token is None or policy_tok.eos_token is None:
-        raise StageInputError(
-            f"{sft_where}: tokenizer needs a pad and an eos token, found {policy_tok.special_tokens_map}"
-        )
+    if policy_tok.eos_token is None:
+        raise StageInputError(f"{sft_where}: tokenizer needs an eos token, found {policy_tok.special_tokens_map}")
     policy_config, rm_config = AutoConfig.from_pretrained(sft_model.path), AutoConfig.from_pretrained(reward_model.path)
     if rm_config.num_labels != 1:
         raise StageInputError(
@@ -104,5 +104,28 @@ def check_inputs(cfg: Config, *, sft_model, reward_model, prompts) -> PreparedIn
                 f"at most {budget} (context {context} minus ppo.max_new_tokens {cfg.max_new_tokens})"
             )
     policy_tok.padding_side = "left"  # generation continues every prompt from its last token
+    special_tokens = special_token_ids(policy_tok, sft_model.path)
     is_demo = (prompts.manifest.get("extra") or {}).get("task") == "demo"
-    return PreparedInputs(policy_tok, splits["train"], splits["test"], is_demo)
+    return PreparedInputs(policy_tok, splits["train"], splits["test"], is_demo, special_tokens)
+
+
+def special_token_ids(tokenizer, model_dir: str) -> dict:
+    """Pad and eos ids for generation; sets the tokenizer's pad token to eos when it has none (Llama, GPT-2, Qwen).
+
+    Pad == eos is safe here: prompts are masked by the tokenizer's attention mask and replies end at their first
+    eos (see `actors.response_mask_from_eos`), never at the first pad. The eos ids are the tokenizer's eos first,
+    then any other stop ids the model's generation_config.json lists (chat models often stop on several).
+    """
+    from transformers import GenerationConfig
+
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    eos_ids = [tokenizer.eos_token_id]
+    try:
+        extra = GenerationConfig.from_pretrained(model_dir).eos_token_id
+    except OSError:  # no generation_config.json: the tokenizer's eos is the only stop token
+        extra = None
+    for i in [extra] if isinstance(extra, int) else list(extra or []):
+        if i not in eos_ids:
+            eos_ids.append(int(i))
+    return {"pad_token_id": int(tokenizer.pad_token_id), "eos_token_ids": eos_ids}

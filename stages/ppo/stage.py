@@ -15,6 +15,7 @@ from stages.common.fingerprint import code_fingerprint
 from stages.common.plots import write_metrics_jsonl
 from stages.ppo import report
 from stages.ppo.config import Config
+from stages.ppo.devices import ppo_precision
 from stages.ppo.group import ActorPool, ModelSource
 from stages.ppo.inputs import check_inputs
 from stages.ppo.trainer import CheckpointState, PPOLoop, gold_win_rate, prompts_for_iteration
@@ -36,6 +37,7 @@ def run(config: Config, *, store, ctx: StageContext, sft_model, reward_model, pr
         raise StageInputError(
             f"ppo: actors_per_role = run.num_workers ({ctx.scaling.num_workers}): {e.errors()[0]['msg']}"
         ) from None
+    ppo_precision(config.bf16, ctx.scaling.use_gpu)  # bf16 on CPU is refused before Ray starts
     prepared = check_inputs(config, sft_model=sft_model, reward_model=reward_model, prompts=prompts)
     gold = None
     if prepared.is_demo:
@@ -50,7 +52,8 @@ def run(config: Config, *, store, ctx: StageContext, sft_model, reward_model, pr
     rm_src = ModelSource(reward_model.path, store.root, reward_model.ref)
     sources = {"policy": sft_src, "reference": sft_src, "reward": rm_src,
                "critic": rm_src if config.critic_init == "reward_model" else sft_src}  # fmt: skip
-    pool = ActorPool(config, sources, seed=ctx.seed, use_gpu=ctx.scaling.use_gpu, log=ctx.log)
+    pool = ActorPool(config, sources, seed=ctx.seed, use_gpu=ctx.scaling.use_gpu,
+                     special_tokens=prepared.special_tokens, log=ctx.log)  # fmt: skip
     try:
         loop = PPOLoop(config, pool, prepared.tokenizer, gold=gold, seed=ctx.seed)
         if state is not None:

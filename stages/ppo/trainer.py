@@ -17,7 +17,7 @@ import torch
 
 from stages.ppo import algorithm as A
 from stages.ppo.config import Config
-from stages.ppo.group import ActorPool, gather
+from stages.ppo.group import ActorPool, gather, pad_to_multiple
 
 GoldFn = Callable[[str, str], float]
 STATE_FILE = "state.json"
@@ -62,7 +62,7 @@ class PPOLoop:
 
     def _generate(self, prompts: list[str], seed: int) -> dict:
         """Sample responses on the policy actors; returns the rollout batch plus the policy's log-probs."""
-        out = gather(self.pool["policy"].submit("generate", self._encode(prompts), seed))
+        out = gather(self.pool["policy"].submit("generate", self._encode(prompts), seed), "concat")
         out["prompt_len"] = out["tokens"].shape[1] - self.cfg.max_new_tokens
         return out
 
@@ -72,7 +72,7 @@ class PPOLoop:
         ref = self.pool["reference"].submit("logprobs", view)
         rm = self.pool["reward"].submit("scores", view)
         values = self.pool["critic"].submit("values", view) if with_values else None
-        return gather(ref), gather(rm), gather(values) if values else None
+        return gather(ref, "concat"), gather(rm, "concat"), gather(values, "concat") if values else None
 
     def _texts_and_gold(self, prompts: list[str], batch: dict) -> tuple[list[str], list[float] | None]:
         texts = decode_responses(self.tokenizer, batch["tokens"], batch["response_mask"], batch["prompt_len"])
@@ -107,7 +107,7 @@ class PPOLoop:
         critic_refs = self.pool["critic"].submit(
             "train", {**common, "values": values, "returns": returns}, cfg.ppo_epochs, seed
         )
-        policy_stats, critic_stats = gather(policy_refs), gather(critic_refs)
+        policy_stats, critic_stats = gather(policy_refs, "mean"), gather(critic_refs, "mean")
         t3 = time.perf_counter()
 
         # the sequence KL (k1, summed over the reply) is what the controller tracks and what we report
@@ -141,8 +141,9 @@ class PPOLoop:
         bs = self.cfg.rollout_batch_size
         for start in range(0, len(prompts), bs):
             chunk = prompts[start : start + bs]
-            # every actor of a role needs a shard of the same size: pad the last chunk by repeating prompts
-            padded = chunk + chunk[: (-len(chunk)) % self.cfg.actors_per_role]
+            # every actor of a role needs a shard of the same size: pad the last chunk by repeating its prompts
+            # (cyclically: a chunk may hold fewer prompts than there are actors)
+            padded = pad_to_multiple(chunk, self.cfg.actors_per_role)
             batch = self._generate(padded, seed=seed + start)
             ref_logprobs, scores, _ = self._score(batch, with_values=False)
             seq_kl = A.masked_sum(batch["logprobs"] - ref_logprobs, batch["response_mask"], dim=1)
