@@ -76,6 +76,17 @@ def first_head(model) -> torch.nn.Module:
     raise TypeError(f"{type(model).__name__}: no `score` or `classifier` head to read values from")
 
 
+def engine_config(settings: dict) -> dict:
+    """The DeepSpeed config of a trainable role, from the shared builder (the optimizer is a client torch AdamW)."""
+    from stages.common import deepspeed_config
+
+    return deepspeed_config.build(
+        zero_stage=settings["zero_stage"], precision=settings["precision"], use_gpu=bool(settings["use_gpu"]),
+        micro_batch_size=settings["micro_batch_size"], grad_accum=1, grad_clip=settings["max_grad_norm"],
+        optimizer=None,
+    )  # fmt: skip
+
+
 @contextlib.contextmanager
 def seeded(seed: int | None) -> Iterator[None]:
     """Run a block under a fixed torch seed without disturbing the actor's own random stream."""
@@ -154,17 +165,11 @@ class _Trainable(_Role):
         )  # fmt: skip
         import deepspeed
 
-        from stages.common import deepspeed_config
-
         if self.device.type == "cuda":
             torch.cuda.set_device(self.device)
         deepspeed.init_distributed(dist_backend=dist_backend(self.device), verbose=False)
-        s = self.settings
-        ds_config = deepspeed_config.build(
-            zero_stage=s["zero_stage"], precision=s["precision"], use_gpu=bool(s["use_gpu"]),
-            micro_batch_size=s["micro_batch_size"], grad_accum=1, grad_clip=s["max_grad_norm"], optimizer=None,
-        )  # fmt: skip
-        self.zero3 = s["zero_stage"] == 3
+        ds_config = engine_config(self.settings)
+        self.zero3 = self.settings["zero_stage"] == 3
         # torch's AdamW as the client optimizer (DeepSpeed wraps it for ZeRO and keeps fp32 masters under bf16):
         # nothing to compile on any node
         params = [p for p in self.model.parameters() if p.requires_grad]
