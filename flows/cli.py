@@ -37,7 +37,7 @@ def _manifest_view(art) -> dict[str, Any]:
 
 
 def cmd_run(args: argparse.Namespace) -> int:
-    from flows.pipeline import run_pipeline
+    from flows.plan import answer_from_cache
 
     inputs = {}
     for item in args.input or []:
@@ -47,16 +47,14 @@ def cmd_run(args: argparse.Namespace) -> int:
         inputs[role] = ref
     if inputs and not args.only:
         raise UsageError("--input is only meaningful with --only STAGE")
-    summary = run_pipeline(
-        preset=args.preset,
-        config_file=args.config,
-        overrides=args.set or [],
-        store=args.store,
-        from_stage=args.from_stage,
-        only=args.only,
-        inputs=inputs,
-        force=args.force,
-    )
+    params = dict(preset=args.preset, config_file=args.config, overrides=args.set or [], store=args.store,
+                  from_stage=args.from_stage, only=args.only, inputs=inputs, force=args.force)  # fmt: skip
+    # Nothing to run? Then answer from the store, without starting Prefect or Ray (a no-op rerun in seconds).
+    summary = answer_from_cache(params)
+    if summary is None:
+        from flows.pipeline import run_pipeline
+
+        summary = run_pipeline(**params)
     if args.json:
         _print_json(summary)
     else:
@@ -73,6 +71,8 @@ def _print_run_summary(summary: dict[str, Any], store) -> None:
         f"\npipeline finished in {summary['wall_seconds']:.1f} s, orchestration overhead "
         f"{summary['orchestration_overhead_seconds']:.1f} s (store: {summary['store']})"
     )
+    if summary.get("prefect") == "not started":
+        print("  nothing to run: every stage's artifacts for its cache key are in the store (Prefect not started)")
     for name, reason in summary.get("skipped", {}).items():
         print(f"  {name:<8} {'Skipped':<9} not run: {reason}")
     for name, info in summary["stages"].items():
@@ -146,6 +146,20 @@ def cmd_artifacts_verify(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_artifacts_import(args: argparse.Namespace) -> int:
+    from stages.common.artifact_import import import_local
+
+    art, existed = import_local(_store(args), args.path, kind=args.kind, name=args.name, fmt=args.format)
+    if existed:
+        print(f"already in the store as {art.ref} (digest {art.digest[:12]})")
+        return 0
+    facts = ", ".join(f"{k} {v}" for k, v in sorted(art.metrics.items()))
+    print(f"imported {args.path} as {art.ref} ({art.kind}, {len(art.manifest['files'])} files, digest "
+          f"{art.digest[:12]}{', ' + facts if facts else ''})")
+    print(f"  path     {art.path}")
+    return 0
+
+
 def cmd_data_demo(args: argparse.Namespace) -> int:
     from stages.common.demo import DemoConfig, generate, write_jsonl_dir
 
@@ -208,7 +222,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_config(p)
     p.set_defaults(func=cmd_config)
 
-    art = sub.add_parser("artifacts", help="list, show, trace and verify artifacts").add_subparsers(
+    art = sub.add_parser("artifacts", help="list, show, trace, verify and import artifacts").add_subparsers(
         dest="artifacts_command", required=True, metavar="ACTION"
     )
     p = art.add_parser("list", help="every artifact version in the store")
@@ -226,6 +240,15 @@ def build_parser() -> argparse.ArgumentParser:
         if name != "verify":
             p.add_argument("--json", action="store_true")
         p.set_defaults(func=func)
+    p = art.add_parser("import", help="bring a local HF model or tokenizer directory, or a data set, into the store")
+    p.add_argument("path", help="a HF directory (safetensors), or a data file/folder (jsonl, json, parquet, txt, "
+                   "save_to_disk)")
+    p.add_argument("--kind", required=True, choices=["causal-lm", "reward-model", "tokenizer", "dataset"])
+    p.add_argument("--name", required=True, help="artifact name, e.g. base-model")
+    p.add_argument("--format", choices=["corpus", "sft", "preferences", "prompts"],
+                   help="data format of a dataset (default: inferred from its columns)")
+    _add_store(p)
+    p.set_defaults(func=cmd_artifacts_import)
 
     data = sub.add_parser("data", help="data utilities").add_subparsers(dest="data_command", required=True, metavar="ACTION")
     p = data.add_parser("demo", help="write the built-in demo task's four data sets as jsonl")

@@ -50,6 +50,15 @@ class RunSection(Section):
         return Scaling(num_workers=self.num_workers, cpus_per_worker=self.cpus_per_worker, use_gpu=self.use_gpu)
 
 
+class ColumnMaps(Section):
+    """Per data set, canonical column -> the column of the user's file, e.g. preferences: {chosen: better}."""
+
+    corpus: dict[str, str] | None = None
+    sft: dict[str, str] | None = None
+    preferences: dict[str, str] | None = None
+    prompts: dict[str, str] | None = None
+
+
 class DataSection(Section):
     """Where each stage's data comes from: "demo" (the built-in task), a local file or folder, or hf:NAME."""
 
@@ -59,6 +68,7 @@ class DataSection(Section):
     prompts: str = Field("demo", min_length=1)
     test_fraction: float = Field(0.1, gt=0, lt=1, description="held-out share when a source has no test split")
     demo: DemoConfig = Field(default_factory=DemoConfig)
+    columns: ColumnMaps = Field(default_factory=ColumnMaps)  # rename a file's columns before validation
 
 
 class PipelineConfig(Section):

@@ -19,26 +19,28 @@ from prefect.cache_policies import NO_CACHE  # noqa: E402
 from prefect.states import Completed, Failed  # noqa: E402
 
 from flows import report  # noqa: E402
-from flows.cluster_check import RayDriver, probe_ray_address  # noqa: E402
-from flows.config import STAGE_ORDER, STAGES, PipelineConfig, load_config  # noqa: E402
-from flows.preflight import Resources, check_fits  # noqa: E402
+from flows.cluster_check import RayDriver  # noqa: E402
+from flows.config import STAGES, PipelineConfig, load_config  # noqa: E402
+from flows.plan import (  # noqa: E402
+    DATA_ROLES,
+    UPSTREAM_ROLES,
+    check_only_inputs,
+    ingest_data,
+    plan_stages,
+    preflight,
+    resolve_model,
+    stage_cache_key,
+    validate_run,
+)
+from flows.preflight import check_fits  # noqa: E402
 from stages.common.config import ConfigError  # noqa: E402
 from stages.common.context import StageContext  # noqa: E402
-from stages.common.data import DataError, ingest  # noqa: E402
+from stages.common.data import DataError  # noqa: E402
 from stages.common.errors import StageInputError  # noqa: E402
-from stages.common.fingerprint import cache_key, code_fingerprint  # noqa: E402
 from stages.common.gates import GateFailed, check_gate  # noqa: E402
 from stages.common.store import ArtifactError, ArtifactStore  # noqa: E402
 
-# Which data set feeds which stage role, and which upstream output feeds which role.
-DATA_ROLES = {("pretrain", "corpus"): "corpus", ("sft", "data"): "sft", ("reward", "preferences"): "preferences",
-              ("ppo", "prompts"): "prompts"}
-UPSTREAM_ROLES = {("sft", "base_model"): "base-model", ("reward", "sft_model"): "sft-model",
-                  ("ppo", "sft_model"): "sft-model", ("ppo", "reward_model"): "reward-model"}
 USER_ERRORS = (ConfigError, DataError, StageInputError, ArtifactError, GateFailed)
-# Config fields that do not change what a stage computes: gate thresholds (checked after the fact, so changing one
-# reuses the artifact) and references to inputs (their artifact digests are in the key instead).
-NOT_IN_CACHE_KEY = ("gate", "base_model")
 
 
 def _user_failure(exc: BaseException):
@@ -57,24 +59,12 @@ def _worth_retrying(task_obj, task_run, state) -> bool:
     return not isinstance(exc, USER_ERRORS)
 
 
-def stage_cache_key(name: str, cfg: PipelineConfig, inputs: dict[str, Any]) -> str:
-    """The stage's cache key: its code, its own config plus the run-level knobs that change results, its inputs."""
-    run = cfg.run
-    stage_config = {k: v for k, v in cfg.stage_config(name).to_dict().items() if k not in NOT_IN_CACHE_KEY}
-    config = {
-        "stage": stage_config,
-        "run": {"seed": run.seed, "num_workers": run.num_workers, "use_gpu": run.use_gpu},
-    }
-    return cache_key(name, code_fingerprint(name), config, {role: a.digest for role, a in inputs.items()})
-
-
 @task(name="data", cache_policy=NO_CACHE, persist_result=False)
 def data_task(cfg: PipelineConfig, store: ArtifactStore, fmt: str) -> str:
     """Materialise one data source as a dataset artifact (identical data -> the same version)."""
     source = getattr(cfg.data, fmt)
     try:
-        art = ingest(source, fmt, store, demo_cfg=cfg.data.demo, test_fraction=cfg.data.test_fraction,
-                     seed=cfg.run.seed)  # fmt: skip
+        art = ingest_data(cfg, store, fmt)
     except USER_ERRORS as e:
         return _user_failure(e)
     get_run_logger().info(f"data {fmt}: {source} -> {art.ref} ({art.metrics})")
@@ -84,29 +74,12 @@ def data_task(cfg: PipelineConfig, store: ArtifactStore, fmt: str) -> str:
 @task(name="model", task_run_name="{key}", cache_policy=NO_CACHE, persist_result=False)
 def model_task(key: str, value: str, kind: str, store: ArtifactStore) -> str:
     """A model named in the config (`sft.base_model`): an artifact ref, or a local HF directory imported by content."""
-    from pathlib import Path
-
     try:
-        if Path(value).expanduser().is_dir():
-            from stages.common.model_import import import_model
-
-            art = import_model(store, str(Path(value).expanduser()), kind=kind, name=_import_name(value))
-            get_run_logger().info(f"{key}: local directory {value} -> {art.ref} (digest {art.digest[:12]})")
-        else:
-            art = store.get(value, kind=kind)
-            get_run_logger().info(f"{key}: {value} -> {art.ref} (digest {art.digest[:12]})")
+        art = resolve_model(store, value, kind)
     except USER_ERRORS as e:
         return _user_failure(e)
+    get_run_logger().info(f"{key}: {value} -> {art.ref} (digest {art.digest[:12]})")
     return art.ref
-
-
-def _import_name(path: str) -> str:
-    """An artifact name for a directory imported on the fly: its folder name, reduced to safe characters."""
-    import re
-    from pathlib import Path
-
-    name = re.sub(r"[^A-Za-z0-9._-]+", "-", Path(path).expanduser().resolve().name).strip("-.")
-    return name or "imported-model"
 
 
 @task(
@@ -160,32 +133,6 @@ def _run_or_reuse(name: str, cfg: PipelineConfig, store: ArtifactStore, ray_driv
     return {out: art.ref for out, art in outputs.items()}
 
 
-def plan_stages(from_stage: str | None, only: str | None, cfg: PipelineConfig | None = None) -> tuple[list[str], set[str]]:
-    """Which stages run, and which of them are forced (ignore the cache).
-
-    With `sft.base_model` set the pipeline starts at SFT from that model: the pretrain node is left out.
-    """
-    for flag, value in (("--from", from_stage), ("--only", only)):
-        if value is not None and value not in STAGES:
-            raise ConfigError(f"{flag} {value!r}: unknown stage; expected one of {', '.join(STAGE_ORDER)}")
-    if from_stage and only:
-        raise ConfigError("--from and --only cannot be combined")
-    if only:
-        return [only], set()
-    order = [s for s in STAGE_ORDER if not (s == "pretrain" and cfg is not None and cfg.sft.base_model)]
-    if from_stage:
-        if from_stage not in order:
-            raise ConfigError(f"--from {from_stage}: sft.base_model is set, so {from_stage} does not run in this pipeline")
-        return order, set(order[order.index(from_stage):])
-    return order, set()
-
-
-def preflight(cfg: PipelineConfig, stages: list[str]) -> None:
-    """Fail in seconds when the run cannot fit: on this machine when the flow starts a local Ray itself."""
-    if not (cfg.run.ray_address or os.environ.get("RAY_ADDRESS")):
-        check_fits(cfg, Resources.of_this_machine(), stages)
-
-
 # log_prints stays off: libraries print to stdout internally (dill disassembles functions while hashing them).
 @flow(name="rlhf", persist_result=False, log_prints=False)
 def rlhf(
@@ -216,7 +163,7 @@ def _pipeline(preset, config_file, overrides, store, from_stage, only, inputs, f
     stages, forced = plan_stages(from_stage, only, cfg)
     inputs = dict(inputs or {})
     if only:
-        _check_only_inputs(only, inputs)
+        check_only_inputs(only, inputs)
     preflight(cfg, stages)
     art_store = ArtifactStore(store or os.environ.get("RLHF_STORE") or cfg.run.store)
     ray_driver = RayDriver(cfg.run.ray_address, art_store.root, cfg.run.work_dir,
@@ -264,27 +211,9 @@ def _stage_seconds(store: ArtifactStore, outputs: dict[str, str]) -> float:
     return round(max(store.get(ref).manifest.get("timings", {}).get("wall_seconds", 0.0) for ref in outputs.values()), 2)
 
 
-def _check_only_inputs(only: str, inputs: dict[str, str]) -> None:
-    roles = STAGES[only].INPUTS
-    for role in inputs:
-        if role not in roles:
-            raise ConfigError(f"--input {role}=...: {only} has no input {role!r}; its inputs are {', '.join(roles)}")
-    missing = [r for r in roles if r not in inputs and (only, r) not in DATA_ROLES]
-    if missing:
-        example = " ".join(f"--input {r}={UPSTREAM_ROLES[(only, r)]}@latest" for r in missing)
-        raise ConfigError(f"--only {only} needs an artifact for {', '.join(missing)}, e.g. {example}")
-
-
 def run_pipeline(**params: Any) -> dict[str, Any]:
     """Validate cheaply first (config, stage names, inputs, Ray address), so a user mistake costs no Prefect start-up."""
-    cfg = load_config(params.get("preset", "demo"), params.get("config_file"), params.get("overrides") or [])
-    stages, _ = plan_stages(params.get("from_stage"), params.get("only"), cfg)
-    if params.get("only"):
-        _check_only_inputs(params["only"], params.get("inputs") or {})
-    address = cfg.run.ray_address or os.environ.get("RAY_ADDRESS")
-    if address:
-        probe_ray_address(address)
-    preflight(cfg, stages)
+    validate_run(params)
     return rlhf(**params)
 
 

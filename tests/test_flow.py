@@ -111,3 +111,34 @@ def test_user_error_is_not_retried(pipeline_copy, monkeypatch):
     with pytest.raises(StageInputError, match="longer than the context"):
         _run(pipeline_copy, from_stage="ppo")
     assert len(calls) == 1
+
+
+def test_missed_gate_stops_the_flow_before_the_next_stage(pipeline_copy):
+    """ppo is forced, but the reward model misses its (raised) gate: the flow stops before ppo publishes anything."""
+    from stages.common.gates import GateFailed
+
+    before = _versions(pipeline_copy["store"])
+    with pytest.raises(GateFailed, match=r"^reward: quality gate missed: eval_accuracy = [0-9.]+, expected at least "
+                                         r"0.99 \(reward.gate.min_eval_accuracy\); reward-model@v1 is published"):
+        _run(pipeline_copy, from_stage="ppo", overrides=["reward.gate.min_eval_accuracy=0.99"])
+    assert _versions(pipeline_copy["store"]) == before  # the gate is not in the key: reward reused, no new policy
+
+
+def test_user_error_inside_the_flow_is_one_failed_state_not_a_traceback(pipeline_copy, capfd):
+    from prefect import get_client
+
+    with pytest.raises(ArtifactError):
+        _run(pipeline_copy, only="reward", inputs={"sft_model": "sft-model@v9"})
+    out = capfd.readouterr()
+    assert "Traceback" not in out.out + out.err
+
+    async def last_stage_task_state():
+        async with get_client() as client:
+            runs = await client.read_task_runs(limit=50)
+        stage_runs = [r for r in runs if r.name == "reward"]
+        return max(stage_runs, key=lambda r: r.created).state
+
+    import asyncio
+
+    state = asyncio.run(last_stage_task_state())
+    assert state.type.value == "FAILED" and "sft-model@v9" in state.message
