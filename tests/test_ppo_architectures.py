@@ -1,0 +1,90 @@
+"""PPO's model plumbing on every architecture family (tiny random Llama, Qwen2, GPT-NeoX, GPT-2; no Ray).
+
+Left padding must not move a row's logits or values; the value head must be the model's own score head; a
+tokenizer without a pad token gets eos as pad, and a reply still ends at its first eos.
+"""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from tiny_models import TINY_ARCHS, build_tiny_model, build_tiny_tokenizer
+
+from stages.ppo.actors import TokenValueModel, response_logits, response_mask_from_eos
+from stages.ppo.devices import model_dtype
+from stages.ppo.inputs import special_token_ids
+
+TEXTS = [f"User: Describe the {a} {b}.\nAssistant: The {a} {b} is here." for a in ("red", "big", "old", "shy")
+         for b in ("cat", "dog", "fox", "owl", "hen")] * 4  # fmt: skip
+
+
+@pytest.fixture(scope="module")
+def tokenizer():
+    return build_tiny_tokenizer(TEXTS, vocab_size=300)
+
+
+def left_padded(rows: list[list[int]], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
+    width = max(map(len, rows))
+    ids = torch.tensor([[pad_id] * (width - len(r)) + r for r in rows])
+    mask = torch.tensor([[0] * (width - len(r)) + [1] * len(r) for r in rows])
+    return ids, mask
+
+
+@pytest.mark.parametrize("arch", sorted(TINY_ARCHS))
+def test_left_padding_does_not_move_logits_or_values(arch, tokenizer):
+    lm = build_tiny_model(arch, tokenizer).eval()
+    rm = build_tiny_model(arch, tokenizer, head="reward-model").eval()
+    values = TokenValueModel(rm)
+    prompts = [tokenizer.encode(t) for t in ("User: Describe the cat.\nAssistant:", "User: Hi\nAssistant:")]
+    assert len(prompts[0]) > len(prompts[1])  # so row 1 is left-padded
+    response = tokenizer.encode(" The cat")
+    ids, mask = left_padded([p + response for p in prompts], tokenizer.pad_token_id)
+    P = ids.shape[1] - len(response)
+    with torch.no_grad():
+        batch_logits = response_logits(lm, ids, mask, P)
+        batch_values = values(ids, mask)
+        for row, p in enumerate(prompts):
+            alone = torch.tensor([p + response])
+            ones = torch.ones_like(alone)
+            torch.testing.assert_close(batch_logits[row], response_logits(lm, alone, ones, len(p))[0])
+            torch.testing.assert_close(batch_values[row, -len(alone[0]) :], values(alone, ones)[0])
+            # the value model reads the model's own score head: at the last token it is HF's sequence score
+            torch.testing.assert_close(values(alone, ones)[0, -1], rm(input_ids=alone).logits[0, 0])
+    assert batch_logits.dtype == torch.float32
+
+
+@pytest.mark.parametrize("arch", ["llama", "gpt2"])
+def test_bf16_weights_give_fp32_log_prob_inputs(arch, tokenizer, tmp_path):
+    from transformers import AutoModelForCausalLM
+
+    build_tiny_model(arch, tokenizer).save_pretrained(tmp_path)
+    lm = AutoModelForCausalLM.from_pretrained(tmp_path, dtype=model_dtype("bf16"))
+    assert next(lm.parameters()).dtype == torch.bfloat16
+    ids = torch.tensor([tokenizer.encode("User: Hi\nAssistant: The cat")])
+    with torch.no_grad():
+        assert response_logits(lm, ids, torch.ones_like(ids), 4).dtype == torch.float32
+
+
+def test_response_mask_ends_at_the_first_eos_even_when_pad_is_eos():
+    eos = torch.tensor([2])
+    # pad == eos == 2: HF generate writes 2 after a finished reply; row 2 never ended; only 5 tokens were generated
+    responses = torch.tensor([[7, 8, 2, 2, 2, 2], [2, 2, 2, 2, 2, 2], [7, 7, 7, 7, 7, 2]])
+    expected = torch.tensor([[1, 1, 1, 0, 0, 0], [1, 0, 0, 0, 0, 0], [1, 1, 1, 1, 1, 0]])
+    assert torch.equal(response_mask_from_eos(responses, eos, generated=5), expected)
+    # several stop ids: the first of any of them ends the reply
+    assert torch.equal(response_mask_from_eos(torch.tensor([[5, 9, 2, 4]]), torch.tensor([2, 9]), 4),
+                       torch.tensor([[1, 1, 0, 0]]))  # fmt: skip
+
+
+def test_a_tokenizer_without_pad_gets_eos_and_the_models_stop_ids(tokenizer, tmp_path):
+    tok = build_tiny_tokenizer(TEXTS, vocab_size=300)
+    tok.pad_token = None
+    ids = special_token_ids(tok, str(tmp_path))  # no generation_config.json there
+    assert tok.pad_token == tok.eos_token
+    assert ids == {"pad_token_id": tok.eos_token_id, "eos_token_ids": [tok.eos_token_id]}
+    (tmp_path / "generation_config.json").write_text(json.dumps({"eos_token_id": [7, tok.eos_token_id]}))
+    assert special_token_ids(tokenizer, str(tmp_path)) == {
+        "pad_token_id": tokenizer.pad_token_id, "eos_token_ids": [tokenizer.eos_token_id, 7],
+    }  # fmt: skip
