@@ -72,16 +72,17 @@ def test_pearson_by_hand():
 
 def test_reward_model_reads_the_last_real_token_whatever_the_padding(demo_sets, tmp_path):
     """A score must not depend on the batch it is in (right padding, pad id set on the config)."""
-    from stages.reward.evaluate import score_texts
+    from stages.reward.evaluate import score_pairs
     from stages.reward.train import load_reward_model
 
     tokenizer = build_tiny_tokenizer([r["text"] for r in demo_sets["corpus"]["train"][:500]])
     save_model_dir(build_tiny_gpt2(tokenizer, seed=2), tokenizer, tmp_path)
     model, tok = load_reward_model(str(tmp_path))
-    assert model.config.num_labels == 1 and model.config.pad_token_id == tok.pad_token_id
-    texts = [PROMPT + " The cat is happy.", PROMPT + " The cat is sad, dirty and ugly." + " Yes." * 10]
-    alone = score_texts(model, tok, texts[:1], batch_size=1)
-    together = score_texts(model, tok, texts, batch_size=2)
+    assert model.config.num_labels == 1 and model.config.pad_token_id == tok.pad_token_id != tok.eos_token_id
+    pairs = [{"prompt": PROMPT, "chosen": " The cat is happy."},
+             {"prompt": PROMPT, "chosen": " The cat is sad, dirty and ugly." + " Yes." * 10}]
+    alone = score_pairs(model, tok, pairs[:1], "chosen", batch_size=1)
+    together = score_pairs(model, tok, pairs, "chosen", batch_size=2)
     assert together[0] == pytest.approx(alone[0], abs=1e-5)
     assert together[0] != pytest.approx(together[1], abs=1e-6)
 

@@ -128,7 +128,7 @@ def test_batched_left_padded_generation_matches_one_by_one(demo_sets):
             [{"prompt": "User: Describe the cat.\nAssistant:", "completion": " The cat is" + " very" * 400 + "."}],
             r"1 of 1 rows are longer than the 128-token limit \(row 0: \d+ tokens\)",
         ),
-        ([{"prompt": "User: Describe the cat.\nAssistant:", "completion": "   "}], "empty completion"),
+        ([{"prompt": "User: Describe the cat.\nAssistant:", "completion": "   "}], "row 0: column 'completion' is empty"),
     ],
     ids=["missing-column", "too-long", "empty-completion"],
 )

@@ -29,7 +29,7 @@ from typing import Any
 from stages.common import deepspeed_config as ds
 from stages.common import ray_train
 from stages.common.errors import StageInputError
-from stages.common.hf import check_vocab_matches, use_eos_as_pad
+from stages.common.hf import ROLE_NAMES, check_vocab_matches, use_eos_as_pad
 
 FINAL_DIR = "final"  # inside the last checkpoint: the trained model + tokenizer (a standard HF dir)
 RESULT_FILE = "result.json"  # inside the last checkpoint: metrics, log history, samples
@@ -56,6 +56,27 @@ def load_rows(artifact, split: str, where: str) -> list[dict[str, Any]]:
     except DataError as e:
         raise StageInputError(f"{where}: {e}") from None
     return [dict(row) for row in dataset]
+
+
+def check_turns(turns: Any, column: str, where: str, *, replies: bool = False) -> None:
+    """A conversational cell: a non-empty list of {role: system|user|assistant, content: str} turns; reply columns
+    (completion, chosen, rejected) hold assistant turns with some text, a prompt does not end with the assistant."""
+    if not isinstance(turns, list) or not turns:
+        raise StageInputError(f"{where}: column {column!r}: expected a non-empty list of turns, found {turns!r:.80}")
+    for turn in turns:
+        if not isinstance(turn, dict) or turn.get("role") not in ROLE_NAMES or not isinstance(turn.get("content"), str):
+            raise StageInputError(
+                f"{where}: column {column!r}: expected turns like {{'role': 'user'|'assistant'|'system', "
+                f"'content': str}}, found {turn!r:.80}"
+            )
+    if replies:
+        if any(t["role"] != "assistant" for t in turns):
+            raise StageInputError(f"{where}: column {column!r}: expected assistant turns only")
+        if not "".join(t["content"] for t in turns).strip():
+            raise StageInputError(f"{where}: column {column!r}: empty reply (nothing to learn)")
+    elif turns[-1]["role"] == "assistant":
+        raise StageInputError(f"{where}: column {column!r}: the prompt ends with an assistant turn (expected the "
+                              "user's turn last)")
 
 
 def model_context(model_dir: str, tokenizer, where: str) -> int:

@@ -6,9 +6,9 @@ import time
 
 from stages.common import trl_stage
 from stages.common.context import Scaling, StageContext
-from stages.common.trl_stage import check_kind, load_rows, token_limit
+from stages.common.trl_stage import check_kind, load_rows, model_context, token_limit, tokenizer_plan
 from stages.reward.config import Config
-from stages.reward.inputs import check_lengths, check_pairs, model_context
+from stages.reward.inputs import check_lengths, check_pairs
 from stages.reward.train import train_loop
 
 NAME = "reward"
@@ -22,18 +22,21 @@ def prepare(config: Config, sft_model, preferences, *, scaling: Scaling, seed: i
 
     check_kind(NAME, "sft_model", sft_model, INPUTS["sft_model"])
     check_kind(NAME, "preferences", preferences, INPUTS["preferences"])
+    tokenizer = AutoTokenizer.from_pretrained(sft_model.path)
+    context = model_context(sft_model.path, tokenizer, f"{NAME}: sft_model {sft_model.ref}")
+    plan = tokenizer_plan(tokenizer)  # pad = eos when there is none: the score is read at the last non-pad token
     splits = {}
     for split in ("train", "test"):
         where = f"{NAME}: preferences {preferences.ref} {split}.jsonl"
-        splits[split] = check_pairs(load_rows(preferences, split, f"{NAME}: preferences"), where)
-    tokenizer = AutoTokenizer.from_pretrained(sft_model.path)
-    context = model_context(sft_model.path, tokenizer, f"{NAME}: sft_model {sft_model.ref}")
+        rows = load_rows(preferences, split, f"{NAME}: preferences")
+        splits[split] = check_pairs(rows, where, chat_template=plan["chat_template"])
     limit = token_limit(config.max_length, context, f"{NAME}: config vs sft_model {sft_model.ref}")
     for split, rows in splits.items():
         check_lengths(rows, tokenizer, limit, f"{NAME}: preferences {preferences.ref} {split}.jsonl")
     return {
         **trl_stage.loop_config(
-            config, sft_model, splits, stage=NAME, limit=limit, scaling=scaling, seed=seed, store=store
+            config, sft_model, splits, stage=NAME, limit=limit, scaling=scaling, seed=seed, store=store,
+            tokenizer=plan,
         ),
         "demo_task": (preferences.manifest.get("extra") or {}).get("task") == "demo",
         "center_rewards_coefficient": config.center_rewards_coefficient,

@@ -1,7 +1,9 @@
 """The reward-model training loop that runs on every Ray Train worker: TRL's RewardTrainer, then pair scoring.
 
 The model is the SFT model loaded as `AutoModelForSequenceClassification` with one output: the transformer is kept,
-the LM head is dropped and a fresh `score` head reads the last non-pad token. The loss is Bradley-Terry,
+the LM head is dropped (tied or not, transformers only reports it as unused) and a fresh `score` head reads the last
+non-pad token. Works for every architecture transformers has a sequence-classification class for (GPT-2, GPT-NeoX,
+Llama, Qwen2, ...). The loss is Bradley-Terry,
 -log sigmoid(r_chosen - r_rejected). Checkpoints, resume and the final `final/` + `result.json` checkpoint follow
 `stages.common.trl_stage`.
 """
@@ -12,10 +14,12 @@ from pathlib import Path
 from typing import Any
 
 from stages.common import ray_train
+from stages.common.hf import model_load_kwargs
 from stages.common.trl_stage import (
     FINAL_DIR,
     RESULT_FILE,
     deepspeed_config,
+    load_tokenizer,
     local_model_dir,
     report_result,
     run_on_worker,
@@ -28,13 +32,17 @@ from stages.reward.evaluate import evaluate_pairs
 __all__ = ["FINAL_DIR", "RESULT_FILE", "build_trainer", "deepspeed_config", "load_reward_model", "train_loop"]
 
 
-def load_reward_model(model_dir: str):
-    """The causal LM in `model_dir` as a sequence classifier with one output; pad id set for the last-token read."""
-    from transformers import AutoModelForSequenceClassification, AutoTokenizer
+def load_reward_model(model_dir: str, bf16: bool = False):
+    """The causal LM in `model_dir` as a sequence classifier with one output; pad id set for the last-token read
+    (pad = eos when the tokenizer has none), so the published config carries it."""
+    from transformers import AutoModelForSequenceClassification
+    from trl.trainer.reward_trainer import suppress_seqcls_warning
 
-    tokenizer = AutoTokenizer.from_pretrained(model_dir)
-    model = AutoModelForSequenceClassification.from_pretrained(model_dir, num_labels=1)
+    tokenizer = load_tokenizer(model_dir)
+    with suppress_seqcls_warning():  # the new `score` head and the unused LM head are expected, not news
+        model = AutoModelForSequenceClassification.from_pretrained(model_dir, num_labels=1, **model_load_kwargs(bf16))
     model.config.pad_token_id = tokenizer.pad_token_id
+    model.config.get_text_config().pad_token_id = tokenizer.pad_token_id
     return model, tokenizer
 
 
@@ -42,7 +50,7 @@ def build_trainer(cfg: dict[str, Any], output_dir: str):
     """TRL's RewardTrainer for the loop config `cfg` (see stage.prepare); TRL appends eos to both replies."""
     from trl import RewardConfig, RewardTrainer
 
-    model, tokenizer = load_reward_model(local_model_dir(cfg))
+    model, tokenizer = load_reward_model(local_model_dir(cfg), bf16=cfg["bf16"])
     args = RewardConfig(
         **training_args(cfg, output_dir),
         center_rewards_coefficient=cfg["center_rewards_coefficient"],

@@ -10,80 +10,8 @@ between runs and say more about tie-breaking than about format learning.
 
 from __future__ import annotations
 
-from stages.common import demo
+# The evaluation lives in stages/common/demo_eval.py (the DPO stage uses it too); re-exported here so
+# `from stages.sft.evaluate import demo_metrics` keeps working.
+from stages.common.demo_eval import demo_metrics, generate_replies, score_replies
 
-
-def generate_replies(
-    model, tokenizer, prompts: list[str], *, max_new_tokens: int, batch_size: int, temperature: float | None = None
-) -> list[str]:
-    """Replies to `prompts` (greedy, or sampled when `temperature` is set), batched with left padding, cut at eos."""
-    import torch
-
-    tokenizer.padding_side = "left"  # decoder-only: new tokens must follow the prompt directly
-    device = next(model.parameters()).device
-    replies: list[str] = []
-    model.eval()
-    for start in range(0, len(prompts), batch_size):
-        batch = prompts[start : start + batch_size]
-        enc = tokenizer(batch, return_tensors="pt", padding=True, add_special_tokens=False).to(device)
-        with torch.no_grad():
-            out = model.generate(
-                **enc,
-                max_new_tokens=max_new_tokens,
-                do_sample=temperature is not None,
-                **({"temperature": temperature, "top_k": 0, "top_p": 1.0} if temperature is not None else {}),
-                eos_token_id=tokenizer.eos_token_id,
-                pad_token_id=tokenizer.pad_token_id,
-            )
-        for row in out[:, enc["input_ids"].shape[1] :].tolist():
-            if tokenizer.eos_token_id in row:
-                row = row[: row.index(tokenizer.eos_token_id)]
-            replies.append(tokenizer.decode(row, skip_special_tokens=True))
-    return replies
-
-
-def score_replies(prompts: list[str], replies: list[str]) -> dict[str, float]:
-    """format_rate: share of replies in the demo format; gold_score: their mean gold score (-1 for broken ones)."""
-    if not prompts:
-        return {"format_rate": 0.0, "gold_score": -1.0}
-    ok = [demo.follows_format(p, r) for p, r in zip(prompts, replies, strict=True)]
-    gold = [demo.gold_score(p, r) for p, r in zip(prompts, replies, strict=True)]
-    return {"format_rate": sum(ok) / len(ok), "gold_score": sum(gold) / len(gold)}
-
-
-def demo_metrics(
-    model_dir: str,
-    prompts: list[str],
-    *,
-    max_new_tokens: int,
-    batch_size: int,
-    seed: int = 0,
-    use_gpu: bool = False,
-) -> tuple[dict[str, float], list[dict]]:
-    """Load the saved model, answer `prompts` sampled (T=1) and greedily, score both; also a few samples to show."""
-    import torch
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
-    tokenizer = AutoTokenizer.from_pretrained(model_dir)
-    model = AutoModelForCausalLM.from_pretrained(model_dir).to(torch.device("cuda" if use_gpu else "cpu"))
-    kwargs = {"max_new_tokens": max_new_tokens, "batch_size": batch_size}
-    torch.manual_seed(seed)  # the same sampled replies on a rerun
-    sampled = generate_replies(model, tokenizer, prompts, temperature=1.0, **kwargs)
-    greedy = generate_replies(model, tokenizer, prompts, **kwargs)
-    greedy_scores = score_replies(prompts, greedy)
-    metrics = {
-        **score_replies(prompts, sampled),
-        "greedy_format_rate": greedy_scores["format_rate"],
-        "greedy_gold_score": greedy_scores["gold_score"],
-    }
-    samples = [
-        {
-            "prompt": p,
-            "sampled": s,
-            "greedy": g,
-            "follows_format": demo.follows_format(p, s),
-            "gold_score": demo.gold_score(p, s),
-        }
-        for p, s, g in zip(prompts[:8], sampled[:8], greedy[:8], strict=True)
-    ]
-    return metrics, samples
+__all__ = ["demo_metrics", "generate_replies", "score_replies"]

@@ -6,7 +6,7 @@ import time
 
 from stages.common import trl_stage
 from stages.common.context import Scaling, StageContext
-from stages.common.trl_stage import check_kind, load_rows, model_context, token_limit
+from stages.common.trl_stage import check_kind, load_rows, model_context, token_limit, tokenizer_plan
 from stages.sft.config import Config
 from stages.sft.inputs import check_lengths, to_prompt_completion
 from stages.sft.train import train_loop
@@ -22,20 +22,25 @@ def prepare(config: Config, base_model, data, *, scaling: Scaling, seed: int = 0
 
     check_kind(NAME, "base_model", base_model, INPUTS["base_model"])
     check_kind(NAME, "data", data, INPUTS["data"])
-    splits = {
-        split: to_prompt_completion(load_rows(data, split, f"{NAME}: data"), f"{NAME}: data {data.ref} {split}.jsonl")
-        for split in ("train", "test")
-    }
     tokenizer = AutoTokenizer.from_pretrained(base_model.path)
     context = model_context(base_model.path, tokenizer, f"{NAME}: base_model {base_model.ref}")
+    plan = tokenizer_plan(tokenizer)
+    splits = {
+        split: to_prompt_completion(
+            load_rows(data, split, f"{NAME}: data"),
+            f"{NAME}: data {data.ref} {split}.jsonl",
+            chat_template=plan["chat_template"],
+        )
+        for split in ("train", "test")
+    }
     limit = token_limit(config.max_length, context, f"{NAME}: config vs base_model {base_model.ref}")
     for split, rows in splits.items():
-        texts = [r["prompt"] + r["completion"] + tokenizer.eos_token for r in rows]
-        check_lengths(texts, tokenizer, limit, f"{NAME}: data {data.ref} {split}.jsonl")
+        check_lengths(rows, tokenizer, limit, f"{NAME}: data {data.ref} {split}.jsonl")
     demo_task = (data.manifest.get("extra") or {}).get("task") == "demo"
     return {
         **trl_stage.loop_config(
-            config, base_model, splits, stage=NAME, limit=limit, scaling=scaling, seed=seed, store=store
+            config, base_model, splits, stage=NAME, limit=limit, scaling=scaling, seed=seed, store=store,
+            tokenizer=plan,
         ),
         "eval_prompts": [r["prompt"] for r in splits["test"]][: config.eval_prompts] if demo_task else [],
         "demo_task": demo_task,

@@ -9,10 +9,12 @@ from pathlib import Path
 from typing import Any
 
 from stages.common import ray_train
+from stages.common.hf import model_load_kwargs
 from stages.common.trl_stage import (
     FINAL_DIR,
     RESULT_FILE,
     deepspeed_config,
+    load_tokenizer,
     local_model_dir,
     report_result,
     run_on_worker,
@@ -26,13 +28,18 @@ __all__ = ["FINAL_DIR", "RESULT_FILE", "build_trainer", "deepspeed_config", "tra
 
 
 def build_trainer(cfg: dict[str, Any], output_dir: str):
-    """TRL's SFTTrainer for the loop config `cfg` (see stage.prepare): completion-only loss, eos appended by TRL."""
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    """TRL's SFTTrainer for the loop config `cfg` (see stage.prepare): completion-only loss; eos appended by TRL to
+    plain-text completions, rendered by the chat template for conversational rows."""
+    from transformers import AutoModelForCausalLM
     from trl import SFTConfig, SFTTrainer
 
     model_dir = local_model_dir(cfg)
-    tokenizer = AutoTokenizer.from_pretrained(model_dir)
-    model = AutoModelForCausalLM.from_pretrained(model_dir)
+    tokenizer = load_tokenizer(model_dir)
+    model = AutoModelForCausalLM.from_pretrained(model_dir, **model_load_kwargs(cfg["bf16"]))
+    # The published config and generation config carry the pad id (pad may be eos: see hf.use_eos_as_pad).
+    model.config.pad_token_id = tokenizer.pad_token_id
+    if model.generation_config is not None:
+        model.generation_config.pad_token_id = tokenizer.pad_token_id
     args = SFTConfig(
         **training_args(cfg, output_dir),
         max_length=cfg["max_length"],
