@@ -107,6 +107,40 @@ def test_config_refuses_minibatches_that_do_not_divide():
         ppo.Config(mini_batch_size=5, actors_per_role=2)
 
 
+# ---------------------------------------------------------------------------------------------- sharding
+def test_join_is_told_how_and_averages_int_metrics():
+    import torch
+
+    from stages.ppo.group import join
+
+    # an int statistic (a step count) used to fall through to "concatenate tensors" and crash
+    assert join([{"steps": 3, "loss": 1.0}, {"steps": 4, "loss": 2.0}], "mean") == {"steps": 3.5, "loss": 1.5}
+    rows = join([torch.tensor([1, 2]), torch.tensor([3])], "concat")
+    assert torch.equal(rows, torch.tensor([1, 2, 3]))
+    joined = join([{"v": torch.zeros(1, 2)}, {"v": torch.ones(2, 2)}], "concat")
+    assert joined["v"].shape == (3, 2) and joined["v"][0].sum() == 0
+    with pytest.raises(ValueError, match="expected 'concat' or 'mean'"):
+        join([{"a": 1}], "sum")
+
+
+def test_last_eval_chunk_is_padded_to_a_shard_per_actor():
+    import torch
+
+    from stages.ppo.group import pad_to_multiple, split_batch
+
+    # one prompt left for four actors: the old padding (chunk + chunk[:3]) gave 2 rows, 4 are needed
+    assert pad_to_multiple(["a"], 4) == ["a", "a", "a", "a"]
+    assert pad_to_multiple(["a", "b", "c"], 2) == ["a", "b", "c", "a"]
+    assert pad_to_multiple(["a", "b", "c"], 4) == ["a", "b", "c", "a"]
+    assert pad_to_multiple(["a", "b"], 2) == ["a", "b"]
+    with pytest.raises(ValueError, match="at least one"):
+        pad_to_multiple([], 2)
+    shards = split_batch({"tokens": torch.arange(4).unsqueeze(1), "prompt_len": 1}, 4)
+    assert [s["tokens"].item() for s in shards] == [0, 1, 2, 3] and all(s["prompt_len"] == 1 for s in shards)
+    with pytest.raises(ValueError, match="'tokens' has 2 rows, expected a multiple of 4 actors"):
+        split_batch({"tokens": torch.zeros(2, 1)}, 4)
+
+
 # --------------------------------------------------------------------------------------------- real runs
 def _tensors(path: str) -> dict:
     from safetensors.torch import load_file
@@ -173,3 +207,40 @@ def test_a_restarted_stage_continues_from_its_latest_checkpoint(setup, local_ray
     # iteration 3 starts from the restored weights, optimizer state and KL coefficient: same rollout, same scores
     for key in ("kl", "policy_loss", "value_loss", "rm_score"):
         assert h_resumed[2][key] == pytest.approx(h_straight[2][key], rel=1e-3, abs=1e-4), key
+
+
+@pytest.mark.slow
+def test_ppo_on_a_tiny_llama_without_pad_token_publishes_a_loadable_policy(setup, local_ray, tmp_path):
+    """Any architecture: a Llama policy whose tokenizer has no pad token (eos serves), its reward model the same
+    weights read as a sequence classifier; the exported policy is a plain transformers Llama."""
+    import torch
+    from tiny_models import save_tiny_model_dir
+    from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification, AutoTokenizer
+
+    store = setup["store"]
+    with tempfile.TemporaryDirectory() as d:
+        save_tiny_model_dir("llama", setup["texts"], d, pad_token=False)
+        assert AutoTokenizer.from_pretrained(d).pad_token is None
+        sft = store.publish(d, name="llama-sft", kind="causal-lm", stage="tests")
+    with tempfile.TemporaryDirectory() as d:
+        AutoModelForSequenceClassification.from_pretrained(sft.path, num_labels=1).save_pretrained(d)
+        AutoTokenizer.from_pretrained(sft.path).save_pretrained(d)
+        rm = store.publish(d, name="llama-rm", kind="reward-model", stage="tests")
+    logs: list[str] = []
+    out = ppo.run(
+        ppo.Config(**{**TINY, "iterations": 2, "checkpoint_every": 2, "learning_rate": 1e-3}),
+        store=store, ctx=_ctx(tmp_path / "work", logs), sft_model=sft, reward_model=rm, prompts=setup["prompts"],
+    )  # fmt: skip
+    policy = out["policy"]
+    assert any("4 actors (1 per role), 0.5 CPU each" in line for line in logs)
+    model = AutoModelForCausalLM.from_pretrained(policy.path)
+    assert type(model).__name__ == "LlamaForCausalLM"
+    tok = AutoTokenizer.from_pretrained(policy.path)
+    ids = tok("User: What is the cat like?\nAssistant:", return_tensors="pt")["input_ids"]
+    assert model.generate(ids, max_new_tokens=4, do_sample=False, pad_token_id=tok.eos_token_id).shape[1] > ids.shape[1]
+    before, after = _tensors(sft.path), _tensors(policy.path)
+    assert any(not torch.equal(before[k], after[k]) for k in before)
+    rows = json.loads((Path(policy.path) / "eval.json").read_text())["after"]["rows"]
+    assert len(rows) == TINY["eval_prompts"] and all(isinstance(r["rm_score"], float) for r in rows)
+    history = [json.loads(x) for x in (Path(policy.path) / "metrics.jsonl").read_text().splitlines()]
+    assert [h["iteration"] for h in history] == [1, 2] and all(0 < h["response_length"] <= 8 for h in history)
