@@ -200,3 +200,83 @@ def test_load_dataset_artifact_rejects_other_kinds(tmp_path: Path) -> None:
     model = store.publish(tmp_path / "m", name="base-model", kind="causal-lm", stage="pretrain")
     assert "expected a dataset artifact" in error_of(load_dataset_artifact, model, "train")
     assert set(data.DATASET_NAMES) == set(data.FORMATS)
+
+
+# --- content checks before publishing (issue 12) ---
+USER = {"role": "user", "content": "Describe the cat."}
+REPLY = {"role": "assistant", "content": "The cat is calm."}
+
+
+@pytest.mark.parametrize(
+    ("fmt", "rows", "expected"),
+    [
+        ("corpus", [{"text": "fine"}, {"text": "  "}], "row 1: column 'text' is empty"),
+        ("prompts", [{"prompt": ""}], "row 0: column 'prompt' is empty"),
+        ("sft", [{"prompt": "p", "completion": " c"}, {"prompt": " ", "completion": " c"}], "row 1: column 'prompt'"),
+        ("sft", [{"prompt": "p", "completion": ""}], "row 0: column 'completion' is empty"),
+        ("preferences", [{**PREFS[0], "chosen": ""}], "row 0: column 'chosen' is empty"),
+        ("preferences", [{**PREFS[0], "rejected": "\n"}], "row 0: column 'rejected' is empty"),
+        ("preferences", [PREFS[0], PREFS[1], dict(PREFS[0])], "row 2: the same prompt/chosen/rejected pair as row 0"),
+        ("sft", [{"messages": [USER]}], "must end in an assistant reply after at least one turn, found 1 turn"),
+        ("sft", [{"messages": [USER, {**REPLY, "content": " "}]}], "the last (assistant) turn is empty"),
+        ("sft", [{"prompt": [USER], "completion": " c"}], "row 0: mixes strings and message lists"),
+        ("sft", [{"prompt": [USER], "completion": [USER]}], "'completion' must hold assistant turns only"),
+        ("prompts", [{"prompt": [USER, REPLY]}], "'prompt' must not end with an assistant turn"),
+        ("prompts", [{"prompt": [{**USER, "content": ""}]}], "every turn's content is blank"),
+        ("preferences", [{"prompt": [USER], "chosen": [REPLY], "rejected": [REPLY]}], "chosen and rejected are the same"),
+    ],
+    ids=["corpus-blank", "prompt-empty", "sft-prompt-blank", "completion-empty", "chosen-empty", "rejected-blank",
+         "duplicate-pair", "messages-one-turn", "messages-empty-reply", "mixed-row", "completion-user-turn",
+         "prompt-ends-assistant", "prompt-turns-blank", "chat-chosen-equals-rejected"],
+)
+def test_validation_rejects_what_a_stage_would_refuse(tmp_path: Path, fmt, rows, expected) -> None:
+    f = write_jsonl(tmp_path / "d.jsonl", rows)
+    msg = error_of(load_source, str(f), fmt)
+    assert str(f) in msg and expected in msg, msg
+    store = ArtifactStore(tmp_path / "store")
+    error_of(ingest, str(f), fmt, store, demo_cfg=TINY)
+    assert store.list() == []  # nothing was published
+
+
+def test_conversational_rows_are_accepted(tmp_path: Path) -> None:
+    prefs = [{"prompt": [USER], "chosen": [REPLY], "rejected": [{"role": "assistant", "content": f"No {i}."}]}
+             for i in range(4)]
+    assert load_source(str(write_jsonl(tmp_path / "p.jsonl", prefs)), "preferences").to_list() == prefs
+    sft = [{"prompt": [USER], "completion": [REPLY]}]
+    assert load_source(str(write_jsonl(tmp_path / "s.jsonl", sft)), "sft").to_list() == sft
+    prompts = [{"prompt": [{"role": "system", "content": "Be brief."}, USER]}]
+    assert load_source(str(write_jsonl(tmp_path / "q.jsonl", prompts)), "prompts").to_list() == prompts
+
+
+# --- column map ---
+def test_column_map_renames_before_validation_and_enters_the_config(tmp_path: Path) -> None:
+    store = ArtifactStore(tmp_path / "store")
+    renamed = [{"question": r["prompt"], "better": r["chosen"], "worse": r["rejected"], "id": i}
+               for i, r in enumerate(PREFS)]
+    f = write_jsonl(tmp_path / "p.jsonl", renamed)
+    columns = {"prompt": "question", "chosen": "better", "rejected": "worse"}
+    art = ingest(str(f), "preferences", store, demo_cfg=TINY, columns=columns)
+    assert art.manifest["config"]["columns"] == {"chosen": "better", "prompt": "question", "rejected": "worse"}
+    rows = load_dataset_artifact(art, "train").to_list() + load_dataset_artifact(art, "test").to_list()
+    assert sorted(rows, key=lambda r: r["prompt"]) == sorted(PREFS, key=lambda r: r["prompt"])
+    plain = ingest(str(write_jsonl(tmp_path / "plain.jsonl", PREFS)), "preferences", store, demo_cfg=TINY)
+    assert (plain.digest, plain.version) == (art.digest, art.version)  # the same rows: the same files and version
+    # A file that has both `chosen` and the mapped column: the mapped one is what the map asks for.
+    both = [{**r, "better": r["rejected"] + " (better)"} for r in PREFS]
+    art2 = ingest(str(write_jsonl(tmp_path / "both.jsonl", both)), "preferences", store, demo_cfg=TINY,
+                  columns={"chosen": "better"})
+    assert all(r["chosen"].endswith("(better)") for r in load_dataset_artifact(art2, "train").to_list())
+
+
+def test_column_map_errors_name_the_problem(tmp_path: Path) -> None:
+    store = ArtifactStore(tmp_path / "store")
+    f = write_jsonl(tmp_path / "p.jsonl", [{"prompt": "p", "better": "a", "worse": "b"}] * 2)
+    msg = error_of(ingest, str(f), "preferences", store, demo_cfg=TINY, columns={"winner": "better"})
+    assert "names unknown column(s) winner" in msg and "expected keys among chosen, prompt, rejected" in msg
+    msg = error_of(ingest, str(f), "preferences", store, demo_cfg=TINY, columns={"chosen": "best", "rejected": "worse"})
+    assert "column map chosen <- best: no such column" in msg and "found columns: prompt, better, worse" in msg
+    msg = error_of(ingest, str(f), "preferences", store, demo_cfg=TINY, columns={"chosen": "better"})
+    assert "missing column(s) rejected" in msg  # the map renames; validation still checks the result
+    assert "not to the generated demo data" in error_of(ingest, "demo", "sft", store, demo_cfg=TINY,
+                                                        columns={"prompt": "q"})
+    assert store.list() == []
