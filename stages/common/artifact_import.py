@@ -96,6 +96,8 @@ def import_dataset(
 ) -> Artifact:
     """Ingest a local data file or folder (jsonl/json/parquet/txt, train/test files, `save_to_disk` output) as `name`,
     in the layout the stages read (train.jsonl + test.jsonl, extra.format); `fmt` None infers it from the columns."""
+    import datasets.utils
+
     from stages.common import data
     from stages.common.demo import DemoConfig
 
@@ -104,12 +106,18 @@ def import_dataset(
     if not source.exists():  # a bare word would otherwise be looked up on the Hugging Face Hub
         raise ArtifactImportError(f"import {path}: no such file or directory")
     source = source.resolve()
-    if fmt is None:
-        splits = data.read_splits(str(source))
-        fmt = infer_format(splits["train"].column_names, str(source))
-    return data.ingest(
-        str(source), fmt, store, demo_cfg=DemoConfig(), test_fraction=test_fraction, seed=seed, name=name
-    )
+    bars_were_on = not datasets.utils.are_progress_bars_disabled()
+    datasets.utils.disable_progress_bars()  # a local read takes a moment; its bars would bury a one-line error
+    try:
+        if fmt is None:
+            splits = data.read_splits(str(source))
+            fmt = infer_format(splits["train"].column_names, str(source))
+        return data.ingest(
+            str(source), fmt, store, demo_cfg=DemoConfig(), test_fraction=test_fraction, seed=seed, name=name
+        )
+    finally:
+        if bars_were_on:
+            datasets.utils.enable_progress_bars()
 
 
 def import_local(
