@@ -77,6 +77,13 @@ def plain_chat(messages: list[dict[str, str]], *, add_generation_prompt: bool) -
     return text + "\nAssistant:" if add_generation_prompt else text
 
 
+def plain_chat_pair(prompt: list[dict[str, str]], reply: list[dict[str, str]]) -> tuple[str, str]:
+    """A chat split at the reply, as plain-format (prompt, reply) strings: `[{user: q}], [{assistant: a}]` ->
+    ("User: q\nAssistant:", " a"), the demo task's format; the trainers append eos to the reply."""
+    prompt_text = plain_chat(prompt, add_generation_prompt=True)
+    return prompt_text, plain_chat(prompt + reply, add_generation_prompt=False)[len(prompt_text) :]
+
+
 def render_prompt(tokenizer, prompt_or_messages: str | list[dict[str, str]]) -> str:
     """The text a model is asked to continue: a string prompt as it is; a message list through the tokenizer's chat
     template with the generation prompt, or in the plain format ("...\nAssistant:") when it has no template.
