@@ -163,6 +163,22 @@ def test_import_sharded_weights_and_python_api_reimport(tmp_path):
     AutoModelForCausalLM.from_pretrained(art.path)
 
 
+def test_import_into_an_object_store_uri(tmp_path, monkeypatch):
+    """A remote store (memory://) gets the files uploaded from the staged links, and re-import finds them."""
+    import uuid
+
+    from transformers import AutoModelForCausalLM
+
+    monkeypatch.setenv("RLHF_CACHE_DIR", str(tmp_path / "cache"))  # where remote objects are materialised
+    src = save_tiny_model_dir("llama", TEXTS, tmp_path / "src")
+    store = ArtifactStore(f"memory://import-test-{uuid.uuid4().hex}")
+    art = import_model(store, src, "causal-lm", "remote-llama")
+    assert store.verify("remote-llama@v1").digest == art.digest
+    again = import_model(store, src, "causal-lm", "remote-llama")
+    assert again.ref == "remote-llama@v1" and [m["version"] for m in store.list("remote-llama")] == [1]
+    AutoModelForCausalLM.from_pretrained(again.path)
+
+
 def test_import_reward_model_and_tokenizer(capsys, tmp_path):
     from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
