@@ -250,3 +250,101 @@ def test_tokenizer_round_trips_text(resumed_run):
         assert tokenizer.decode(ids) == text
     common = tokenizer("The cat is happy and the dog is warm.")["input_ids"]
     assert len(common) < len("The cat is happy and the dog is warm.") / 2  # merges learned from the corpus
+
+
+# ------------------------------------------------------------------------------------- Llama-style and init_from
+
+LLAMA = dict(architecture="llama", vocab_size=300, n_layer=1, n_embd=32, n_head=2, context=64, micro_batch_size=8,
+             max_steps=12, lr=0.003, warmup_steps=2, eval_interval=12, eval_blocks=8, log_interval=6,
+             checkpoint_interval=12, max_failures=0)
+
+
+def _one_worker_ctx(root: Path, lines: list[str] | None = None) -> StageContext:
+    return StageContext(work_dir=str(root / "work"), scaling=Scaling(num_workers=1, cpus_per_worker=1.0),
+                        log=(lines.append if lines is not None else (lambda m: None)))
+
+
+@pytest.fixture(scope="module")
+def demo_corpus_store(tmp_path_factory):
+    from stages.common.demo import DemoConfig, generate
+
+    root = tmp_path_factory.mktemp("pretrain-llama")
+    store = ArtifactStore(root / "artifacts")
+    sets = generate(DemoConfig(size="tiny"))["corpus"]
+    return root, store, publish_rows(store, "corpus", sets["train"], sets["test"], fmt="corpus", task="demo")
+
+
+@pytest.mark.slow
+def test_llama_from_scratch_publishes_a_plain_llama(demo_corpus_store, local_ray):
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    root, store, corpus = demo_corpus_store
+    lines: list[str] = []
+    outputs = pretrain.run(pretrain.Config(**LLAMA), store=store, ctx=_one_worker_ctx(root / "scratch", lines),
+                           corpus=corpus)
+    art = outputs["base-model"]
+    assert (art.metrics["architecture"], art.metrics["peak_source"], art.metrics["compiled"]) == ("llama", "measured",
+                                                                                                 False)
+    model = AutoModelForCausalLM.from_pretrained(art.path)
+    assert type(model).__name__ == "LlamaForCausalLM" and model.config.model_type == "llama"
+    assert model.config.tie_word_embeddings and model.config.intermediate_size == 128  # 8/3 x 32 -> 85 -> 128
+    tokenizer = AutoTokenizer.from_pretrained(art.path)
+    assert model.config.vocab_size == len(tokenizer)
+    history = [json.loads(x) for x in (Path(art.path) / "metrics.jsonl").read_text().splitlines()]
+    losses = [r["loss"] for r in history if "loss" in r]
+    assert [r["step"] for r in history if "loss" in r] == list(range(1, LLAMA["max_steps"] + 1))
+    assert losses[-1] < losses[0] - 0.5
+    assert set(art.manifest["timings"]["startup_breakdown"]) >= {"prepare", "worker_start", "imports",
+                                                                  "deepspeed_init", "first_step"}
+    assert any("LlamaForCausalLM" in line for line in lines)
+
+
+@pytest.mark.slow
+def test_init_from_a_random_llama_continues_that_model(demo_corpus_store, local_ray, tmp_path):
+    from transformers import AutoModelForCausalLM, LlamaConfig, LlamaForCausalLM
+
+    from stages.common.demo import DemoConfig, generate
+    from tests.tiny_models import build_tiny_tokenizer
+
+    root, store, corpus = demo_corpus_store
+    texts = [r["text"] for r in generate(DemoConfig(size="tiny"))["corpus"]["train"][:300]]
+    tokenizer = build_tiny_tokenizer(texts, 320)
+    torch.manual_seed(1)
+    start = LlamaForCausalLM(LlamaConfig(vocab_size=len(tokenizer), hidden_size=32, intermediate_size=96,
+                                         num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+                                         max_position_embeddings=64, eos_token_id=tokenizer.eos_token_id,
+                                         pad_token_id=tokenizer.pad_token_id))
+    start.save_pretrained(tmp_path / "llama")
+    tokenizer.save_pretrained(tmp_path / "llama")
+    cfg = pretrain.Config(**{**LLAMA, "architecture": "gpt2", "max_steps": 4, "eval_interval": 4,
+                             "checkpoint_interval": 4, "init_from": str(tmp_path / "llama")})
+    outputs = pretrain.run(cfg, store=store, ctx=_one_worker_ctx(root / "init"), corpus=corpus)
+    trained = AutoModelForCausalLM.from_pretrained(outputs["base-model"].path)
+    assert type(trained).__name__ == "LlamaForCausalLM" and trained.config.num_key_value_heads == 2
+    assert outputs["tokenizer"].metrics["vocab_size"] == len(tokenizer)  # the model's own tokenizer, not a new one
+    before, after = start.state_dict(), trained.state_dict()
+    assert before.keys() == after.keys()
+    assert not torch.equal(before["model.layers.0.mlp.up_proj.weight"], after["model.layers.0.mlp.up_proj.weight"])
+
+
+def test_init_from_checks_the_models_context_and_kind(store, tmp_path):
+    from transformers import LlamaConfig, ViTConfig
+
+    corpus = _corpus(store, ["The cat is happy and the dog is warm."] * 2000)
+    LlamaConfig(vocab_size=4096, hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2,
+                max_position_embeddings=64).save_pretrained(tmp_path / "short")
+    _run_expecting(store, tmp_path, tiny_config(init_from=str(tmp_path / "short")), corpus,
+                   "pretrain.context: expected at most the model's max_position_embeddings=64")
+    ViTConfig().save_pretrained(tmp_path / "vit")
+    _run_expecting(store, tmp_path, tiny_config(init_from=str(tmp_path / "vit")), corpus,
+                   "is a 'vit' model, expected a causal LM")
+    LlamaConfig(vocab_size=100, hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2,
+                max_position_embeddings=512).save_pretrained(tmp_path / "small-vocab")
+    _run_expecting(store, tmp_path, tiny_config(init_from=str(tmp_path / "small-vocab")), corpus,
+                   "embedding has 100 rows")
+
+
+def test_llama_needs_an_even_head_size(store, tmp_path):
+    corpus = _corpus(store, ["The cat is happy."] * 500)
+    _run_expecting(store, tmp_path, tiny_config(architecture="llama", n_embd=66, n_head=2), corpus,
+                   "RoPE needs an even head size")
