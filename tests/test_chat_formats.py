@@ -176,6 +176,27 @@ def test_with_pad_eos_the_score_is_read_at_the_last_reply_token(llama_dir):
     assert batched[1] == pytest.approx(score_sequences(model, eos, [other], batch_size=1)[0], abs=1e-5)
 
 
+def test_score_position_by_hand_and_as_transformers_reads_it(llama_dir):
+    from stages.common.hf import score_position
+    from stages.reward.train import load_reward_model
+
+    ids = torch.tensor([[5, 6, 1, 1], [5, 1, 7, 1], [5, 6, 7, 8]])
+    assert score_position(ids, 1).tolist() == [1, 2, 3]
+    assert score_position(ids, None).tolist() == [3, 3, 3]
+    model, tok = load_reward_model(str(llama_dir))  # pad == eos
+    eos = tok.eos_token_id
+    rows = [tok("User: Hi" + tok.eos_token + " there.")["input_ids"] + [eos], tok("User: Describe the owl.")["input_ids"]]
+    width = max(map(len, rows))
+    input_ids = torch.tensor([r + [eos] * (width - len(r)) for r in rows])
+    attention_mask = torch.tensor([[1] * len(r) + [0] * (width - len(r)) for r in rows])
+    with torch.no_grad():
+        pooled = model(input_ids=input_ids, attention_mask=attention_mask).logits[:, 0]
+        per_token = model.score(model.model(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state)
+    at = score_position(input_ids, model.config.pad_token_id)
+    assert at.tolist() == [len(rows[0]) - 2, len(rows[1]) - 1]  # before the trailing eos; the prompt's eos is kept
+    assert torch.allclose(per_token[torch.arange(2), at, 0], pooled)
+
+
 @pytest.mark.parametrize("arch", sorted(TINY_ARCHS))
 def test_reward_model_from_each_architecture_loads_back_in_plain_transformers(arch, texts, tmp_path):
     from transformers import AutoModelForSequenceClassification

@@ -113,6 +113,21 @@ def use_eos_as_pad(tokenizer) -> str | None:
     return f"the tokenizer had no pad token: pad = eos ({tokenizer.eos_token!r}, id {tokenizer.eos_token_id})"
 
 
+def score_position(input_ids, pad_token_id: int | None):
+    """Where transformers' *ForSequenceClassification reads its score: the rightmost token that is not pad.
+
+    input_ids: [B, T] -> [B]; the last position when there is no pad id. With pad == eos this is the last token
+    before a trailing eos, so a reader of per-token reward-model outputs (PPO) must take this position, not the eos.
+    """
+    import torch
+
+    width = input_ids.shape[-1]
+    if pad_token_id is None:
+        return torch.full(input_ids.shape[:-1], width - 1, dtype=torch.long, device=input_ids.device)
+    positions = torch.arange(width, device=input_ids.device)
+    return (positions * (input_ids != pad_token_id)).argmax(-1)
+
+
 def model_load_kwargs(bf16: bool) -> dict[str, Any]:
     """from_pretrained keywords for training: SDPA attention (every supported architecture has it) and an explicit
     dtype, so a checkpoint stored in bf16 is not silently trained in bf16 by an fp32 stage, nor the reverse."""
