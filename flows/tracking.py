@@ -1,0 +1,394 @@
+"""Experiment tracking: mirror each pipeline run into MLflow for people who browse experiments there.
+
+The artifact store stays the source of truth; MLflow gets a copy of what is worth comparing across runs. One parent
+run per pipeline run, and one nested run per stage holding:
+  params   the stage's resolved config, flattened to dotted keys (`model.n_layer`), values cut to MLflow's limit;
+  metrics  the output artifacts' manifest metrics, plus the curves of each output's `metrics.jsonl` as `curve/<key>`
+           with their steps (a separate name, so a curve never mixes with the summary number of the same name,
+           e.g. PPO's per-iteration `kl` and its final held-out `kl`);
+  tags     `state` (ran / Cached), `output.<name>.ref|digest` and `input.<role>.ref|digest`: lineage readable there.
+
+Where runs go: `tracking.uri`, else MLflow's own default (MLFLOW_TRACKING_URI, else `sqlite:///mlflow.db` in the
+working directory), so `mlflow.search_runs(experiment_names=["rlhf"])` run from the same directory finds them.
+
+Tracking never fails a pipeline: the first problem (an unreachable server, an unusable database, a rejected value) is
+one warning line, and tracking is off for the rest of the run. mlflow is imported only when tracking is on.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import posixpath
+import re
+import time
+import urllib.error
+import urllib.request
+from collections.abc import Callable, Iterator, Mapping
+from contextlib import contextmanager
+from datetime import datetime
+from pathlib import Path
+from typing import Any
+
+from pydantic import Field
+
+from stages.common.config import Section
+from stages.common.store import Artifact
+
+_log = logging.getLogger(__name__)
+
+# MLflow's limits (mlflow/utils/validation.py in 3.17): values beyond them are rejected, so we cut them first.
+PARAM_VALUE_MAX = 6000
+TAG_VALUE_MAX = 8000
+KEY_MAX = 250
+PARAMS_TAGS_PER_BATCH = 100
+METRICS_PER_BATCH = 1000
+# Seconds to wait for a tracking server to answer before calling it unreachable. MLflow's own client retries a
+# refused connection with back-off for minutes, so we ask once, plainly, before handing it the URI.
+PROBE_SECONDS = 5.0
+# Keys of a metrics.jsonl row that give its x-axis: "step" (Trainer and pretraining logs), "iteration" (PPO's).
+STEP_KEYS = ("step", "iteration")
+RUN_STATUSES = ("FINISHED", "FAILED", "KILLED")
+
+
+class TrackingSection(Section):
+    """Whether and where the pipeline mirrors its runs into MLflow (the artifact store stays the source of truth)."""
+
+    enabled: bool = True
+    uri: str | None = Field(
+        None, min_length=1, description="MLflow tracking URI; None = MLFLOW_TRACKING_URI or ./mlflow.db (sqlite)"
+    )
+    experiment: str = Field("rlhf", min_length=1, max_length=500, description="MLflow experiment of the runs")
+    report_to: list[str] = Field(
+        default_factory=list, description="integrations the TRL stages log to as well, e.g. ['tensorboard']"
+    )
+
+
+# ------------------------------------------------------------------------------------------------ pure helpers
+
+
+def flatten(mapping: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
+    """Nested mappings as one level with dotted keys: {"a": {"b": 1}} -> {"a.b": 1}; other values are kept."""
+    out: dict[str, Any] = {}
+    for key, value in mapping.items():
+        full = f"{prefix}.{key}" if prefix else str(key)
+        if isinstance(value, Mapping) and value:
+            out.update(flatten(value, full))
+        else:
+            out[full] = value
+    return out
+
+
+def clip(text: str, limit: int) -> str:
+    """text cut to at most limit characters, saying how much was cut (MLflow rejects longer values)."""
+    if len(text) <= limit:
+        return text
+    marker = f"...[{len(text)} chars]"
+    return text[: limit - len(marker)] + marker
+
+
+def param_value(value: Any) -> str:
+    """A config value as MLflow param text: scalars as str (None -> "None"), lists and mappings as JSON."""
+    if isinstance(value, str):
+        return clip(value, PARAM_VALUE_MAX)
+    return clip(json.dumps(value) if isinstance(value, list | tuple | dict) else str(value), PARAM_VALUE_MAX)
+
+
+def safe_key(key: str) -> str:
+    """A param/metric/tag key MLflow accepts: letters, digits, _ - . space : /, no path tricks, <= 250 chars."""
+    key = re.sub(r"[^/\w.\- :]", "_", key)
+    if posixpath.normpath(key) != key or key.startswith(("/", "..")) or key in ("", "."):
+        key = key.replace("/", "_") or "_"
+        key = "_" + key if key.startswith(".") else key
+    return key[:KEY_MAX]
+
+
+def metric_value(value: Any) -> float | None:
+    """A number MLflow can store (bools as 0/1), or None for anything else (strings, None, lists)."""
+    if isinstance(value, bool):
+        return float(value)
+    if isinstance(value, int | float):
+        return float(value)
+    return None
+
+
+def summary_metrics(metrics: Mapping[str, Any]) -> dict[str, float]:
+    """The numeric entries of a manifest's metrics, nested ones flattened to dotted keys."""
+    return {k: v for k, v in ((k, metric_value(v)) for k, v in flatten(metrics).items()) if v is not None}
+
+
+def read_curves(path: str | Path) -> dict[str, list[tuple[int, float]]]:
+    """Each numeric key of a metrics.jsonl file as (step, value) points, in file order.
+
+    A row's step is its "step" key, else its "iteration" key; rows with neither (or unreadable lines) are skipped.
+    """
+    curves: dict[str, list[tuple[int, float]]] = {}
+    for line in Path(path).read_text().splitlines():
+        try:
+            row = json.loads(line)
+        except ValueError:
+            continue
+        if not isinstance(row, dict):
+            continue
+        step_key = next((k for k in STEP_KEYS if metric_value(row.get(k)) is not None), None)
+        if step_key is None:
+            continue
+        step = int(row[step_key])
+        for key, raw in row.items():
+            value = metric_value(raw) if key not in STEP_KEYS else None
+            if value is not None:
+                curves.setdefault(key, []).append((step, value))
+    return curves
+
+
+def by_output(per_output: Mapping[str, Mapping[str, Any]]) -> dict[str, Any]:
+    """Merge each output's entries into one namespace; a key that two outputs share becomes "<output>/<key>"."""
+    seen: dict[str, int] = {}
+    for entries in per_output.values():
+        for key in entries:
+            seen[key] = seen.get(key, 0) + 1
+    merged: dict[str, Any] = {}
+    for name, entries in sorted(per_output.items()):
+        for key, value in entries.items():
+            merged[key if seen[key] == 1 else f"{name}/{key}"] = value
+    return merged
+
+
+def lineage_tags(outputs: Mapping[str, Artifact], inputs: Mapping[str, Artifact]) -> dict[str, str]:
+    """output.<name>.ref/digest and input.<role>.ref/digest for every artifact a stage made or read."""
+    tags: dict[str, str] = {}
+    for side, artifacts in (("output", outputs), ("input", inputs)):
+        for name, art in sorted(artifacts.items()):
+            tags[f"{side}.{name}.ref"] = art.ref
+            tags[f"{side}.{name}.digest"] = art.digest
+    return tags
+
+
+def is_reuse(state: str) -> bool:
+    return state.lower() in ("cached", "reused")
+
+
+def is_failure(state: str) -> bool:
+    return state.lower() in ("failed", "crashed")
+
+
+def stage_times_ms(outputs: Mapping[str, Artifact], state: str, now_ms: int) -> tuple[int, int]:
+    """(start, end) of a stage run in epoch ms: from the outputs' created_at and wall_seconds when the stage ran here,
+    else (a reuse, or no timings) the moment of logging, so MLflow shows the time this pipeline spent on it."""
+    if is_reuse(state) or not outputs:
+        return now_ms, now_ms
+    try:
+        end = max(int(datetime.fromisoformat(a.manifest["created_at"]).timestamp() * 1000) for a in outputs.values())
+    except (KeyError, TypeError, ValueError):
+        return now_ms, now_ms
+    wall = max(metric_value(a.manifest.get("timings", {}).get("wall_seconds")) or 0.0 for a in outputs.values())
+    return end - int(wall * 1000), end
+
+
+def one_line(exc: BaseException, limit: int = 300) -> str:
+    text = " ".join(str(exc).split()) or type(exc).__name__
+    return clip(text, limit)
+
+
+class TrackingUnavailable(Exception):
+    """The tracking location cannot be used (server does not answer, database cannot be opened)."""
+
+
+def probe(uri: str) -> None:
+    """Fail fast, in seconds, when the tracking location cannot work; raise TrackingUnavailable saying why.
+
+    http(s): any HTTP answer to GET /health counts (even 401/404: something is listening). sqlite: the database file
+    opens (its folder is created, as MLflow would). Other schemes are left to MLflow.
+    """
+    scheme = uri.split("://", 1)[0].lower() if "://" in uri else ""
+    if scheme in ("http", "https"):
+        try:
+            urllib.request.urlopen(uri.rstrip("/") + "/health", timeout=PROBE_SECONDS).close()
+        except urllib.error.HTTPError:
+            return
+        except (OSError, ValueError) as e:
+            reason = e.reason if isinstance(e, urllib.error.URLError) else e  # URLError wraps the socket's error
+            raise TrackingUnavailable(f"no answer from {uri} ({one_line(Exception(reason))})") from None
+    elif scheme == "sqlite":
+        import sqlite3
+
+        db = uri[len("sqlite:///") :].split("?", 1)[0] if uri.startswith("sqlite:///") else ""
+        if not db or db == ":memory:":
+            return
+        try:
+            Path(db).expanduser().parent.mkdir(parents=True, exist_ok=True)
+            sqlite3.connect(db).execute("select 1").close()
+        except (OSError, sqlite3.Error) as e:
+            raise TrackingUnavailable(f"cannot open the sqlite database {db} ({one_line(e)})") from None
+
+
+# ------------------------------------------------------------------------------------------------ the tracker
+
+
+class Tracker:
+    """Mirrors one pipeline run into MLflow: `start_pipeline`, then `log_stage` per stage, then `end`.
+
+    Every method is a no-op when tracking is disabled or has been switched off by an earlier problem.
+    `warn` receives the one warning line (the flow passes its Prefect logger's `warning`).
+    """
+
+    def __init__(self, section: TrackingSection, *, warn: Callable[[str], None] | None = None):
+        self.section = section
+        self._warn = warn or _log.warning
+        self._on = section.enabled
+        self._client = None
+        self._uri: str | None = section.uri
+        self._experiment_id: str | None = None
+        self._parent_id: str | None = None
+
+    @property
+    def enabled(self) -> bool:
+        """True while tracking is configured on and nothing has gone wrong with it."""
+        return self._on
+
+    @property
+    def uri(self) -> str | None:
+        """The tracking URI in use (resolved from MLflow's default once tracking has started), or None."""
+        return self._uri
+
+    @property
+    def parent_run_id(self) -> str | None:
+        return self._parent_id
+
+    def start_pipeline(self, run_name: str, params: Mapping[str, Any], tags: Mapping[str, Any]) -> None:
+        """Open the parent run of this pipeline run, with the given params (flattened) and tags."""
+        self._guarded("open the pipeline run", self._start_pipeline, run_name, params, tags)
+
+    def log_stage(
+        self,
+        stage: str,
+        *,
+        state: str,
+        config: Mapping[str, Any],
+        outputs: Mapping[str, Artifact],
+        inputs: Mapping[str, Artifact],
+    ) -> None:
+        """Record one stage as a finished run nested under the pipeline run (top level if none was opened)."""
+        self._guarded(f"log stage {stage}", self._log_stage, stage, state, config, outputs, inputs)
+
+    def end(self, status: str = "FINISHED") -> None:
+        """Close the pipeline run as FINISHED, FAILED or KILLED."""
+        status = status.upper()
+        if status not in RUN_STATUSES:
+            raise ValueError(f"Tracker.end: status {status!r}: expected one of {', '.join(RUN_STATUSES)}")
+        if self._parent_id is None:
+            return
+        parent, self._parent_id = self._parent_id, None
+        self._guarded("close the pipeline run", lambda: self._client.set_terminated(parent, status))
+
+    @contextmanager
+    def pipeline(self, run_name: str, params: Mapping[str, Any], tags: Mapping[str, Any]) -> Iterator[Tracker]:
+        """start_pipeline ... end: FINISHED when the block completes, FAILED when it raises (the error propagates)."""
+        self.start_pipeline(run_name, params, tags)
+        try:
+            yield self
+        except BaseException:
+            self.end("FAILED")
+            raise
+        self.end("FINISHED")
+
+    # ------------------------------------------------------------------------------------------------ internals
+
+    def _guarded(self, what: str, fn: Callable[..., Any], *args: Any) -> None:
+        """Run fn unless tracking is off; its first failure becomes the one warning line and turns tracking off."""
+        if not self._on:
+            return
+        try:
+            fn(*args)
+        except Exception as e:  # noqa: BLE001 - tracking must never fail the pipeline
+            self._on = False
+            self._parent_id = None
+            where = self._uri or "the default MLflow location"
+            self._warn(f"tracking: could not {what} in MLflow at {where}: {one_line(e)}; tracking is off for this run")
+
+    def _connect(self) -> None:
+        """Resolve the URI, probe it, and open the client and the experiment (once)."""
+        if self._client is not None:
+            return
+        import mlflow
+        from mlflow import MlflowClient
+
+        self._uri = self.section.uri or mlflow.get_tracking_uri()
+        probe(self._uri)
+        client = MlflowClient(tracking_uri=self._uri)
+        self._experiment_id = _experiment_id(client, self.section.experiment)
+        self._client = client
+
+    def _start_pipeline(self, run_name: str, params: Mapping[str, Any], tags: Mapping[str, Any]) -> None:
+        self._connect()
+        run_tags = {safe_key(str(k)): clip(str(v), TAG_VALUE_MAX) for k, v in tags.items()}
+        run_tags["rlhf.run"] = "pipeline"
+        run = self._client.create_run(self._experiment_id, run_name=run_name, tags=run_tags)
+        self._parent_id = run.info.run_id
+        self._log_batch(self._parent_id, params=flatten(params))
+
+    def _log_stage(self, stage, state, config, outputs, inputs) -> None:
+        from mlflow.utils.mlflow_tags import MLFLOW_PARENT_RUN_ID
+
+        self._connect()
+        start, end = stage_times_ms(outputs, state, int(time.time() * 1000))
+        tags = {"rlhf.run": "stage", "stage": stage, "state": state, **lineage_tags(outputs, inputs)}
+        if self._parent_id is not None:
+            tags[MLFLOW_PARENT_RUN_ID] = self._parent_id
+        run_id = self._client.create_run(self._experiment_id, start_time=start, run_name=stage, tags=tags).info.run_id
+        summary = by_output({name: summary_metrics(art.metrics) for name, art in outputs.items()})
+        curves = by_output({name: read_curves(Path(art.path) / "metrics.jsonl") for name, art in outputs.items()
+                            if (Path(art.path) / "metrics.jsonl").is_file()})  # fmt: skip
+        points = [(key, value, 0) for key, value in summary.items()]
+        points += [(f"curve/{key}", value, step) for key, series in curves.items() for step, value in series]
+        self._log_batch(run_id, params=flatten(config), metrics=points, timestamp=end)
+        self._client.set_terminated(run_id, "FAILED" if is_failure(state) else "FINISHED", end_time=end)
+        if self._parent_id is not None:
+            parent_tags = {f"stage.{stage}.state": state}
+            parent_tags.update({f"output.{n}.ref": a.ref for n, a in outputs.items()})
+            self._log_batch(self._parent_id, tags=parent_tags)
+
+    def _log_batch(
+        self,
+        run_id: str,
+        *,
+        params: Mapping[str, Any] | None = None,
+        metrics: list[tuple[str, float, int]] | None = None,
+        tags: Mapping[str, str] | None = None,
+        timestamp: int | None = None,
+    ) -> None:
+        """Log params, metrics and tags in batches within MLflow's per-request limits."""
+        from mlflow.entities import Metric, Param, RunTag
+
+        ts = timestamp if timestamp is not None else int(time.time() * 1000)
+        param_list = [Param(safe_key(k), param_value(v)) for k, v in (params or {}).items()]
+        tag_list = [RunTag(safe_key(k), clip(str(v), TAG_VALUE_MAX)) for k, v in (tags or {}).items()]
+        metric_list = [Metric(safe_key(k), v, ts, step) for k, v, step in metrics or []]
+        for i in range(0, len(param_list), PARAMS_TAGS_PER_BATCH):
+            self._client.log_batch(run_id, params=param_list[i : i + PARAMS_TAGS_PER_BATCH])
+        for i in range(0, len(tag_list), PARAMS_TAGS_PER_BATCH):
+            self._client.log_batch(run_id, tags=tag_list[i : i + PARAMS_TAGS_PER_BATCH])
+        for i in range(0, len(metric_list), METRICS_PER_BATCH):
+            self._client.log_batch(run_id, metrics=metric_list[i : i + METRICS_PER_BATCH])
+
+
+def _experiment_id(client, name: str) -> str:
+    """The id of experiment `name`, created when missing (another process creating it at the same time is fine)."""
+    from mlflow.exceptions import MlflowException
+
+    experiment = client.get_experiment_by_name(name)
+    if experiment is None:
+        try:
+            return client.create_experiment(name)
+        except MlflowException:
+            experiment = client.get_experiment_by_name(name)  # lost a creation race: use the winner's
+            if experiment is None:
+                raise
+    if experiment.lifecycle_stage != "active":
+        raise TrackingUnavailable(
+            f"experiment {name!r} is deleted there; restore it or set tracking.experiment to another name"
+        )
+    return experiment.experiment_id
+
+
+__all__ = ["Tracker", "TrackingSection", "TrackingUnavailable", "probe"]
