@@ -48,14 +48,17 @@ def load_reward_model(model_dir: str, bf16: bool = False):
 
 def build_trainer(cfg: dict[str, Any], output_dir: str):
     """TRL's RewardTrainer for the loop config `cfg` (see stage.prepare); TRL appends eos to both replies."""
+    from transformers import set_seed
     from trl import RewardConfig, RewardTrainer
 
-    model, tokenizer = load_reward_model(local_model_dir(cfg), bf16=cfg["bf16"])
+    # The arguments first: with ZeRO-3 they make from_pretrained load the weights already partitioned.
     args = RewardConfig(
         **training_args(cfg, output_dir),
         center_rewards_coefficient=cfg["center_rewards_coefficient"],
         max_length=cfg["max_length"],  # the stage already rejected longer pairs, so TRL's filter drops none
     )
+    set_seed(cfg["seed"])  # the new score head starts from the same random weights on every rank and every rerun
+    model, tokenizer = load_reward_model(local_model_dir(cfg), bf16=cfg["bf16"])
     return RewardTrainer(model=model, args=args, processing_class=tokenizer, **trainer_datasets(cfg))
 
 

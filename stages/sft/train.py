@@ -33,6 +33,12 @@ def build_trainer(cfg: dict[str, Any], output_dir: str):
     from transformers import AutoModelForCausalLM
     from trl import SFTConfig, SFTTrainer
 
+    # The arguments first: with ZeRO-3 they make from_pretrained load the weights already partitioned.
+    args = SFTConfig(
+        **training_args(cfg, output_dir),
+        max_length=cfg["max_length"],
+        completion_only_loss=True,  # labels of prompt tokens are -100 (tested in tests/test_sft.py)
+    )
     model_dir = local_model_dir(cfg)
     tokenizer = load_tokenizer(model_dir)
     model = AutoModelForCausalLM.from_pretrained(model_dir, **model_load_kwargs(cfg["bf16"]))
@@ -40,11 +46,6 @@ def build_trainer(cfg: dict[str, Any], output_dir: str):
     model.config.pad_token_id = tokenizer.pad_token_id
     if model.generation_config is not None:
         model.generation_config.pad_token_id = tokenizer.pad_token_id
-    args = SFTConfig(
-        **training_args(cfg, output_dir),
-        max_length=cfg["max_length"],
-        completion_only_loss=True,  # labels of prompt tokens are -100 (tested in tests/test_sft.py)
-    )
     return SFTTrainer(model=model, args=args, processing_class=tokenizer, **trainer_datasets(cfg))
 
 
