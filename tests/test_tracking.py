@@ -33,6 +33,8 @@ from flows.tracking import (
 from stages.common.store import ArtifactStore
 
 REPO = Path(__file__).resolve().parents[1]
+# MLflow's sqlite store configures its ORM with a loader SQLAlchemy 2.1 deprecates; not ours to fix.
+pytestmark = pytest.mark.filterwarnings("ignore:The ``noload`` loader strategy:DeprecationWarning")
 
 # ------------------------------------------------------------------------------------------------ pure helpers
 
@@ -166,7 +168,9 @@ def lineage(tmp_path):
     ]
     sft = _publish(store, tmp_path, "sft-model", {"eval_loss": 1.7, "gold": None}, curves=curves,
                    inputs={"data": data}, timings={"wall_seconds": 3.0})  # fmt: skip
-    reward = _publish(store, tmp_path, "reward-model", {"accuracy": 0.75}, inputs={"sft_model": sft})
+    reward = _publish(
+        store, tmp_path, "reward-model", {"accuracy": 0.75}, inputs={"sft_model": sft}, timings={"wall_seconds": 5.0}
+    )
     return {"data": data, "sft": sft, "reward": reward}
 
 
