@@ -212,7 +212,8 @@ def test_a_restarted_stage_continues_from_its_latest_checkpoint(setup, local_ray
 @pytest.mark.slow
 def test_ppo_on_a_tiny_llama_without_pad_token_publishes_a_loadable_policy(setup, local_ray, tmp_path):
     """Any architecture: a Llama policy whose tokenizer has no pad token (eos serves), its reward model the same
-    weights read as a sequence classifier; the exported policy is a plain transformers Llama."""
+    weights read as a sequence classifier; the exported policy is a plain transformers Llama. Two actors per role
+    (gloo groups of two ranks), and 5 eval prompts in chunks of 4: the last chunk holds one prompt for two actors."""
     import torch
     from tiny_models import save_tiny_model_dir
     from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification, AutoTokenizer
@@ -228,11 +229,12 @@ def test_ppo_on_a_tiny_llama_without_pad_token_publishes_a_loadable_policy(setup
         rm = store.publish(d, name="llama-rm", kind="reward-model", stage="tests")
     logs: list[str] = []
     out = ppo.run(
-        ppo.Config(**{**TINY, "iterations": 2, "checkpoint_every": 2, "learning_rate": 1e-3}),
+        ppo.Config(**{**TINY, "iterations": 2, "checkpoint_every": 2, "learning_rate": 1e-3, "actors_per_role": 2,
+                      "cpus_per_actor": 0.25, "rollout_batch_size": 4, "eval_prompts": 5}),
         store=store, ctx=_ctx(tmp_path / "work", logs), sft_model=sft, reward_model=rm, prompts=setup["prompts"],
     )  # fmt: skip
     policy = out["policy"]
-    assert any("4 actors (1 per role), 0.5 CPU each" in line for line in logs)
+    assert any("8 actors (2 per role), 0.25 CPU each" in line for line in logs)
     model = AutoModelForCausalLM.from_pretrained(policy.path)
     assert type(model).__name__ == "LlamaForCausalLM"
     tok = AutoTokenizer.from_pretrained(policy.path)
@@ -241,6 +243,6 @@ def test_ppo_on_a_tiny_llama_without_pad_token_publishes_a_loadable_policy(setup
     before, after = _tensors(sft.path), _tensors(policy.path)
     assert any(not torch.equal(before[k], after[k]) for k in before)
     rows = json.loads((Path(policy.path) / "eval.json").read_text())["after"]["rows"]
-    assert len(rows) == TINY["eval_prompts"] and all(isinstance(r["rm_score"], float) for r in rows)
+    assert len(rows) == 5 and all(isinstance(r["rm_score"], float) for r in rows)
     history = [json.loads(x) for x in (Path(policy.path) / "metrics.jsonl").read_text().splitlines()]
     assert [h["iteration"] for h in history] == [1, 2] and all(0 < h["response_length"] <= 8 for h in history)
