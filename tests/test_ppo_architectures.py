@@ -12,7 +12,13 @@ import pytest
 import torch
 from tiny_models import TINY_ARCHS, build_tiny_model, build_tiny_tokenizer
 
-from stages.ppo.actors import TokenValueModel, response_logits, response_mask_from_eos
+from stages.ppo.actors import (
+    TokenValueModel,
+    position_ids,
+    response_logits,
+    response_mask_from_eos,
+    reward_read_positions,
+)
 from stages.ppo.devices import model_dtype
 from stages.ppo.inputs import special_token_ids
 
@@ -88,3 +94,42 @@ def test_a_tokenizer_without_pad_gets_eos_and_the_models_stop_ids(tokenizer, tmp
     assert special_token_ids(tokenizer, str(tmp_path)) == {
         "pad_token_id": tokenizer.pad_token_id, "eos_token_ids": [tokenizer.eos_token_id, 7],
     }  # fmt: skip
+
+
+@pytest.mark.parametrize("pad_is_eos", [False, True])
+@pytest.mark.parametrize("arch", ["llama", "gpt2"])
+def test_reward_is_read_where_the_classifier_reads_it(arch, pad_is_eos):
+    tok = build_tiny_tokenizer(TEXTS, vocab_size=300)
+    if pad_is_eos:
+        tok.pad_token = tok.eos_token  # as the reward stage does for a tokenizer without a pad token
+    pad, eos = tok.pad_token_id, tok.eos_token_id
+    rm = build_tiny_model(arch, tok, head="reward-model").eval()
+    assert rm.config.pad_token_id == pad
+    prompt = tok.encode("User: Hi\nAssistant:")
+    # rollout layout: prompt (left-padded) + reply up to its first eos + padding to T = 4
+    replies = [[11, 12, eos, pad], [11, 12, 13, 14], [eos, pad, pad, pad]]  # ended, cut off, empty
+    ids = torch.tensor([[pad] + prompt + r for r in replies])
+    mask = torch.tensor([[0] + [1] * len(prompt) + [1, 1, 1, 0], [0] + [1] * len(prompt) + [1, 1, 1, 1],
+                         [0] + [1] * len(prompt) + [1, 0, 0, 0]])  # fmt: skip
+    positions = reward_read_positions(ids, mask, pad)
+    end = 1 + len(prompt)  # index of the first reply token
+    # pad != eos: the eos (or the last token of a cut reply); pad == eos: the token before the trailing eos
+    expected = [end + 1, end + 3, end - 1] if pad_is_eos else [end + 2, end + 3, end]
+    assert positions.tolist() == expected
+    with torch.no_grad():
+        ours = TokenValueModel(rm)(ids, mask)[torch.arange(3), positions]
+        theirs = rm(input_ids=ids, attention_mask=mask, position_ids=position_ids(mask)).logits[:, 0]
+    torch.testing.assert_close(ours, theirs)
+
+
+def test_a_missing_pad_token_matches_a_reward_model_padded_with_eos():
+    from stages.common.errors import StageInputError
+    from stages.ppo.inputs import _check_same_tokenizer
+
+    policy, rm = build_tiny_tokenizer(TEXTS, vocab_size=300), build_tiny_tokenizer(TEXTS, vocab_size=300)
+    policy.pad_token = None
+    rm.pad_token = rm.eos_token  # the reward stage filled in eos
+    _check_same_tokenizer(policy, rm, "reward_model rm@v1")
+    rm.pad_token = "<|pad|>"
+    with pytest.raises(StageInputError, match=r"reward_model rm@v1: tokenizer pad_token is '<\|pad\|>', expected"):
+        _check_same_tokenizer(policy, rm, "reward_model rm@v1")

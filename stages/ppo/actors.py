@@ -67,6 +67,18 @@ def response_mask_from_eos(responses: torch.Tensor, eos_ids: torch.Tensor, gener
     return (~after_eos & within).long()
 
 
+def reward_read_positions(tokens: torch.Tensor, attention_mask: torch.Tensor, pad_token_id: int) -> torch.Tensor:
+    """Where the reward model reads each sequence's score: [B, L] -> [B] positions into the whole sequence.
+
+    The same position transformers' *ForSequenceClassification takes on this sequence padded with the reward model's
+    pad id (the rightmost non-pad token), so PPO scores a reply as the reward stage trained and evaluated it: the
+    eos when pad != eos, the last token before the trailing eos when pad == eos.
+    """
+    from stages.common.hf import score_position
+
+    return score_position(tokens.masked_fill(attention_mask == 0, pad_token_id), pad_token_id)
+
+
 def first_head(model) -> torch.nn.Module:
     """The one-output head of a sequence-classification model (`score` in most, `classifier` in some)."""
     for name in ("score", "classifier"):
@@ -373,7 +385,7 @@ class ReferenceActor(_Role):
 
 
 class RewardActor(_Role):
-    """The frozen reward model: one score per (prompt, response), read at the last response token."""
+    """The frozen reward model: one score per (prompt, response), read where transformers' classifier reads it."""
 
     def __init__(self, source: dict, settings: dict):
         super().__init__(settings)
@@ -381,6 +393,9 @@ class RewardActor(_Role):
         from transformers import AutoModelForSequenceClassification
 
         base = AutoModelForSequenceClassification.from_pretrained(model_dir, dtype=self.dtype)
+        # the pad id the reward stage trained (and evaluated) the classifier with; the tokenizer's when unset
+        rm_pad = base.config.pad_token_id
+        self.pad_id = int(settings["pad_token_id"] if rm_pad is None else rm_pad)
         self.model = TokenValueModel(base).to(self.device).eval()
         self.model.requires_grad_(False)
 
@@ -388,6 +403,6 @@ class RewardActor(_Role):
     def scores(self, batch: dict) -> torch.Tensor:
         """Reward-model score of each sequence: [B]."""
         b = self._to(batch)
-        per_token = self.model(b["tokens"], b["attention_mask"])[:, b["prompt_len"] :]
+        per_token = self.model(b["tokens"], b["attention_mask"])
         rows = torch.arange(per_token.shape[0], device=per_token.device)
-        return per_token[rows, A.last_token_index(b["response_mask"])].cpu()
+        return per_token[rows, reward_read_positions(b["tokens"], b["attention_mask"], self.pad_id)].cpu()

@@ -56,12 +56,13 @@ def _check_same_tokenizer(policy_tok, other_tok, what: str) -> None:
             f"{what}: its tokenizer differs from the SFT policy's ({len(b)} vs {len(a)} tokens; first difference "
             f"{differing[0] if differing else '?'}); train the reward model from the same SFT model"
         )
-    for special in ("pad_token", "eos_token"):
-        if getattr(policy_tok, special) != getattr(other_tok, special):
-            raise StageInputError(
-                f"{what}: tokenizer {special} is {getattr(other_tok, special)!r}, "
-                f"expected the policy's {getattr(policy_tok, special)!r}"
-            )
+    # a missing pad token counts as eos, as both the reward stage and PPO fill it in
+    for special, (mine, theirs) in {
+        "eos_token": (policy_tok.eos_token, other_tok.eos_token),
+        "pad_token": (policy_tok.pad_token or policy_tok.eos_token, other_tok.pad_token or other_tok.eos_token),
+    }.items():
+        if mine != theirs:
+            raise StageInputError(f"{what}: tokenizer {special} is {theirs!r}, expected the policy's {mine!r}")
 
 
 def check_inputs(cfg: Config, *, sft_model, reward_model, prompts) -> PreparedInputs:
