@@ -13,6 +13,7 @@ from typing import Any
 
 from pydantic import Field, ValidationError, model_validator
 
+from flows.tracking import TrackingSection
 from stages import ppo, pretrain, reward, sft
 from stages.common.config import (
     ConfigError,
@@ -80,6 +81,7 @@ class PipelineConfig(Section):
     sft: SFTConfig = Field(default_factory=SFTConfig)
     reward: RewardConfig = Field(default_factory=RewardConfig)
     ppo: PPOConfig = Field(default_factory=PPOConfig)
+    tracking: TrackingSection = Field(default_factory=TrackingSection)
 
     @model_validator(mode="after")
     def _workers_fit_on_gpu_flag(self) -> PipelineConfig:

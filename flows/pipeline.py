@@ -33,6 +33,7 @@ from flows.plan import (  # noqa: E402
     validate_run,
 )
 from flows.preflight import check_fits  # noqa: E402
+from flows.tracking import Tracker  # noqa: E402
 from stages.common.config import ConfigError  # noqa: E402
 from stages.common.context import StageContext  # noqa: E402
 from stages.common.data import DataError  # noqa: E402
@@ -168,6 +169,10 @@ def _pipeline(preset, config_file, overrides, store, from_stage, only, inputs, f
     art_store = ArtifactStore(store or os.environ.get("RLHF_STORE") or cfg.run.store)
     ray_driver = RayDriver(cfg.run.ray_address, art_store.root, cfg.run.work_dir,
                            check=lambda resources: check_fits(cfg, resources, stages))  # fmt: skip
+    tracker = Tracker(cfg.tracking, warn=logger.warning)
+    tracker.start_pipeline(_run_name(), params=cfg.to_dict(),
+                           tags={"preset": preset, "store": art_store.root, "stages": ",".join(stages)})  # fmt: skip
+    status = "FAILED"
     try:
         produced: dict[str, str] = {}  # output name -> ref, as the DAG proceeds
         summary: dict[str, Any] = {"store": art_store.root, "stages": {}, "skipped": {}}
@@ -189,6 +194,9 @@ def _pipeline(preset, config_file, overrides, store, from_stage, only, inputs, f
             state = stage_task(name, cfg, art_store, ray_driver, refs, force or name in forced, return_state=True)
             outputs = state.result()  # re-raises the stage's error after retries (a user error: at once)
             produced.update(outputs)
+            tracker.log_stage(name, state=state.name, config=cfg.stage_config(name).to_dict(),
+                              outputs={o: art_store.get(r) for o, r in outputs.items()},
+                              inputs={role: art_store.get(r) for role, r in refs.items()})  # fmt: skip
             summary["stages"][name] = {
                 "state": state.name,
                 "outputs": outputs,
@@ -201,9 +209,20 @@ def _pipeline(preset, config_file, overrides, store, from_stage, only, inputs, f
         summary["orchestration_overhead_seconds"] = round(summary["wall_seconds"] - stage_total, 2)
         report.pipeline_summary(art_store, summary)
         logger.info(report.summary_line(summary))
+        status = "FINISHED"
+        if tracker.enabled:
+            summary["tracking"] = {"uri": tracker.uri, "run_id": tracker.parent_run_id}
         return summary
     finally:
+        tracker.end(status)
         ray_driver.close()
+
+
+def _run_name() -> str:
+    """The Prefect flow run's name (e.g. 'sophisticated-kakapo'), so MLflow and Prefect name a run the same way."""
+    from prefect.runtime import flow_run
+
+    return flow_run.name or "rlhf"
 
 
 def _stage_seconds(store: ArtifactStore, outputs: dict[str, str]) -> float:

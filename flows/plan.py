@@ -80,7 +80,7 @@ def import_name(path: str) -> str:
     """An artifact name for a directory imported on the fly: its folder name, reduced to safe characters."""
     import re
 
-    name = re.sub(r"[^A-Za-z0-9._-]+", "-", Path(path).expanduser().resolve().name).strip("-.")
+    name = re.sub(r"[^A-Za-z0-9._-]+", "-", Path(path).expanduser().resolve().name).strip("-._")
     return name or "imported-model"
 
 
