@@ -231,3 +231,13 @@ def test_startup_breakdown_by_hand():
     marks = {"worker_start": 110.0, "imports": 113.0, "build_model": 114.0, "first_step": 120.0}
     assert startup_breakdown(100.0, 2.0, 102.5, marks) == {
         "prepare": 2.0, "write_blocks": 0.5, "worker_start": 7.5, "imports": 3.0, "build_model": 1.0, "first_step": 6.0}
+
+
+def test_gpu_deepspeed_config_uses_torch_fused_adamw():
+    from stages.common.deepspeed_config import needs_compiled_op
+    from stages.pretrain.deepspeed_setup import deepspeed_config
+
+    gpu = deepspeed_config(Config(), use_gpu=True)
+    assert gpu["optimizer"]["params"]["torch_adam"] is True and gpu["optimizer"]["params"]["fused"] is True
+    assert gpu["bf16"]["enabled"] and not needs_compiled_op(gpu)
+    assert "fused" not in deepspeed_config(Config(), use_gpu=False)["optimizer"]["params"]  # no fused kernel on CPU
