@@ -96,3 +96,11 @@ def test_cli_refuses_in_one_line_with_exit_2(tmp_path, override):
     assert len(lines) == 1 and lines[0].startswith("error: "), proc.stderr
     assert "Traceback" not in proc.stderr + proc.stdout
     assert not store.exists()
+
+
+def test_ppo_placement_is_checked_before_anything_starts():
+    """Two policy ranks cannot share the one GPU (NCCL refuses duplicate devices): refused up front."""
+    cfg = load_config("single-gpu", overrides=["ppo.actors_per_role=2", "ppo.mini_batch_size=16"])
+    with pytest.raises(ConfigError, match=r"\(this machine\)$"):
+        check_fits(cfg, _machine(16, 1), ["ppo"])
+    check_fits(cfg, _machine(16, 2), ["ppo"])  # one GPU per rank: fits
