@@ -230,13 +230,16 @@ class _Trainable(_Role):
             raise FileNotFoundError(f"no DeepSpeed checkpoint {tag!r} under {directory}")
 
     def _minibatches(self, n: int, epochs: int, seed: int) -> Iterator[torch.Tensor]:
-        """Shuffled minibatch indices for each epoch; seeded so every run (and resume) sees the same order."""
+        """Shuffled minibatch indices for each epoch; seeded so every run (and resume) sees the same order.
+
+        Drawn on the CPU (the same order on any device), handed out on the actor's device like the batch they index.
+        """
         g = torch.Generator().manual_seed(seed)
         mb = self.settings["micro_batch_size"]
         for _ in range(epochs):
             perm = torch.randperm(n, generator=g)
             for start in range(0, n - mb + 1, mb):
-                yield perm[start : start + mb]
+                yield perm[start : start + mb].to(self.device)
 
 
 class PolicyActor(_Trainable):
