@@ -159,6 +159,8 @@ def check_fits(
     """Pre-flight for the flow: raise a one-line StageInputError when the PPO actors cannot be placed.
 
     `config` is the ppo section (`stages.ppo.Config`); `num_workers` fills `actors_per_role: null` as the stage does.
+    `node_gpus` / `node_cpus` hold one entry per node of the cluster (all of them), or stay empty when unknown; the
+    stage itself passes what `cluster_resources()` reads from Ray.
     """
     from stages.ppo.devices import ppo_precision
 
