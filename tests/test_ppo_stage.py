@@ -97,6 +97,16 @@ def test_prompt_longer_than_context_minus_response_is_refused(setup, tmp_path):
                         prompts=prompts)  # fmt: skip
 
 
+def test_bf16_without_a_gpu_is_refused_before_ray_starts(setup, tmp_path):
+    import ray
+
+    was_running = ray.is_initialized()
+    with pytest.raises(StageInputError, match=r"ppo.bf16: true needs a GPU \(run.use_gpu=true\)"):
+        ppo.run(ppo.Config(**TINY, bf16=True), store=setup["store"], ctx=_ctx(tmp_path), sft_model=setup["sft"],
+                reward_model=setup["rm"], prompts=setup["prompts"])  # fmt: skip
+    assert ray.is_initialized() == was_running
+
+
 def test_config_refuses_minibatches_that_do_not_divide():
     from stages.common.config import Section
 
