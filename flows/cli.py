@@ -186,6 +186,21 @@ def cmd_generate(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_eval(args: argparse.Namespace) -> int:
+    from flows.eval_command import evaluate_refs
+    from stages.eval.report import summary_table
+
+    log = (lambda line: print(line, file=sys.stderr)) if args.json else print
+    artifact, report = evaluate_refs(_store(args), args.refs, sft=args.sft, reward_model=args.reward_model,
+                                     prompts=args.prompts, log=log)  # fmt: skip
+    if args.json:
+        _print_json({"ref": artifact.ref, "path": artifact.path, **report})
+    else:
+        print(summary_table(report["summaries"]))
+        print(f"published {artifact.ref} ({artifact.path})")
+    return 0
+
+
 # --- parser ---------------------------------------------------------------------------------------------------------
 
 
@@ -266,6 +281,16 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=0)
     _add_store(p)
     p.set_defaults(func=cmd_generate)
+
+    p = sub.add_parser("eval", help="score causal-LM artifacts and the SFT model on the same held-out prompts")
+    p.add_argument("refs", nargs="+", metavar="REF", help="causal-lm artifacts to evaluate, e.g. policy@latest")
+    p.add_argument("--sft", default="sft-model@latest", help="the baseline (default sft-model@latest)")
+    p.add_argument("--reward-model", default="reward-model@latest", help="default reward-model@latest")
+    p.add_argument("--prompts", default="prompt-data@latest", help="dataset whose test split is used (default "
+                   "prompt-data@latest)")
+    _add_store(p)
+    p.add_argument("--json", action="store_true", help="print report.json (progress goes to stderr)")
+    p.set_defaults(func=cmd_eval)
     return parser
 
 

@@ -1,0 +1,144 @@
+"""What the evaluation does with a loaded model: sample replies, take their log-probs, read reward-model scores.
+
+One batch layout for everything, the one PPO uses:
+    tokens [B, P + T]: the prompt left-padded to P, the reply right-padded to T = max_new_tokens;
+    attention_mask [B, P + T]; reply_mask [B, T] (1 up to and including the first eos).
+Every tensor is created on (or moved to) the model's device; log-probs are taken in fp32 whatever the weights' dtype.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Iterator
+
+import torch
+
+
+def model_device(model: torch.nn.Module) -> torch.device:
+    return next(model.parameters()).device
+
+
+def position_ids(attention_mask: torch.Tensor) -> torch.Tensor:
+    """Positions counted from each row's first real token, so left padding does not shift them."""
+    return (attention_mask.long().cumsum(-1) - 1).clamp(min=0)
+
+
+def left_pad(prompt_ids: list[list[int]], pad_id: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    """Token id lists -> (ids [B, P], mask [B, P]) left-padded, so every reply starts at column P."""
+    width = max(len(ids) for ids in prompt_ids)
+    ids = torch.full((len(prompt_ids), width), pad_id, dtype=torch.long)
+    mask = torch.zeros((len(prompt_ids), width), dtype=torch.long)
+    for row, seq in enumerate(prompt_ids):
+        ids[row, width - len(seq) :] = torch.tensor(seq, dtype=torch.long)
+        mask[row, width - len(seq) :] = 1
+    return ids.to(device), mask.to(device)
+
+
+def reply_mask_from_eos(replies: torch.Tensor, eos_ids: torch.Tensor, generated: int) -> torch.Tensor:
+    """1 on reply tokens up to and including the first eos and within the `generated` columns, else 0: [B, T].
+
+    Found from eos, never from the pad id: with pad == eos the padding after a finished reply looks like eos.
+    """
+    is_eos = torch.isin(replies, eos_ids).long()
+    after_first_eos = (is_eos.cumsum(-1) - is_eos) > 0
+    within = torch.arange(replies.shape[1], device=replies.device) < generated
+    return (~after_first_eos & within).long()
+
+
+@contextlib.contextmanager
+def seeded(seed: int) -> Iterator[None]:
+    """Sample under a fixed torch seed (CPU and CUDA) and restore the previous random state afterwards."""
+    cpu_state = torch.get_rng_state()
+    cuda_states = torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None
+    torch.manual_seed(seed)
+    try:
+        yield
+    finally:
+        torch.set_rng_state(cpu_state)
+        if cuda_states is not None:
+            torch.cuda.set_rng_state_all(cuda_states)
+
+
+@torch.no_grad()
+def sample_batch(
+    model,
+    prompt_ids: list[list[int]],
+    *,
+    pad_id: int,
+    eos_ids: list[int],
+    max_new_tokens: int,
+    temperature: float,
+    seed: int,
+) -> dict[str, torch.Tensor]:
+    """Sample one reply per prompt (HF generate, KV cache, stop at eos) under `seed`; returns the batch layout."""
+    from transformers import GenerationConfig
+
+    device = model_device(model)
+    ids, mask = left_pad(prompt_ids, pad_id, device)
+    P, T = ids.shape[1], max_new_tokens
+    config = GenerationConfig(
+        do_sample=True, temperature=temperature, top_k=0, top_p=1.0, max_new_tokens=T, eos_token_id=eos_ids,
+        pad_token_id=pad_id, use_cache=True,
+    )  # fmt: skip
+    with seeded(seed):
+        out = model.generate(input_ids=ids, attention_mask=mask, generation_config=config)
+    replies = torch.full((out.shape[0], T), pad_id, dtype=torch.long, device=device)
+    replies[:, : out.shape[1] - P] = out[:, P:]
+    eos = torch.tensor(eos_ids, dtype=torch.long, device=device)
+    reply_mask = reply_mask_from_eos(replies, eos, generated=out.shape[1] - P)
+    replies = replies.masked_fill(reply_mask == 0, pad_id)
+    ended = (torch.isin(replies, eos) & (reply_mask > 0)).any(-1)
+    return {
+        "tokens": torch.cat([ids, replies], dim=1),
+        "attention_mask": torch.cat([mask, reply_mask], dim=1),
+        "reply_mask": reply_mask,
+        "ended": ended,
+    }
+
+
+@torch.no_grad()
+def reply_logprobs(model, batch: dict[str, torch.Tensor], temperature: float) -> torch.Tensor:
+    """log p(reply token | everything before it) at `temperature`, in fp32, 0 on padding: [B, T].
+
+    The batch may come from another model (the SFT model scoring a policy's samples): it is moved to this model's
+    device first.
+    """
+    device = model_device(model)
+    tokens, attention = batch["tokens"].to(device), batch["attention_mask"].to(device)
+    reply_mask = batch["reply_mask"].to(device)
+    T = reply_mask.shape[1]
+    logits = model(input_ids=tokens, attention_mask=attention, position_ids=position_ids(attention)).logits
+    # position t predicts token t + 1; upcast before dividing (bf16 would round log-probs by ~0.01 nats)
+    logits = logits[:, -T - 1 : -1].float() / temperature
+    logprobs = torch.log_softmax(logits, dim=-1).gather(-1, tokens[:, -T:].unsqueeze(-1)).squeeze(-1)
+    return logprobs * reply_mask
+
+
+def score_head(model) -> torch.nn.Module:
+    """The one-output head of a sequence classifier (`score` in most architectures, `classifier` in some)."""
+    for name in ("score", "classifier"):
+        head = getattr(model, name, None)
+        if isinstance(head, torch.nn.Module):
+            return head
+    raise TypeError(f"{type(model).__name__}: no `score` or `classifier` head to read reward-model scores from")
+
+
+@torch.no_grad()
+def reward_scores(reward_model, batch: dict[str, torch.Tensor], rm_pad_id: int) -> torch.Tensor:
+    """The reward model's score of each (prompt, reply) sequence: [B] in fp32.
+
+    Read at `hf.score_position` of the sequence padded with the reward model's own pad id, i.e. where transformers'
+    classifier reads it in the reward stage (pad == eos: the last token before the trailing eos). The backbone gets
+    explicit position ids, so left padding does not shift them.
+    """
+    from stages.common.hf import score_position
+
+    device = model_device(reward_model)
+    tokens, attention = batch["tokens"].to(device), batch["attention_mask"].to(device)
+    backbone = getattr(reward_model, reward_model.base_model_prefix)
+    hidden = backbone(
+        input_ids=tokens, attention_mask=attention, position_ids=position_ids(attention)
+    ).last_hidden_state
+    per_token = score_head(reward_model)(hidden).squeeze(-1).float()  # [B, L]
+    where = score_position(tokens.masked_fill(attention == 0, rm_pad_id), rm_pad_id)
+    return per_token[torch.arange(per_token.shape[0], device=device), where]

@@ -1,0 +1,125 @@
+"""The eval stage on the driver: check inputs, run the evaluation as one Ray task, score, publish `eval-report`."""
+
+from __future__ import annotations
+
+import tempfile
+import time
+from pathlib import Path
+
+from stages.common.context import StageContext
+from stages.common.fingerprint import code_fingerprint
+from stages.common.store import Artifact
+from stages.eval import report
+from stages.eval.config import Config
+from stages.eval.inputs import PreparedInputs, prepare
+from stages.eval.worker import SFT, evaluate_models
+
+NAME = "eval"
+INPUTS = {"sft_model": "causal-lm", "reward_model": "reward-model", "prompts": "dataset"}  # plus `policies`
+OUTPUTS = ["eval-report"]
+
+
+def _source(artifact: Artifact, store) -> dict:
+    return {"path": artifact.path, "store_uri": store.root, "ref": artifact.ref}
+
+
+def _plan(config: Config, prepared: PreparedInputs, *, store, ctx: StageContext, sft_model, reward_model,
+          policies: dict[str, Artifact]) -> dict:  # fmt: skip
+    """What the evaluation task needs: model sources (never weights), token ids, sampling settings."""
+    k = config.samples_per_prompt
+    return {
+        "sft_model": _source(sft_model, store),
+        "reward_model": _source(reward_model, store),
+        "policies": {name: _source(a, store) for name, a in policies.items()},
+        "prompt_ids": [ids for ids in prepared.prompt_ids for _ in range(k)],  # sample j of prompt p at p * k + j
+        "pad_id": prepared.pad_id,
+        "eos_ids": prepared.eos_ids,
+        "rm_pad_id": prepared.rm_pad_id,
+        "max_new_tokens": config.max_new_tokens,
+        "temperature": config.temperature,
+        "batch_size": config.batch_size,
+        "seed": ctx.seed + config.seed_offset,
+        "use_gpu": ctx.scaling.use_gpu,
+        "cpus": config.cpus,
+    }
+
+
+def run(config: Config, *, store, ctx: StageContext, sft_model: Artifact, reward_model: Artifact, prompts: Artifact,
+        policies: dict[str, Artifact]) -> dict:  # fmt: skip
+    """Score the SFT model and every policy on the same held-out prompts; returns {"eval-report": Artifact}.
+
+    `policies` maps a row name (ppo, grpo, dpo, or an artifact name) to a causal-lm artifact; the SFT model is
+    always the first row and the baseline of the win rates and the KL.
+    """
+    import ray
+    from transformers import AutoTokenizer
+
+    from stages.common.ray_train import ensure_ray
+
+    started = time.perf_counter()
+    prepared = prepare(config, sft_model=sft_model, reward_model=reward_model, prompts=prompts, policies=policies)
+    plan = _plan(config, prepared, store=store, ctx=ctx, sft_model=sft_model, reward_model=reward_model,
+                 policies=policies)  # fmt: skip
+    ctx.log(f"eval: {1 + len(policies)} models ({SFT}, {', '.join(policies) or 'no policies'}) on "
+            f"{len(prepared.prompt_ids)} held-out prompts x {config.samples_per_prompt} samples")  # fmt: skip
+
+    ensure_ray()
+    gpus = config.gpus if ctx.scaling.use_gpu else 0
+    task = ray.remote(num_cpus=config.cpus, num_gpus=gpus, max_retries=0)(evaluate_models)
+    t0 = time.perf_counter()
+    results = ray.get(task.remote(plan))
+    evaluation_seconds = time.perf_counter() - t0
+
+    tokenizer = AutoTokenizer.from_pretrained(sft_model.path)
+    k = config.samples_per_prompt
+    reply_prompts = [p for p in prepared.prompt_texts for _ in range(k)]
+    replies = {
+        m: [tokenizer.decode(ids, skip_special_tokens=True) for ids in r["reply_ids"]] for m, r in results.items()
+    }
+    gold = formats = None
+    if prepared.is_demo:
+        from stages.common.demo import follows_format, gold_score
+
+        gold = {
+            m: [gold_score(p, t) for p, t in zip(reply_prompts, texts, strict=True)] for m, texts in replies.items()
+        }
+        formats = {m: [follows_format(p, t) for p, t in zip(reply_prompts, texts, strict=True)]
+                   for m, texts in replies.items()}  # fmt: skip
+    judged = gold if gold is not None else {m: r["rm_score"] for m, r in results.items()}
+    matrix, vs_sft = report.win_rates(judged, SFT)
+    summaries = {
+        m: {**report.model_summary(r, gold[m] if gold else None, formats[m] if formats else None),
+            "win_rate_vs_sft": vs_sft[m]}
+        for m, r in results.items()
+    }  # fmt: skip
+    document = {
+        "models": {SFT: sft_model.ref, **{m: a.ref for m, a in policies.items()}},
+        "reward_model": reward_model.ref,
+        "prompts": len(prepared.prompt_texts),
+        "prompts_ref": prompts.ref,
+        "settings": {**config.to_dict(), "seed": plan["seed"], "use_gpu": ctx.scaling.use_gpu},
+        "summaries": summaries,
+        "win_rates": {"by": "gold" if gold is not None else "reward_model", "matrix": matrix},
+        "samples": report.side_by_side(prepared.prompt_texts, replies, judged, config.samples_shown, k),
+        "replies": {
+            m: report.reply_rows(reply_prompts, replies[m], r, gold[m] if gold else None) for m, r in results.items()
+        },
+    }  # fmt: skip
+    inputs = {"sft_model": sft_model, "reward_model": reward_model, "prompts": prompts}
+    inputs.update({f"policy.{m}": a for m, a in policies.items()})
+    with tempfile.TemporaryDirectory(prefix="rlhf-eval-") as tmp:
+        report.write_files(document, Path(tmp))
+        artifact = store.publish(
+            tmp,
+            name=OUTPUTS[0],
+            kind="eval-report",
+            stage=NAME,
+            config=config.to_dict(),
+            inputs=inputs,
+            metrics=report.flat_metrics(summaries),
+            timings={"wall_seconds": time.perf_counter() - started, "evaluation_seconds": evaluation_seconds},
+            cache_key=ctx.cache_key,
+            code_fingerprint=code_fingerprint(NAME),
+        )
+    ctx.log(f"eval: published {artifact.ref}\n{report.summary_table(summaries)}")
+    return {OUTPUTS[0]: artifact}
