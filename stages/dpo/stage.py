@@ -1,0 +1,70 @@
+"""The DPO stage on the driver: check inputs, launch the Ray Train workers, publish the `policy-dpo` artifact."""
+
+from __future__ import annotations
+
+import time
+
+from stages.common import trl_stage
+from stages.common.context import Scaling, StageContext
+from stages.common.preference_pairs import check_lengths, check_pairs
+from stages.common.trl_stage import check_kind, load_rows, model_context, token_limit, tokenizer_plan
+from stages.dpo.config import Config
+from stages.dpo.metrics import demo_eval_prompts
+from stages.dpo.train import train_loop
+
+NAME = "dpo"
+INPUTS = {"sft_model": "causal-lm", "preferences": "dataset"}
+OUTPUTS = ["policy-dpo"]
+
+
+def prepare(config: Config, sft_model, preferences, *, scaling: Scaling, seed: int = 0, store=None) -> dict:
+    """Every check that can fail on user input, before Ray starts; returns the workers' loop config."""
+    from transformers import AutoTokenizer
+
+    check_kind(NAME, "sft_model", sft_model, INPUTS["sft_model"])
+    check_kind(NAME, "preferences", preferences, INPUTS["preferences"])
+    tokenizer = AutoTokenizer.from_pretrained(sft_model.path)
+    context = model_context(sft_model.path, tokenizer, f"{NAME}: sft_model {sft_model.ref}")
+    plan = tokenizer_plan(tokenizer)  # pad = eos when there is none: TRL pads the pairs with it
+    splits = {}
+    for split in ("train", "test"):
+        rows = load_rows(preferences, split, f"{NAME}: preferences")
+        where = f"{NAME}: preferences {preferences.ref} {split}.jsonl"
+        splits[split] = check_pairs(rows, where, chat_template=plan["chat_template"])
+    limit = token_limit(config.max_length, context, f"{NAME}: config vs sft_model {sft_model.ref}")
+    for split, rows in splits.items():
+        check_lengths(rows, tokenizer, limit, f"{NAME}: preferences {preferences.ref} {split}.jsonl")
+    demo_task = (preferences.manifest.get("extra") or {}).get("task") == "demo"
+    return {
+        **trl_stage.loop_config(
+            config, sft_model, splits, stage=NAME, limit=limit, scaling=scaling, seed=seed, store=store,
+            tokenizer=plan,
+        ),
+        "beta": config.beta,
+        "loss_type": config.loss_type,
+        "demo_task": demo_task,
+        "eval_prompts": demo_eval_prompts(splits["test"], config.eval_prompts) if demo_task else [],
+        "max_new_tokens": config.max_new_tokens,
+        "generation_batch_size": config.generation_batch_size,
+    }
+
+
+def run(config: Config, *, sft_model, preferences, store, ctx: StageContext) -> dict:
+    """Align `sft_model` to `preferences` pairs with DPO (reference = frozen `sft_model`) on Ray Train workers;
+    publish `policy-dpo`."""
+    started = time.time()
+    loop_config = prepare(config, sft_model, preferences, scaling=ctx.scaling, seed=ctx.seed, store=store)
+    artifact = trl_stage.train_and_publish(
+        train_loop,
+        loop_config,
+        stage=NAME,
+        output=OUTPUTS[0],
+        kind="causal-lm",
+        title=f"DPO of {sft_model.ref}",
+        started=started,
+        config=config,
+        inputs={"sft_model": sft_model, "preferences": preferences},
+        store=store,
+        ctx=ctx,
+    )
+    return {OUTPUTS[0]: artifact}
