@@ -57,6 +57,15 @@ class RayDriver:
                 self.check(Resources.of_ray_cluster(self.address))
         check_store_reachable(self.store_root, self.work_dir)
 
+    def resources(self):
+        """What the cluster has: this machine's for a local Ray the driver will start, else the joined cluster's."""
+        from flows.preflight import Resources
+
+        if not self.address:
+            return Resources.of_this_machine()
+        self.ensure()
+        return Resources.of_ray_cluster(self.address)
+
     def close(self) -> None:
         if self._owned:
             import ray

@@ -9,12 +9,12 @@ from __future__ import annotations
 
 from importlib import resources
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 from pydantic import Field, ValidationError, model_validator
 
 from flows.tracking import TrackingSection
-from stages import ppo, pretrain, reward, sft
+from stages import dpo, eval, ppo, pretrain, reward, sft  # noqa: A004 - the eval stage package
 from stages.common.config import (
     ConfigError,
     Section,
@@ -26,13 +26,15 @@ from stages.common.config import (
 )
 from stages.common.context import Scaling
 from stages.common.demo import DemoConfig
+from stages.dpo import Config as DPOConfig
+from stages.eval import Config as EvalConfig
 from stages.ppo import Config as PPOConfig
 from stages.pretrain import Config as PretrainConfig
 from stages.reward import Config as RewardConfig
 from stages.sft import Config as SFTConfig
 
-STAGES = {m.NAME: m for m in (pretrain, sft, reward, ppo)}
-STAGE_ORDER = ["pretrain", "sft", "reward", "ppo"]
+# stage package name -> module; the DAG (flows/dag.py) says which node runs which
+STAGES = {m.NAME: m for m in (pretrain, sft, reward, ppo, dpo, eval)}
 PRESETS = ("tiny", "demo", "single-gpu", "gpu-cluster")
 
 
@@ -72,6 +74,20 @@ class DataSection(Section):
     columns: ColumnMaps = Field(default_factory=ColumnMaps)  # rename a file's columns before validation
 
 
+class AlignSection(Section):
+    """Which alignment branches run after SFT and reward (siblings in the DAG), and the final eval node."""
+
+    methods: list[Literal["ppo", "grpo", "rloo", "dpo"]] = Field(default_factory=lambda: ["ppo"], min_length=1)
+    eval: bool = False  # score the SFT model and every policy of the run on the same held-out prompts
+    concurrent: bool = True  # run sibling branches at the same time when the cluster has room for them
+
+    @model_validator(mode="after")
+    def _unique(self) -> AlignSection:
+        if len(set(self.methods)) != len(self.methods):
+            raise ValueError(f"each method at most once, found {self.methods}")
+        return self
+
+
 class PipelineConfig(Section):
     """Everything one `rlhf run` needs; each stage section is that stage's own config class."""
 
@@ -81,6 +97,9 @@ class PipelineConfig(Section):
     sft: SFTConfig = Field(default_factory=SFTConfig)
     reward: RewardConfig = Field(default_factory=RewardConfig)
     ppo: PPOConfig = Field(default_factory=PPOConfig)
+    dpo: DPOConfig = Field(default_factory=DPOConfig)
+    eval: EvalConfig = Field(default_factory=EvalConfig)
+    align: AlignSection = Field(default_factory=AlignSection)
     tracking: TrackingSection = Field(default_factory=TrackingSection)
 
     @model_validator(mode="after")
@@ -90,6 +109,9 @@ class PipelineConfig(Section):
         return self
 
     def stage_config(self, name: str) -> Section:
+        """The config a DAG node runs with: its stage's section (grpo and rloo: the RL section, that algorithm)."""
+        if name in ("grpo", "rloo"):
+            return type(self.ppo).model_validate({**self.ppo.model_dump(), "algorithm": name})
         return getattr(self, name)
 
 

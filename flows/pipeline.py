@@ -21,11 +21,11 @@ from prefect.states import Completed, Failed  # noqa: E402
 from flows import report  # noqa: E402
 from flows.cluster_check import RayDriver  # noqa: E402
 from flows.config import STAGES, PipelineConfig, load_config  # noqa: E402
+from flows.dag import POLICY_ROLE_PREFIX, Node, branch_waves  # noqa: E402
 from flows.plan import (  # noqa: E402
-    DATA_ROLES,
-    UPSTREAM_ROLES,
     check_only_inputs,
     ingest_data,
+    node_named,
     plan_stages,
     preflight,
     resolve_model,
@@ -105,16 +105,17 @@ def stage_task(
 def _run_or_reuse(name: str, cfg: PipelineConfig, store: ArtifactStore, ray_driver: RayDriver,
                   input_refs: dict[str, str], force: bool):  # fmt: skip
     logger = get_run_logger()
-    module = STAGES[name]
-    inputs = {role: store.get(ref, kind=module.INPUTS[role]) for role, ref in input_refs.items()}
+    node = node_named(cfg, name)
+    inputs = {role: store.get(ref, kind=input_kind(node, role)) for role, ref in input_refs.items()}
     key = stage_cache_key(name, cfg, inputs)
+    gate = getattr(cfg.stage_config(name), "gate", None)
     if not force:
         hit = store.cached(key)
         if hit is not None:
             refs = {out: art.ref for out, art in hit.items()}
             logger.info(f"{name}: cache key {key[:12]} matches; reusing {', '.join(refs.values())}")
             report.stage_markdown(name, "reused", hit, inputs, wall_seconds=0.0)
-            check_gate(name, getattr(cfg.stage_config(name), "gate", None), hit)
+            check_gate(name, gate, hit)
             return Completed(name="Cached", message=f"reused {', '.join(refs.values())}", data=refs)
     ctx = StageContext(
         work_dir=os.path.join(cfg.run.work_dir, name, key[:16]),
@@ -126,12 +127,42 @@ def _run_or_reuse(name: str, cfg: PipelineConfig, store: ArtifactStore, ray_driv
     ray_driver.ensure()
     logger.info(f"{name}: running (cache key {key[:12]}, inputs {', '.join(a.ref for a in inputs.values()) or 'none'})")
     start = time.perf_counter()
-    outputs = module.run(cfg.stage_config(name), store=store, ctx=ctx, **inputs)
+    outputs = call_stage(node, cfg.stage_config(name), store=store, ctx=ctx, inputs=inputs)
     wall = time.perf_counter() - start
     store.record_cache(key, outputs)
     report.stage_markdown(name, "ran", outputs, inputs, wall_seconds=wall)
-    check_gate(name, getattr(cfg.stage_config(name), "gate", None), outputs)
+    check_gate(name, gate, outputs)
     return {out: art.ref for out, art in outputs.items()}
+
+
+def input_kind(node: Node, role: str) -> str:
+    """The artifact kind a node's input role must have (the eval node's policy_* roles are causal LMs)."""
+    return STAGES[node.stage].INPUTS.get(role) or "causal-lm"
+
+
+def call_stage(node: Node, config, *, store: ArtifactStore, ctx: StageContext, inputs: dict[str, Any]) -> dict:
+    """Call the node's stage: the eval stage takes its policies as one dict; grpo/rloo publish under their own name."""
+    module = STAGES[node.stage]
+    kwargs = dict(inputs)
+    if node.stage == "eval":
+        kwargs["policies"] = {role.removeprefix(POLICY_ROLE_PREFIX): kwargs.pop(role)
+                              for role in list(kwargs) if role.startswith(POLICY_ROLE_PREFIX)}  # fmt: skip
+    if node.stage == "ppo" and node.name != "ppo":
+        kwargs["output_name"] = node.outputs[0]
+    return module.run(config, store=store, ctx=ctx, **kwargs)
+
+
+def branch_demand(cfg: PipelineConfig, name: str, total_gpus: float) -> tuple[float, float]:
+    """(CPUs, GPUs) one alignment branch holds while it runs, for grouping siblings into waves that fit."""
+    run = cfg.run
+    if name == "dpo":
+        return run.num_workers * run.cpus_per_worker, float(run.num_workers if run.use_gpu else 0)
+    ppo = cfg.stage_config(name).resolved(run.num_workers)
+    actors = (4 if name == "ppo" else 3) * ppo.actors_per_role  # GRPO and RLOO have no critic
+    gpus = 0.0
+    if run.use_gpu:  # derived fractions spread the roles over every GPU: a branch then holds them all
+        gpus = actors * ppo.gpus_per_actor if ppo.gpus_per_actor else total_gpus
+    return actors * ppo.cpus_per_actor, gpus
 
 
 # log_prints stays off: libraries print to stdout internally (dill disassembles functions while hashing them).
@@ -164,7 +195,7 @@ def _pipeline(preset, config_file, overrides, store, from_stage, only, inputs, f
     stages, forced = plan_stages(from_stage, only, cfg)
     inputs = dict(inputs or {})
     if only:
-        check_only_inputs(only, inputs)
+        check_only_inputs(only, inputs, cfg)
     preflight(cfg, stages)
     art_store = ArtifactStore(store or os.environ.get("RLHF_STORE") or cfg.run.store)
     ray_driver = RayDriver(cfg.run.ray_address, art_store.root, cfg.run.work_dir,
@@ -180,30 +211,29 @@ def _pipeline(preset, config_file, overrides, store, from_stage, only, inputs, f
             summary["skipped"]["pretrain"] = f"sft.base_model = {cfg.sft.base_model}"
             produced["base-model"] = model_task("sft.base_model", cfg.sft.base_model, "causal-lm", art_store)
             logger.info(f"pretrain: not run; sft starts from {cfg.sft.base_model} ({produced['base-model']})")
-        for name in stages:
-            module = STAGES[name]
-            refs: dict[str, str] = {}
-            for role in module.INPUTS:
-                if role in inputs:
-                    refs[role] = inputs[role]
-                elif (name, role) in DATA_ROLES:
-                    refs[role] = data_task(cfg, art_store, DATA_ROLES[(name, role)])
-                else:
-                    refs[role] = produced[UPSTREAM_ROLES[(name, role)]]
-            task_start = time.perf_counter()
-            state = stage_task(name, cfg, art_store, ray_driver, refs, force or name in forced, return_state=True)
-            outputs = state.result()  # re-raises the stage's error after retries (a user error: at once)
-            produced.update(outputs)
-            tracker.log_stage(name, state=state.name, config=cfg.stage_config(name).to_dict(),
-                              outputs={o: art_store.get(r) for o, r in outputs.items()},
-                              inputs={role: art_store.get(r) for role, r in refs.items()})  # fmt: skip
-            summary["stages"][name] = {
-                "state": state.name,
-                "outputs": outputs,
-                "inputs": refs,
-                "task_seconds": round(time.perf_counter() - task_start, 2),
-                "stage_seconds": 0.0 if state.name == "Cached" else _stage_seconds(art_store, outputs),
-            }
+        for group in _groups(cfg, stages, only):
+            for wave in _waves(cfg, group, ray_driver):
+                runs = {}
+                for name in wave:
+                    refs = _input_refs(cfg, art_store, node_named(cfg, name), inputs, produced)
+                    future = stage_task.submit(name, cfg, art_store, ray_driver, refs, force or name in forced)
+                    runs[name] = (future, refs, time.perf_counter())
+                for future, _, _ in runs.values():
+                    future.wait()
+                for name, (future, refs, task_start) in runs.items():
+                    state = future.state
+                    outputs = state.result()  # re-raises the stage's error after retries (a user error: at once)
+                    produced.update({ref.split("@")[0]: ref for ref in outputs.values()})
+                    tracker.log_stage(name, state=state.name, config=cfg.stage_config(name).to_dict(),
+                                      outputs={o: art_store.get(r) for o, r in outputs.items()},
+                                      inputs={role: art_store.get(r) for role, r in refs.items()})  # fmt: skip
+                    summary["stages"][name] = {
+                        "state": state.name,
+                        "outputs": outputs,
+                        "inputs": refs,
+                        "task_seconds": round(time.perf_counter() - task_start, 2),
+                        "stage_seconds": 0.0 if state.name == "Cached" else _stage_seconds(art_store, outputs),
+                    }
         summary["wall_seconds"] = round(time.perf_counter() - flow_start, 2)
         stage_total = sum(info["stage_seconds"] for info in summary["stages"].values())
         summary["orchestration_overhead_seconds"] = round(summary["wall_seconds"] - stage_total, 2)
@@ -216,6 +246,41 @@ def _pipeline(preset, config_file, overrides, store, from_stage, only, inputs, f
     finally:
         tracker.end(status)
         ray_driver.close()
+
+
+def _input_refs(cfg: PipelineConfig, store: ArtifactStore, node: Node, explicit: dict[str, str],
+                produced: dict[str, str]) -> dict[str, str]:  # fmt: skip
+    """A node's input refs: explicit --input refs, data sets (a `data` task each), or what upstream nodes produced."""
+    refs = {}
+    for role, (source, what) in node.inputs.items():
+        if role in explicit:
+            refs[role] = explicit[role]
+        elif source == "data":
+            refs[role] = data_task(cfg, store, what)
+        else:
+            refs[role] = produced[what]
+    return refs
+
+
+def _groups(cfg: PipelineConfig, stages: list[str], only: str | None) -> list[list[str]]:
+    """Consecutive sibling branches form one group (they may run together); every other node is a group of one."""
+    groups: list[list[str]] = []
+    for name in stages:
+        is_branch = node_named(cfg, name).is_branch and not only
+        if is_branch and groups and node_named(cfg, groups[-1][0]).is_branch:
+            groups[-1].append(name)
+        else:
+            groups.append([name])
+    return groups
+
+
+def _waves(cfg: PipelineConfig, group: list[str], ray_driver: RayDriver) -> list[list[str]]:
+    """Split a group of sibling branches into waves that fit the cluster at the same time (one by one if not)."""
+    if len(group) == 1 or not cfg.align.concurrent:
+        return [[name] for name in group]
+    resources = ray_driver.resources()
+    demand = {name: branch_demand(cfg, name, resources.gpus) for name in group}
+    return branch_waves(group, demand, resources.cpus, resources.gpus)
 
 
 def _run_name() -> str:

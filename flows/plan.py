@@ -12,61 +12,100 @@ import time
 from pathlib import Path
 from typing import Any
 
-from flows.config import STAGE_ORDER, STAGES, PipelineConfig
+from flows import dag
+from flows.config import STAGES, PipelineConfig
+from flows.dag import Node
 from flows.preflight import Resources, check_fits
 from stages.common.config import ConfigError
 from stages.common.fingerprint import cache_key, code_fingerprint
 
-# Which data set feeds which stage role, and which upstream output feeds which role.
-DATA_ROLES = {("pretrain", "corpus"): "corpus", ("sft", "data"): "sft", ("reward", "preferences"): "preferences",
-              ("ppo", "prompts"): "prompts"}  # fmt: skip
-UPSTREAM_ROLES = {("sft", "base_model"): "base-model", ("reward", "sft_model"): "sft-model",
-                  ("ppo", "sft_model"): "sft-model", ("ppo", "reward_model"): "reward-model"}  # fmt: skip
 # Config fields that do not change what a stage computes: gate thresholds (checked after the fact, so changing one
 # reuses the artifact) and references to inputs (their artifact digests are in the key instead).
 NOT_IN_CACHE_KEY = ("gate", "base_model")
 
 
+def pipeline_nodes(cfg: PipelineConfig) -> list[Node]:
+    """This config's DAG: pretrain unless sft.base_model is set, sft, reward, the align branches, eval."""
+    return dag.build(list(cfg.align.methods), pretrain=not cfg.sft.base_model, evaluate=cfg.align.eval)
+
+
+def node_named(cfg: PipelineConfig, name: str) -> Node:
+    for node in pipeline_nodes(cfg):
+        if node.name == name:
+            return node
+    if name == "eval":
+        return dag.eval_node(list(cfg.align.methods))
+    if name in dag.ALIGN_METHODS:  # --only grpo while align.methods does not list it: still a valid node
+        return dag.build([name], pretrain=False, evaluate=False)[-1]
+    if name == "pretrain":
+        return dag.PRETRAIN
+    raise ConfigError(f"unknown stage {name!r}; expected one of {', '.join(dag.ALL_NODE_NAMES)}")
+
+
 def stage_cache_key(name: str, cfg: PipelineConfig, inputs: dict[str, Any]) -> str:
-    """The stage's cache key: its code, its own config plus the run-level knobs that change results, its inputs."""
+    """A node's cache key: its stage's code, its own config plus the run-level knobs that change results, its inputs."""
     run = cfg.run
+    stage = node_named(cfg, name).stage if name in dag.ALL_NODE_NAMES else name
     stage_config = {k: v for k, v in cfg.stage_config(name).to_dict().items() if k not in NOT_IN_CACHE_KEY}
     config = {
         "stage": stage_config,
         "run": {"seed": run.seed, "num_workers": run.num_workers, "use_gpu": run.use_gpu},
     }
-    return cache_key(name, code_fingerprint(name), config, {role: a.digest for role, a in inputs.items()})
+    return cache_key(name, code_fingerprint(stage), config, {role: a.digest for role, a in inputs.items()})
+
+
+def downstream(nodes: list[Node], start: str) -> list[str]:
+    """`start` and every node that depends on it, directly or through others (what `--from start` forces)."""
+    forced, produced = [start], set(next(n for n in nodes if n.name == start).outputs)
+    for node in nodes:
+        if node.name in forced:
+            continue
+        if any(kind == "output" and name in produced for kind, name in node.inputs.values()):
+            forced.append(node.name)
+            produced |= set(node.outputs)
+    return forced
 
 
 def plan_stages(from_stage: str | None, only: str | None, cfg: PipelineConfig | None = None) -> tuple[list[str], set[str]]:
-    """Which stages run, and which of them are forced (ignore the cache).
+    """Which nodes run, and which of them are forced (ignore the cache).
 
     With `sft.base_model` set the pipeline starts at SFT from that model: the pretrain node is left out.
     """
     for flag, value in (("--from", from_stage), ("--only", only)):
-        if value is not None and value not in STAGES:
-            raise ConfigError(f"{flag} {value!r}: unknown stage; expected one of {', '.join(STAGE_ORDER)}")
+        if value is not None and value not in dag.ALL_NODE_NAMES:
+            raise ConfigError(f"{flag} {value!r}: unknown stage; expected one of {', '.join(dag.ALL_NODE_NAMES)}")
     if from_stage and only:
         raise ConfigError("--from and --only cannot be combined")
     if only:
         return [only], set()
-    order = [s for s in STAGE_ORDER if not (s == "pretrain" and cfg is not None and cfg.sft.base_model)]
+    if cfg is None:
+        from flows.config import PipelineConfig as _Config
+
+        cfg = _Config()
+    nodes = pipeline_nodes(cfg)
+    order = [n.name for n in nodes]
     if from_stage:
         if from_stage not in order:
-            raise ConfigError(f"--from {from_stage}: sft.base_model is set, so {from_stage} does not run in this pipeline")
-        return order, set(order[order.index(from_stage):])
+            why = "sft.base_model is set" if from_stage == "pretrain" else "align does not include it"
+            raise ConfigError(f"--from {from_stage}: {why}, so {from_stage} does not run in this pipeline")
+        return order, set(downstream(nodes, from_stage))
     return order, set()
 
 
-def check_only_inputs(only: str, inputs: dict[str, str]) -> None:
+def check_only_inputs(only: str, inputs: dict[str, str], cfg: PipelineConfig | None = None) -> None:
     """`--only STAGE` needs an explicit artifact for every input that is not a data set."""
-    roles = STAGES[only].INPUTS
+    if cfg is None:
+        from flows.config import PipelineConfig as _Config
+
+        cfg = _Config()
+    node = node_named(cfg, only)
+    roles = node.inputs
     for role in inputs:
         if role not in roles:
             raise ConfigError(f"--input {role}=...: {only} has no input {role!r}; its inputs are {', '.join(roles)}")
-    missing = [r for r in roles if r not in inputs and (only, r) not in DATA_ROLES]
+    missing = [r for r, (kind, _) in roles.items() if r not in inputs and kind != "data"]
     if missing:
-        example = " ".join(f"--input {r}={UPSTREAM_ROLES[(only, r)]}@latest" for r in missing)
+        example = " ".join(f"--input {r}={roles[r][1]}@latest" for r in missing)
         raise ConfigError(f"--only {only} needs an artifact for {', '.join(missing)}, e.g. {example}")
 
 
@@ -106,6 +145,21 @@ def _columns(cfg: PipelineConfig, fmt: str) -> dict[str, str] | None:
     return getattr(columns, fmt, None) if columns is not None else None
 
 
+def resolve_inputs(cfg: PipelineConfig, store, node: Node, explicit: dict[str, str], produced: dict[str, Any]) -> dict:
+    """A node's input artifacts: explicit --input refs, ingested data sets, or what upstream nodes produced."""
+    kinds = STAGES[node.stage].INPUTS
+    arts = {}
+    for role, (source, what) in node.inputs.items():
+        kind = kinds.get(role) or kinds.get(role.split("_")[0], "causal-lm")
+        if role in explicit:
+            arts[role] = store.get(explicit[role], kind=kind)
+        elif source == "data":
+            arts[role] = ingest_data(cfg, store, what)
+        else:
+            arts[role] = produced[what]
+    return arts
+
+
 def all_cached(cfg: PipelineConfig, store, stages: list[str], inputs: dict[str, str]) -> dict[str, Any] | None:
     """The run's summary if every stage would be reused (gates checked), else None: then the flow must run.
 
@@ -120,21 +174,15 @@ def all_cached(cfg: PipelineConfig, store, stages: list[str], inputs: dict[str, 
     if cfg.sft.base_model and "pretrain" not in stages:
         summary["skipped"]["pretrain"] = f"sft.base_model = {cfg.sft.base_model}"
         produced["base-model"] = resolve_model(store, cfg.sft.base_model, "causal-lm")
+    produced = {**produced}
     for name in stages:
-        module = STAGES[name]
-        arts = {}
-        for role, kind in module.INPUTS.items():
-            if role in inputs:
-                arts[role] = store.get(inputs[role], kind=kind)
-            elif (name, role) in DATA_ROLES:
-                arts[role] = ingest_data(cfg, store, DATA_ROLES[(name, role)])
-            else:
-                arts[role] = produced[UPSTREAM_ROLES[(name, role)]]
+        node = node_named(cfg, name)
+        arts = resolve_inputs(cfg, store, node, inputs, produced)
         hit = store.cached(stage_cache_key(name, cfg, arts))
         if hit is None:
             return None
         check_gate(name, getattr(cfg.stage_config(name), "gate", None), hit)
-        produced.update(hit)
+        produced.update({art.name: art for art in hit.values()})
         summary["stages"][name] = {
             "state": "Cached",
             "outputs": {out: art.ref for out, art in hit.items()},
@@ -155,7 +203,7 @@ def validate_run(params: dict[str, Any]) -> tuple[PipelineConfig, list[str]]:
     cfg = load_config(params.get("preset", "demo"), params.get("config_file"), params.get("overrides") or [])
     stages, _ = plan_stages(params.get("from_stage"), params.get("only"), cfg)
     if params.get("only"):
-        check_only_inputs(params["only"], params.get("inputs") or {})
+        check_only_inputs(params["only"], params.get("inputs") or {}, cfg)
     address = cfg.run.ray_address or os.environ.get("RAY_ADDRESS")
     if address:
         probe_ray_address(address)
