@@ -219,40 +219,79 @@ def test_a_restarted_stage_continues_from_its_latest_checkpoint(setup, local_ray
         assert h_resumed[2][key] == pytest.approx(h_straight[2][key], rel=1e-3, abs=1e-4), key
 
 
-@pytest.mark.slow
-def test_ppo_on_a_tiny_llama_without_pad_token_publishes_a_loadable_policy(setup, local_ray, tmp_path):
-    """Any architecture: a Llama policy whose tokenizer has no pad token (eos serves), its reward model the same
-    weights read as a sequence classifier; the exported policy is a plain transformers Llama. Two actors per role
-    (gloo groups of two ranks), and 5 eval prompts in chunks of 4: the last chunk holds one prompt for two actors."""
-    import torch
+def _publish_tiny_llama(store, texts: list[str]):
+    """A tiny random Llama whose tokenizer has no pad token, and the same weights saved as a 1-label classifier."""
     from tiny_models import save_tiny_model_dir
-    from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification, AutoTokenizer
+    from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
-    store = setup["store"]
     with tempfile.TemporaryDirectory() as d:
-        save_tiny_model_dir("llama", setup["texts"], d, pad_token=False)
+        save_tiny_model_dir("llama", texts, d, pad_token=False)
         assert AutoTokenizer.from_pretrained(d).pad_token is None
         sft = store.publish(d, name="llama-sft", kind="causal-lm", stage="tests")
     with tempfile.TemporaryDirectory() as d:
         AutoModelForSequenceClassification.from_pretrained(sft.path, num_labels=1).save_pretrained(d)
         AutoTokenizer.from_pretrained(sft.path).save_pretrained(d)
         rm = store.publish(d, name="llama-rm", kind="reward-model", stage="tests")
-    logs: list[str] = []
-    out = ppo.run(
-        ppo.Config(**{**TINY, "iterations": 2, "checkpoint_every": 2, "learning_rate": 1e-3, "actors_per_role": 2,
-                      "cpus_per_actor": 0.25, "rollout_batch_size": 4, "eval_prompts": 5}),
-        store=store, ctx=_ctx(tmp_path / "work", logs), sft_model=sft, reward_model=rm, prompts=setup["prompts"],
-    )  # fmt: skip
-    policy = out["policy"]
-    assert any("8 actors (2 per role), 0.25 CPU each" in line for line in logs)
+    return sft, rm
+
+
+def _check_llama_policy(policy, sft) -> list[dict]:
+    """The exported policy is a plain transformers Llama that generates, with weights PPO changed; its history."""
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
     model = AutoModelForCausalLM.from_pretrained(policy.path)
     assert type(model).__name__ == "LlamaForCausalLM"
     tok = AutoTokenizer.from_pretrained(policy.path)
     ids = tok("User: What is the cat like?\nAssistant:", return_tensors="pt")["input_ids"]
     assert model.generate(ids, max_new_tokens=4, do_sample=False, pad_token_id=tok.eos_token_id).shape[1] > ids.shape[1]
     before, after = _tensors(sft.path), _tensors(policy.path)
-    assert any(not torch.equal(before[k], after[k]) for k in before)
-    rows = json.loads((Path(policy.path) / "eval.json").read_text())["after"]["rows"]
-    assert len(rows) == 5 and all(isinstance(r["rm_score"], float) for r in rows)
+    assert any(not torch.equal(before[k].to(after[k].dtype), after[k]) for k in before)
     history = [json.loads(x) for x in (Path(policy.path) / "metrics.jsonl").read_text().splitlines()]
     assert [h["iteration"] for h in history] == [1, 2] and all(0 < h["response_length"] <= 8 for h in history)
+    return history
+
+
+@pytest.mark.slow
+def test_ppo_on_a_tiny_llama_without_pad_token_publishes_a_loadable_policy(setup, local_ray, tmp_path):
+    """Any architecture: a Llama policy whose tokenizer has no pad token (eos serves), its reward model the same
+    weights read as a sequence classifier; the exported policy is a plain transformers Llama. Two actors per role
+    (gloo groups of two ranks), and 5 eval prompts in chunks of 4: the last chunk holds one prompt for two actors."""
+    sft, rm = _publish_tiny_llama(setup["store"], setup["texts"])
+    logs: list[str] = []
+    out = ppo.run(
+        ppo.Config(**{**TINY, "iterations": 2, "checkpoint_every": 2, "learning_rate": 1e-3, "actors_per_role": 2,
+                      "cpus_per_actor": 0.25, "rollout_batch_size": 4, "eval_prompts": 5}),
+        store=setup["store"], ctx=_ctx(tmp_path / "work", logs), sft_model=sft, reward_model=rm,
+        prompts=setup["prompts"],
+    )  # fmt: skip
+    policy = out["policy"]
+    assert any("8 actors (2 per role), 0.25 CPU each" in line for line in logs)
+    history = _check_llama_policy(policy, sft)
+    # the first rollout comes before any update: policy and reference are the same weights in the same dtype
+    assert abs(history[0]["kl"]) < 1e-4
+    rows = json.loads((Path(policy.path) / "eval.json").read_text())["after"]["rows"]
+    assert len(rows) == 5 and all(isinstance(r["rm_score"], float) for r in rows)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("zero_stage", [0, 2])
+def test_ppo_on_one_gpu_colocates_the_four_roles_in_bf16(setup, local_ray, tmp_path, zero_stage):
+    """GPU machines only: the four roles share one GPU (a quarter each), bf16 everywhere, NCCL groups."""
+    import torch
+
+    if not torch.cuda.is_available():
+        pytest.skip("needs a CUDA GPU")
+    sft, rm = _publish_tiny_llama(setup["store"], setup["texts"])
+    logs: list[str] = []
+    ctx = StageContext(work_dir=str(tmp_path / "work"), cache_key="test", seed=0, log=logs.append,
+                       scaling=Scaling(num_workers=1, cpus_per_worker=0.5, use_gpu=True))  # fmt: skip
+    policy = ppo.run(
+        ppo.Config(**{**TINY, "iterations": 2, "checkpoint_every": 2, "learning_rate": 1e-3, "bf16": True,
+                      "zero_stage": zero_stage}),
+        store=setup["store"], ctx=ctx, sft_model=sft, reward_model=rm, prompts=setup["prompts"],
+    )["policy"]  # fmt: skip
+    assert any("4 actors (1 per role) on 1 GPU(s), 0.25 GPU" in line for line in logs), logs
+    assert all(t.dtype == torch.bfloat16 for t in _tensors(policy.path).values())
+    history = _check_llama_policy(policy, sft)
+    assert abs(history[0]["kl"]) < 1e-2  # reference and policy in the same dtype: no KL before the first update
