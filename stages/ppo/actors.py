@@ -51,7 +51,10 @@ def response_logits(model, tokens: torch.Tensor, attention_mask: torch.Tensor, p
     Upcast before any temperature or log_softmax: bf16 keeps 8 bits of mantissa, so the policy's and the
     reference's log-probs (and the KL between them) would otherwise carry rounding of the order of 0.01 nats.
     """
-    out = model(input_ids=tokens, attention_mask=attention_mask, position_ids=position_ids(attention_mask))
+    # use_cache=False: a full-sequence pass needs no KV cache, and keeping one costs memory on every role
+    out = model(
+        input_ids=tokens, attention_mask=attention_mask, position_ids=position_ids(attention_mask), use_cache=False
+    )
     return out.logits[:, prompt_len - 1 : -1].float()
 
 
@@ -127,8 +130,9 @@ class TokenValueModel(torch.nn.Module):
 
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
         hidden = self.backbone(
-            input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids(attention_mask)
-        ).last_hidden_state
+            input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids(attention_mask),
+            use_cache=False,
+        ).last_hidden_state  # fmt: skip
         return self.head(hidden).squeeze(-1).float()
 
 
