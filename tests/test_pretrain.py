@@ -1,5 +1,6 @@
-"""The pretraining stage: pure math and data layout (fast), bad input (fast, no Ray), and the tiny preset on 2 Ray
-workers with DeepSpeed ZeRO-2 on CPU, killed after its first checkpoint and resumed (slow)."""
+"""The pretraining stage: pure math and data layout (fast), bad input (fast, no Ray), the tiny preset on 2 Ray
+workers with DeepSpeed ZeRO-2 on CPU, killed after its first checkpoint and resumed (slow), and a tiny Llama-style
+model from scratch and from a random Llama directory on 1 worker (slow)."""
 
 from __future__ import annotations
 
@@ -316,11 +317,13 @@ def test_init_from_a_random_llama_continues_that_model(demo_corpus_store, local_
                                          pad_token_id=tokenizer.pad_token_id))
     start.save_pretrained(tmp_path / "llama")
     tokenizer.save_pretrained(tmp_path / "llama")
+    # compiled, as on a GPU: DeepSpeed's engine.compile() must leave checkpoint and final-save names alone
     cfg = pretrain.Config(**{**LLAMA, "architecture": "gpt2", "max_steps": 4, "eval_interval": 4,
-                             "checkpoint_interval": 4, "init_from": str(tmp_path / "llama")})
+                             "checkpoint_interval": 4, "init_from": str(tmp_path / "llama"), "compile": True})
     outputs = pretrain.run(cfg, store=store, ctx=_one_worker_ctx(root / "init"), corpus=corpus)
     trained = AutoModelForCausalLM.from_pretrained(outputs["base-model"].path)
     assert type(trained).__name__ == "LlamaForCausalLM" and trained.config.num_key_value_heads == 2
+    assert outputs["base-model"].metrics["compiled"] is True
     assert outputs["tokenizer"].metrics["vocab_size"] == len(tokenizer)  # the model's own tokenizer, not a new one
     before, after = start.state_dict(), trained.state_dict()
     assert before.keys() == after.keys()

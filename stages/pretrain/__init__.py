@@ -1,4 +1,5 @@
-"""Pretraining: a byte-level BPE tokenizer and a GPT-2 trained from scratch with DeepSpeed on Ray Train workers."""
+"""Pretraining: a byte-level BPE tokenizer and a GPT-2 or Llama-style model trained from scratch (or any HF causal LM
+trained further) with DeepSpeed on Ray Train workers."""
 
 from stages.pretrain.config import Config
 from stages.pretrain.stage import NAME, run
