@@ -1,4 +1,4 @@
-"""The four PPO roles as plain classes that `group.py` turns into Ray actors.
+"""The four RL roles as plain classes that `group.py` turns into Ray actors (GRPO and RLOO use all but the critic).
 
 Each actor loads its own weights from an artifact directory (never through the driver) and exchanges only token
 tensors, log-probs, values, scores and metrics with the driver. A rollout batch is laid out as
@@ -300,10 +300,15 @@ class PolicyActor(_Trainable):
         }
 
     def train(self, batch: dict, epochs: int, seed: int) -> dict[str, float]:
-        """`epochs` passes of clipped-surrogate minibatch steps over this actor's shard; returns mean statistics."""
+        """`epochs` passes of clipped-surrogate minibatch steps over this actor's shard; returns mean statistics.
+
+        A batch carrying "ref_logprobs" (kl_penalty "loss", GRPO's default) adds loss_kl_coef * the k3 KL to the
+        reference to every step's loss, computed from this step's log-probs.
+        """
         s = self.settings
         b = self._to(batch)
         P = b["prompt_len"]
+        kl_in_loss = "ref_logprobs" in b
         self.engine.train()
         totals: dict[str, float] = {}
         steps = 0
@@ -315,6 +320,10 @@ class PolicyActor(_Trainable):
             entropy = A.masked_mean(A.entropy_from_logits(logits), mask)
             if s["entropy_coef"] > 0:
                 loss = loss - s["entropy_coef"] * entropy
+            if kl_in_loss:
+                kl_term = A.kl_loss(logprobs, b["ref_logprobs"][idx], mask)
+                loss = loss + s["loss_kl_coef"] * kl_term
+                stats = {**stats, "kl_loss": kl_term}
             self.engine.backward(loss)
             self.engine.step()
             for k, v in {"policy_loss": loss, "entropy": entropy, **stats}.items():

@@ -3,7 +3,9 @@
 Conventions: every per-token tensor covers the *response* tokens only, shape [B, T] (B responses, T = response
 length padded on the right); `mask` is 1.0 on real response tokens (up to and including eos) and 0.0 on padding.
 The references are Schulman et al. 2017 (PPO), Schulman et al. 2016 (GAE), Ziegler et al. 2019 (KL-penalised reward,
-adaptive KL controller) and Stiennon et al. 2020 / Ouyang et al. 2022 (the recipe and its defaults).
+adaptive KL controller) and Stiennon et al. 2020 / Ouyang et al. 2022 (the recipe and its defaults); for the
+critic-free methods Shao et al. 2024 (GRPO), Liu et al. 2025 (Dr. GRPO) and Ahmadian et al. 2024 (RLOO).
+Critic-free batches hold `group_size` replies per prompt in consecutive rows: rows [g*k, (g+1)*k) are group g.
 """
 
 from __future__ import annotations
@@ -125,6 +127,56 @@ def gae(
     return advantages, (advantages + values) * mask
 
 
+# -------------------------------------------------------------------------------------- critic-free advantages
+def grouped(scores: torch.Tensor, group_size: int) -> torch.Tensor:
+    """[B] sequence scores -> [B / k, k], one row per prompt's group (consecutive rows of the rollout batch)."""
+    if group_size < 2 or scores.shape[0] % group_size:
+        raise ValueError(
+            f"grouped: expected group_size >= 2 dividing the {scores.shape[0]} scores, found group_size {group_size}"
+        )
+    return scores.reshape(-1, group_size)
+
+
+def grpo_advantages(scores: torch.Tensor, group_size: int, scale: bool = True, eps: float = 1e-4) -> torch.Tensor:
+    """GRPO's group-relative advantage per reply: (r - mean_group) / (std_group + eps), [B] -> [B].
+
+    std is the unbiased (Bessel-corrected) std of the group, as in the GRPO paper's implementations; `scale=False`
+    keeps only the mean-centring (Dr. GRPO: the std division over-weights groups whose replies barely differ).
+    """
+    g = grouped(scores.float(), group_size)
+    centred = g - g.mean(dim=1, keepdim=True)
+    if scale:
+        centred = centred / (g.std(dim=1, keepdim=True) + eps)
+    return centred.reshape(-1)
+
+
+def rloo_advantages(scores: torch.Tensor, group_size: int) -> torch.Tensor:
+    """RLOO: each reply's reward minus the mean of the other k - 1 rewards of its group, [B] -> [B].
+
+    The baseline excludes the reply itself, so it is independent of that sample and the estimate stays unbiased;
+    algebraically r_i - (sum - r_i) / (k - 1) = k / (k - 1) * (r_i - mean).
+    """
+    g = grouped(scores.float(), group_size)
+    baseline = (g.sum(dim=1, keepdim=True) - g) / (group_size - 1)
+    return (g - baseline).reshape(-1)
+
+
+def flat_group_fraction(scores: torch.Tensor, group_size: int) -> torch.Tensor:
+    """Share of groups whose replies all scored the same: they give a zero advantage, hence no learning signal."""
+    g = grouped(scores, group_size)
+    return (g.max(dim=1).values == g.min(dim=1).values).float().mean()
+
+
+def sequence_rewards(scores: torch.Tensor, kl: torch.Tensor, mask: torch.Tensor, kl_coef: float) -> torch.Tensor:
+    """One reward per reply for the critic-free methods: score - kl_coef * (KL summed over the reply), [B]."""
+    return scores.float() - kl_coef * masked_sum(kl, mask, dim=1)
+
+
+def broadcast_over_tokens(advantages: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """A sequence advantage [B] on every response token: [B] -> [B, T], zero on padding."""
+    return advantages.to(mask.dtype).unsqueeze(1) * mask
+
+
 # ------------------------------------------------------------------------------------------------------- losses
 def policy_loss(
     logprobs: torch.Tensor,
@@ -149,6 +201,14 @@ def policy_loss(
             "approx_kl": 0.5 * masked_mean(log_ratio**2, mask),
         }
     return loss, stats
+
+
+def kl_loss(logprobs: torch.Tensor, ref_logprobs: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """GRPO's KL loss term: the masked mean of k3 = exp(log ratio) - log ratio - 1, with log ratio = ref - policy.
+
+    k3 is >= 0 and its gradient pulls the policy toward the reference (k1 as a loss has zero expected gradient).
+    """
+    return masked_mean(kl_per_token(logprobs, ref_logprobs, "k3"), mask)
 
 
 def value_loss(

@@ -1,4 +1,4 @@
-"""The PPO stage's typed config. Defaults are the `demo` preset: a few minutes on 2 CPU cores, gold score rising."""
+"""The RL stage's typed config (PPO, GRPO, RLOO). Defaults are the `demo` preset: a few minutes on 2 CPU cores."""
 
 from __future__ import annotations
 
@@ -16,12 +16,27 @@ class PPOGate(Gate):
     max_kl: float | None = Field(10.0, gt=0)  # nats per reply on the held-out prompts
 
 
-class Config(Section):
-    """RLHF with PPO: policy, critic, reference and reward model as Ray actors; the math in `algorithm.py`."""
+Algorithm = Literal["ppo", "grpo", "rloo"]
+KLPenalty = Literal["reward", "loss"]
+CRITIC_FREE: tuple[str, ...] = ("grpo", "rloo")  # group baselines instead of a learned value model
 
+
+class Config(Section):
+    """RLHF with PPO (policy, critic, reference and reward model as Ray actors) or a critic-free variant (GRPO, RLOO:
+    no critic, `group_size` replies per prompt, a group baseline); the math is in `algorithm.py`."""
+
+    # --- algorithm ---
+    algorithm: Algorithm = "ppo"  # ppo: critic + GAE; grpo: group-normalised rewards; rloo: leave-one-out baseline
+    group_size: int = Field(4, ge=2)  # grpo/rloo: replies sampled per prompt (the group a baseline is taken over)
+    # where the KL to the reference enters: "reward" (a per-token penalty, PPO/RLOO) or "loss" (a k3 term added to
+    # the policy loss, as in the GRPO paper); None = the algorithm's default (grpo: loss, ppo and rloo: reward)
+    kl_penalty: KLPenalty | None = None
+    loss_kl_coef: float = Field(0.04, ge=0.0)  # weight of the k3 KL loss term (kl_penalty "loss"; GRPO's beta)
+    grpo_scale_rewards: bool = True  # grpo: divide by the group's reward std (False = Dr. GRPO, mean-centred only)
     # --- rollout ---
     iterations: int = Field(40, ge=1)  # rollout + update rounds
-    rollout_batch_size: int = Field(32, ge=2)  # prompts per iteration (one sampled response each)
+    # prompts per iteration: one reply each for ppo, group_size replies each for grpo/rloo
+    rollout_batch_size: int = Field(32, ge=2)
     max_new_tokens: int = Field(20, ge=1)  # response budget; demo replies are ~12 tokens with eos
     temperature: float = Field(1.0, gt=0.0)  # sampling temperature; log-probs are taken at the same temperature
     top_p: float = Field(1.0, gt=0.0, le=1.0)  # nucleus sampling (1.0 = off, keeps PPO's log-probs exact)
@@ -37,16 +52,16 @@ class Config(Section):
     entropy_coef: float = Field(0.0, ge=0.0)  # entropy bonus (0: the KL penalty already keeps the policy broad)
     gamma: float = Field(1.0, ge=0.0, le=1.0)  # discount: 1 for an episode of one reply
     lam: float = Field(0.95, ge=0.0, le=1.0)  # GAE lambda
-    whiten_advantages: bool = True  # normalise advantages per rollout batch
+    whiten_advantages: bool = True  # ppo: normalise advantages per rollout batch (grpo/rloo use their group baseline)
     reward_clip: float | None = Field(None, gt=0.0)  # clip RM scores to +-this before shaping (None = off)
     # --- KL to the reference (SFT) policy ---
-    kl_coef: float = Field(0.05, ge=0.0)  # initial (or fixed) weight of the per-token KL penalty
-    kl_estimator: Literal["k1", "k3"] = "k1"  # per-token KL estimator used in the reward
+    kl_coef: float = Field(0.05, ge=0.0)  # initial (or fixed) weight of the per-token KL penalty in the reward
+    kl_estimator: Literal["k1", "k3"] = "k1"  # per-token KL estimator used in the reward (the loss term is k3)
     adaptive_kl: bool = False  # Ziegler et al.'s controller steering the sequence KL toward kl_target
     kl_target: float = Field(6.0, gt=0.0)  # target sequence KL (nats) of the adaptive controller
     kl_horizon: int = Field(10000, ge=1)  # adaptive controller horizon, in samples
     # --- models and placement ---
-    critic_init: Literal["reward_model", "sft_model"] = "reward_model"  # where the value model starts
+    critic_init: Literal["reward_model", "sft_model"] = "reward_model"  # where the value model starts (ppo only)
     zero_stage: int = Field(0, ge=0, le=3)  # DeepSpeed ZeRO stage of the policy and critic engines
     bf16: bool = False  # bf16 for all four roles (GPU only; DeepSpeed keeps fp32 master weights); CPU runs stay fp32
     actors_per_role: int | None = Field(1, ge=1)  # data-parallel actors per role; None = run.num_workers
@@ -62,16 +77,41 @@ class Config(Section):
     checkpoint_every: int = Field(10, ge=1)  # iterations between checkpoints (the last one is always saved)
     gate: PPOGate = Field(default_factory=PPOGate)  # checked by the flow; not part of the cache key
 
+    @property
+    def critic_free(self) -> bool:
+        """GRPO and RLOO: no critic actor, no GAE, no value loss."""
+        return self.algorithm in CRITIC_FREE
+
+    @property
+    def replies_per_prompt(self) -> int:
+        """Replies sampled per training prompt: group_size for grpo/rloo, one for ppo."""
+        return self.group_size if self.critic_free else 1
+
+    @property
+    def rollout_replies(self) -> int:
+        """Replies in one rollout batch: what the minibatches split."""
+        return self.rollout_batch_size * self.replies_per_prompt
+
+    @property
+    def resolved_kl_penalty(self) -> KLPenalty:
+        """Where the KL enters, with None resolved to the algorithm's default (GRPO paper: loss; PPO, RLOO: reward)."""
+        if self.kl_penalty is not None:
+            return self.kl_penalty
+        return "loss" if self.algorithm == "grpo" else "reward"
+
     @model_validator(mode="after")
     def _batches_divide(self) -> Config:
         """Every actor must run the same number of equally sized minibatches (DeepSpeed all-reduces each step)."""
         n = self.actors_per_role or 1  # None: checked again once the run's worker count is known
         if self.mini_batch_size % n:
             raise ValueError(f"mini_batch_size ({self.mini_batch_size}) must be a multiple of actors_per_role ({n})")
-        if self.rollout_batch_size % self.mini_batch_size:
+        if self.rollout_replies % self.mini_batch_size:
+            what = (f"rollout_batch_size x group_size ({self.rollout_batch_size} x {self.group_size} = "
+                    f"{self.rollout_replies})" if self.critic_free else f"rollout_batch_size ({self.rollout_batch_size})")  # fmt: skip
+            raise ValueError(f"{what} must be a multiple of mini_batch_size ({self.mini_batch_size})")
+        if self.adaptive_kl and self.resolved_kl_penalty == "loss":
             raise ValueError(
-                f"rollout_batch_size ({self.rollout_batch_size}) must be a multiple of "
-                f"mini_batch_size ({self.mini_batch_size})"
+                "adaptive_kl steers the KL penalty in the reward; it needs kl_penalty 'reward', not 'loss'"
             )
         return self
 

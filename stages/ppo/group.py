@@ -1,4 +1,6 @@
-"""Ray placement of the four PPO roles: one placement group, `actors_per_role` actors per role, sharded calls.
+"""Ray placement of the RL roles: one placement group, `actors_per_role` actors per role, sharded calls.
+
+PPO runs four roles (policy, critic, reference, reward); GRPO and RLOO run three (no critic, see `placement.roles_for`).
 
 The bundles and GPU fractions come from `placement.plan` over the cluster's resources: on CPU one bundle per actor,
 on GPUs one bundle per GPU shared by the actors placed there. Trainable roles (policy, critic) form one
@@ -120,7 +122,7 @@ def actor_settings(cfg: Config, *, seed: int, use_gpu: bool, pad_token_id: int, 
 
 
 class ActorPool:
-    """Owns the placement group and the four role groups; `shutdown` releases them."""
+    """Owns the placement group and one role group per role of the algorithm; `shutdown` releases them."""
 
     def __init__(
         self, cfg: Config, sources: dict[str, ModelSource], *, seed: int, use_gpu: bool, special_tokens: dict,
@@ -131,9 +133,10 @@ class ActorPool:
         from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 
         n = cfg.actors_per_role
+        self.roles = placement.roles_for(cfg.algorithm)
         layout = placement.plan(
             actors_per_role=n, cpus_per_actor=cfg.cpus_per_actor, gpus_per_actor=cfg.gpus_per_actor, use_gpu=use_gpu,
-            resources=placement.cluster_resources(), strategy=cfg.placement_strategy,
+            resources=placement.cluster_resources(), strategy=cfg.placement_strategy, roles=self.roles,
         )  # fmt: skip
         self.pg = placement_group([dict(b) for b in layout.bundles], strategy=layout.strategy)
         ready, _ = ray.wait([self.pg.ready()], timeout=PLACEMENT_TIMEOUT_S)
@@ -146,8 +149,8 @@ class ActorPool:
             )
         settings = actor_settings(cfg, seed=seed, use_gpu=use_gpu, **special_tokens)
         self.groups: dict[str, RoleGroup] = {}
-        for role, cls in ROLE_CLASSES.items():
-            remote_cls = ray.remote(cls)
+        for role in self.roles:
+            remote_cls = ray.remote(ROLE_CLASSES[role])
             handles = []
             for rank in range(n):
                 strategy = PlacementGroupSchedulingStrategy(
@@ -163,12 +166,19 @@ class ActorPool:
             self.groups[role] = RoleGroup(role, handles)
         # the trainable roles: rank 0's node hosts the rendezvous of its group, then DeepSpeed wraps each model
         starts = []
-        for role, lr in (("policy", cfg.learning_rate), ("critic", cfg.critic_learning_rate)):
+        rates = {"policy": cfg.learning_rate, "critic": cfg.critic_learning_rate}
+        for role in self.trainable_roles:
+            lr = rates[role]
             handles = self.groups[role].handles
             addr, port = ray.get(handles[0].address.remote())
             starts += [h.init_engine.remote(addr, port, n, lr) for h in handles]
         ray.get(starts)
-        log(f"ppo: {layout.describe()}")
+        log(f"{cfg.algorithm}: {layout.describe()}")
+
+    @property
+    def trainable_roles(self) -> tuple[str, ...]:
+        """The roles with a DeepSpeed engine (checkpointed, restored): policy and, for PPO, critic."""
+        return tuple(r for r in placement.TRAINABLE_ROLES if r in self.roles)
 
     def __getitem__(self, role: str) -> RoleGroup:
         return self.groups[role]

@@ -11,6 +11,7 @@ of a trainable role share a GPU (NCCL refuses a communicator with the same GPU t
 (reference, reward) only run forward passes, so sharing is harmless for them, but the same layout keeps it simple.
     1 GPU,  n=1 -> 1 slot, 4 actors of 0.25;   2 GPUs, n=1 -> 2 slots, 2 actors of 0.5 each;
     4 GPUs, n=1 -> 4 slots of one actor;       8 GPUs, n=2 -> 8 slots of one actor.
+The critic-free algorithms (GRPO, RLOO) place three roles, no critic: 1 GPU, n=1 -> 3 actors of 0.3333.
 On CPU there is one bundle per actor with its CPUs, as before.
 """
 
@@ -21,10 +22,21 @@ from dataclasses import dataclass
 
 from stages.common.errors import StageInputError
 
-ROLES = ("policy", "critic", "reference", "reward")  # the order of actors in the bundle layout
+ROLES = ("policy", "critic", "reference", "reward")  # PPO's roles, in the order of actors in the bundle layout
+CRITIC_FREE_ROLES = ("policy", "reference", "reward")  # GRPO and RLOO: a group baseline replaces the critic
 TRAINABLE_ROLES = ("policy", "critic")  # each forms one torch.distributed group: one GPU per rank
+
 # Ray keeps resource amounts in units of 1/10000; a fraction rounded down to that never oversubscribes a GPU.
 RAY_RESOURCE_UNIT = 10_000
+
+
+def roles_for(algorithm: str) -> tuple[str, ...]:
+    """The actor roles an algorithm runs: all four for ppo, no critic for grpo and rloo."""
+    if algorithm == "ppo":
+        return ROLES
+    if algorithm in ("grpo", "rloo"):
+        return CRITIC_FREE_ROLES
+    raise StageInputError(f"ppo.algorithm: expected one of ppo, grpo, rloo, found {algorithm!r}")
 
 
 @dataclass(frozen=True)
@@ -51,15 +63,22 @@ class Placement:
     cpus_per_actor: float
     strategy: str
 
+    @property
+    def roles(self) -> tuple[str, ...]:
+        """The roles placed, in layout order."""
+        return tuple(dict.fromkeys(role for role, _ in self.actor_bundle))
+
     def describe(self) -> str:
         """One line for the stage log."""
-        n = len(self.actor_bundle) // len(ROLES)
+        n = len(self.actor_bundle) // len(self.roles)
+        roles = f"roles {', '.join(self.roles)}"
         if self.gpus_per_actor:
             return (
                 f"{len(self.actor_bundle)} actors ({n} per role) on {len(self.bundles)} GPU(s), "
-                f"{self.gpus_per_actor:g} GPU and {self.cpus_per_actor:g} CPU each, placement {self.strategy}"
+                f"{self.gpus_per_actor:g} GPU and {self.cpus_per_actor:g} CPU each, placement {self.strategy}; {roles}"
             )
-        return f"{len(self.actor_bundle)} actors ({n} per role), {self.cpus_per_actor:g} CPU each, placement {self.strategy}"
+        return (f"{len(self.actor_bundle)} actors ({n} per role), {self.cpus_per_actor:g} CPU each, "
+                f"placement {self.strategy}; {roles}")  # fmt: skip
 
 
 def _floor_fraction(x: float) -> float:
@@ -74,13 +93,15 @@ def plan(
     use_gpu: bool,
     resources: ClusterResources,
     strategy: str = "PACK",
+    roles: tuple[str, ...] = ROLES,
 ) -> Placement:
-    """Bundles and GPU fractions for the four roles on `resources`; a StageInputError line when they cannot fit.
+    """Bundles and GPU fractions for `roles` (PPO's four by default) on `resources`; a StageInputError line when they
+    cannot fit.
 
     gpus_per_actor None derives the fraction: the GPUs are shared evenly by the actors, at most one GPU each.
     """
     n = actors_per_role
-    actors = [(role, rank) for role in ROLES for rank in range(n)]
+    actors = [(role, rank) for role in roles for rank in range(n)]
     total_cpus_needed = len(actors) * cpus_per_actor
     if total_cpus_needed > resources.total_cpus + 1e-9:
         raise StageInputError(
@@ -118,7 +139,7 @@ def plan(
                 f"ppo.gpus_per_actor {fraction:g}: {len(actors)} actors ({n} per role) at {per_slot} per GPU need "
                 f"{slots} GPUs, the Ray cluster has {gpus}; use a smaller ppo.gpus_per_actor, or null to derive it"
             )
-    actor_bundle = {(role, rank): (k * n + rank) % slots for k, role in enumerate(ROLES) for rank in range(n)}
+    actor_bundle = {(role, rank): (k * n + rank) % slots for k, role in enumerate(roles) for rank in range(n)}
     load = [sum(1 for b in actor_bundle.values() if b == s) for s in range(slots)]
     bundles = tuple({"GPU": 1.0, "CPU": cpus_per_actor * load[s]} for s in range(slots))
     _check_bundle_fits_a_node(max(b["CPU"] for b in bundles), resources.node_cpus)
@@ -158,7 +179,8 @@ def check_fits(
 ) -> None:
     """Pre-flight for the flow: raise a one-line StageInputError when the PPO actors cannot be placed.
 
-    `config` is the ppo section (`stages.ppo.Config`); `num_workers` fills `actors_per_role: null` as the stage does.
+    `config` is the ppo section (`stages.ppo.Config`); `num_workers` fills `actors_per_role: null` as the stage does;
+    its `algorithm` says which roles are placed (grpo and rloo: no critic).
     `node_gpus` / `node_cpus` hold one entry per node of the cluster (all of them), or stay empty when unknown; the
     stage itself passes what `cluster_resources()` reads from Ray.
     """
@@ -173,6 +195,7 @@ def check_fits(
         use_gpu=use_gpu,
         resources=ClusterResources(float(total_gpus), float(total_cpus), tuple(node_gpus), tuple(node_cpus)),
         strategy=config.placement_strategy,
+        roles=roles_for(config.algorithm),
     )
 
 

@@ -1,4 +1,4 @@
-"""What the PPO stage writes next to the policy weights: metrics.jsonl, curves.png, samples.json, and log lines."""
+"""What the RL stage writes next to the policy weights: metrics.jsonl, curves.png, samples.json, and log lines."""
 
 from __future__ import annotations
 
@@ -9,19 +9,22 @@ CURVES = [  # (title, metric keys drawn on one panel)
     ("reward-model and gold score", ["rm_score", "gold_score"]),
     ("KL to reference (nats / reply)", ["kl"]),
     ("policy loss", ["policy_loss"]),
-    ("value loss", ["value_loss"]),
+    ("value loss (ppo), KL loss (kl_penalty loss)", ["value_loss", "kl_loss"]),
     ("entropy, clip fraction, approx KL", ["entropy", "clip_frac", "approx_kl"]),
     ("response length (tokens)", ["response_length"]),
 ]
 
 
-def log_line(m: dict, total: int) -> str:
-    """One progress line per iteration."""
+def log_line(m: dict, total: int, algorithm: str = "ppo") -> str:
+    """One progress line per iteration, prefixed by the algorithm (the critic's and the KL loss only where present)."""
     gold = f" gold {m['gold_score']:+.3f}" if "gold_score" in m else ""
+    vf = f" vf {m['value_loss']:.4f}" if "value_loss" in m else ""
+    kl_loss = f" kl_loss {m['kl_loss']:.4f}" if "kl_loss" in m else ""
+    flat = f" flat {m['flat_group_frac']:.2f}" if "flat_group_frac" in m else ""
     return (
-        f"ppo iter {m['iteration']}/{total}: rm {m['rm_score']:+.3f}{gold} kl {m['kl']:.3f} "
+        f"{algorithm} iter {m['iteration']}/{total}: rm {m['rm_score']:+.3f}{gold} kl {m['kl']:.3f} "
         f"ent {m['entropy']:.2f} clip {m['clip_frac']:.3f} approx_kl {m['approx_kl']:.4f} "
-        f"pg {m['policy_loss']:+.4f} vf {m['value_loss']:.4f} len {m['response_length']:.1f} | "
+        f"pg {m['policy_loss']:+.4f}{vf}{kl_loss}{flat} len {m['response_length']:.1f} | "
         f"gen {m['seconds_generation']:.1f}s score {m['seconds_scoring']:.1f}s train {m['seconds_training']:.1f}s"
     )
 
@@ -36,13 +39,13 @@ def write_curves(history: list[dict], path: Path) -> None:
     fig, axes = plt.subplots(2, 3, figsize=(13, 7))
     x = [m["iteration"] for m in history]
     for ax, (title, keys) in zip(axes.flat, CURVES, strict=True):
-        for key in keys:
-            if history and key in history[0]:
-                ax.plot(x, [m[key] for m in history], label=key, marker=".")
+        drawn = [key for key in keys if history and key in history[0]]
+        for key in drawn:
+            ax.plot(x, [m[key] for m in history], label=key, marker=".")
         ax.set_title(title)
         ax.set_xlabel("iteration")
         ax.grid(alpha=0.3)
-        if len(keys) > 1:
+        if len(keys) > 1 and drawn:
             ax.legend()
     fig.tight_layout()
     fig.savefig(path, dpi=80)

@@ -1,4 +1,5 @@
-"""The PPO stage: check inputs, start the actors, evaluate, train with checkpoints, evaluate again, publish `policy`."""
+"""The RL stage (PPO, GRPO, RLOO): check inputs, start the actors, evaluate, train with checkpoints, evaluate again,
+publish the policy (as `policy`, or the flow's `output_name`: `policy-grpo`, `policy-rloo`)."""
 
 from __future__ import annotations
 
@@ -24,8 +25,13 @@ NAME = "ppo"
 EVAL_SEED_OFFSET = 424_242  # evaluation samples use their own seed, identical before and after training
 
 
-def run(config: Config, *, store, ctx: StageContext, sft_model, reward_model, prompts) -> dict:
-    """RLHF with PPO on `prompts`, from the SFT policy against the reward model; returns {"policy": Artifact}."""
+def run(
+    config: Config, *, store, ctx: StageContext, sft_model, reward_model, prompts, output_name: str = "policy"
+) -> dict:
+    """RLHF with `config.algorithm` on `prompts`, from the SFT policy against the reward model.
+
+    Publishes the policy under `output_name`; returns {"policy": Artifact} whatever the name (the flow reads names).
+    """
     import ray
 
     from stages.common.ray_train import ensure_ray
@@ -52,6 +58,7 @@ def run(config: Config, *, store, ctx: StageContext, sft_model, reward_model, pr
     rm_src = ModelSource(reward_model.path, store.root, reward_model.ref)
     sources = {"policy": sft_src, "reference": sft_src, "reward": rm_src,
                "critic": rm_src if config.critic_init == "reward_model" else sft_src}  # fmt: skip
+    algo = config.algorithm  # the log prefix
     pool = ActorPool(config, sources, seed=ctx.seed, use_gpu=ctx.scaling.use_gpu,
                      special_tokens=prepared.special_tokens, log=ctx.log)  # fmt: skip
     try:
@@ -60,29 +67,29 @@ def run(config: Config, *, store, ctx: StageContext, sft_model, reward_model, pr
             checkpoints.restore(pool, state)
             loop.kl_controller.load_state_dict(state["kl_controller"])
             history, eval_before, start = state["history"], state["eval_before"], state["iteration"]
-            ctx.log(f"ppo: resuming from the checkpoint after iteration {start} ({checkpoints.root})")
+            ctx.log(f"{algo}: resuming from the checkpoint after iteration {start} ({checkpoints.root})")
         else:
             history, start = [], 0
             eval_before = loop.evaluate(eval_prompts, eval_seed)
             ctx.log(
-                f"ppo: before training (SFT policy) on {len(eval_prompts)} held-out prompts: {eval_before['summary']}"
+                f"{algo}: before training (SFT policy) on {len(eval_prompts)} held-out prompts: {eval_before['summary']}"
             )
         for i in range(start, config.iterations):
             batch = prompts_for_iteration(prepared.train_prompts, i, config.rollout_batch_size, ctx.seed)
             metrics = loop.iteration(i, batch)
             history.append(metrics)
-            ctx.log(report.log_line(metrics, config.iterations))
+            ctx.log(report.log_line(metrics, config.iterations, algo))
             if (i + 1) % config.checkpoint_every == 0 or i + 1 == config.iterations:
                 checkpoints.save(pool, iteration=i + 1, kl_controller=loop.kl_controller, history=history,
                                  eval_before=eval_before)  # fmt: skip
         eval_after = loop.evaluate(eval_prompts, eval_seed)
-        ctx.log(f"ppo: after training on the same prompts: {eval_after['summary']}")
+        ctx.log(f"{algo}: after training on the same prompts: {eval_after['summary']}")
         policy_files = ray.get(pool["policy"].broadcast("export"))[0]
     finally:
         pool.shutdown()
 
     metrics = _final_metrics(config, history, eval_before, eval_after, gold is not None)
-    with tempfile.TemporaryDirectory(prefix="rlhf-ppo-") as tmp:
+    with tempfile.TemporaryDirectory(prefix=f"rlhf-{algo}-") as tmp:
         out = Path(tmp)
         for name, data in policy_files.items():
             (out / name).write_bytes(data)
@@ -93,7 +100,7 @@ def run(config: Config, *, store, ctx: StageContext, sft_model, reward_model, pr
         (out / "eval.json").write_text(json.dumps({"before": eval_before, "after": eval_after}, indent=1) + "\n")
         artifact = store.publish(
             out,
-            name="policy",
+            name=output_name,
             kind="causal-lm",
             stage=NAME,
             config=config.to_dict(),
@@ -108,7 +115,7 @@ def run(config: Config, *, store, ctx: StageContext, sft_model, reward_model, pr
             cache_key=ctx.cache_key,
             code_fingerprint=code_fingerprint(NAME),
         )
-    ctx.log(f"ppo: published {artifact.ref}: {metrics}")
+    ctx.log(f"{algo}: published {artifact.ref}: {metrics}")
     return {"policy": artifact}
 
 
@@ -123,7 +130,8 @@ def _final_metrics(config: Config, history: list[dict], before: dict, after: dic
         "gold_win_rate": gold_win_rate(before["rows"], after["rows"]) if has_gold else None,
         "kl": after["summary"]["kl"],
         "iterations": len(history),
-        "samples_per_second": len(history) * config.rollout_batch_size / rollout_seconds if rollout_seconds else 0.0,
+        # replies per second of rollout + update (PPO: one per prompt; GRPO/RLOO: group_size per prompt)
+        "samples_per_second": len(history) * config.rollout_replies / rollout_seconds if rollout_seconds else 0.0,
     }
 
 

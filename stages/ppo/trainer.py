@@ -1,4 +1,4 @@
-"""The PPO loop on the driver: rollout -> scoring -> advantages -> updates, evaluation, and checkpoint state.
+"""The RL loop on the driver (PPO, GRPO, RLOO): rollout -> scoring -> advantages -> updates, evaluation, checkpoints.
 
 The driver holds only the tokenizer and small tensors (token ids, log-probs, values, scores); every model lives in
 its actor (see `group.py`). Rollout batch layout: see `actors.py`.
@@ -45,7 +45,8 @@ def decode_responses(tokenizer, tokens: torch.Tensor, response_mask: torch.Tenso
 
 
 class PPOLoop:
-    """One PPO iteration at a time over the actor pool; `evaluate` scores held-out prompts without training."""
+    """One RL iteration at a time over the actor pool (the config's `algorithm`); `evaluate` scores held-out prompts
+    without training."""
 
     def __init__(self, cfg: Config, pool: ActorPool, tokenizer, *, gold: GoldFn | None, seed: int):
         self.cfg = cfg
@@ -80,13 +81,54 @@ class PPOLoop:
         return texts, gold
 
     # ---------------------------------------------------------------------------------------------- iteration
-    def iteration(self, index: int, prompts: list[str]) -> dict[str, float]:
-        """Rollout, scoring, advantages and `ppo_epochs` of policy and critic updates; returns the metrics."""
+    def _rollout_prompts(self, prompts: list[str]) -> list[str]:
+        """Each prompt `replies_per_prompt` times in consecutive rows (a critic-free group); PPO's batch as is.
+
+        The copies of a prompt differ by sampling alone: every row draws its own tokens from the one generator.
+        """
+        k = self.cfg.replies_per_prompt
+        return [p for p in prompts for _ in range(k)]
+
+    def _advantages(self, scores: torch.Tensor, kl: torch.Tensor, mask: torch.Tensor, values: torch.Tensor | None,
+                    kl_coef: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None, dict[str, float]]:  # fmt: skip
+        """(token advantages [B, T], reward per reply [B], returns [B, T] or None, extra metrics) for the algorithm.
+
+        `scores` already carry the eos penalty; `kl_coef` is the KL weight in the reward (0 when the KL is a loss).
+        """
         cfg = self.cfg
+        if cfg.reward_clip is not None:
+            scores = scores.clamp(-cfg.reward_clip, cfg.reward_clip)
+        if not cfg.critic_free:  # PPO: per-token shaped reward, GAE over the critic's values
+            rewards = A.shape_rewards(scores, kl, mask, kl_coef)
+            advantages, returns = A.gae(rewards, values, mask, cfg.gamma, cfg.lam)
+            if cfg.whiten_advantages:
+                advantages = A.masked_whiten(advantages, mask)
+            stats = {"advantage_mean": float(A.masked_mean(advantages, mask)),
+                     "advantage_std": float(A.masked_var(advantages, mask).sqrt())}  # fmt: skip
+            return advantages, rewards.sum(-1), returns, stats
+        rewards = A.sequence_rewards(scores, kl, mask, kl_coef)
+        k = cfg.group_size
+        if cfg.algorithm == "grpo":
+            seq_adv = A.grpo_advantages(rewards, k, scale=cfg.grpo_scale_rewards)
+        else:
+            seq_adv = A.rloo_advantages(rewards, k)
+        stats = {"advantage_mean": float(seq_adv.mean()), "advantage_std": float(seq_adv.std()),
+                 "advantage_abs_max": float(seq_adv.abs().max()),
+                 "flat_group_frac": float(A.flat_group_fraction(rewards, k))}  # fmt: skip
+        return A.broadcast_over_tokens(seq_adv, mask), rewards, None, stats
+
+    def iteration(self, index: int, prompts: list[str]) -> dict[str, float]:
+        """Rollout, scoring, advantages and `ppo_epochs` of updates (policy, and the critic for PPO); the metrics.
+
+        PPO: one reply per prompt, GAE over the critic's values. GRPO / RLOO: `group_size` replies per prompt and a
+        group baseline, no critic. The KL to the reference enters the reward or the policy loss (`kl_penalty`).
+        """
+        cfg = self.cfg
+        replies_prompts = self._rollout_prompts(prompts)
         t0 = time.perf_counter()
-        batch = self._generate(prompts, seed=self.seed * 1_000_003 + index)
+        batch = self._generate(replies_prompts, seed=self.seed * 1_000_003 + index)
         t1 = time.perf_counter()
-        ref_logprobs, scores, values = self._score(batch)
+        ref_logprobs, scores, values = self._score(batch, with_values=not cfg.critic_free)
         t2 = time.perf_counter()
 
         mask = batch["response_mask"]
@@ -94,42 +136,47 @@ class PPOLoop:
         penalised = scores.clone()
         if cfg.missing_eos_penalty is not None:
             penalised[~batch["ended"]] -= cfg.missing_eos_penalty
-        rewards = A.shape_rewards(penalised, kl, mask, self.kl_controller.value, cfg.reward_clip)
-        advantages, returns = A.gae(rewards, values, mask, cfg.gamma, cfg.lam)
-        if cfg.whiten_advantages:
-            advantages = A.masked_whiten(advantages, mask)
+        kl_in_loss = cfg.resolved_kl_penalty == "loss"
+        kl_coef = 0.0 if kl_in_loss else self.kl_controller.value
+        advantages, rewards, returns, adv_stats = self._advantages(penalised, kl, mask, values, kl_coef)
 
         common = {k: batch[k] for k in ("tokens", "attention_mask", "response_mask", "prompt_len")}
         seed = self.seed * 7919 + index
-        policy_refs = self.pool["policy"].submit(
-            "train", {**common, "logprobs": batch["logprobs"], "advantages": advantages}, cfg.ppo_epochs, seed
-        )
-        critic_refs = self.pool["critic"].submit(
-            "train", {**common, "values": values, "returns": returns}, cfg.ppo_epochs, seed
-        )
-        policy_stats, critic_stats = gather(policy_refs, "mean"), gather(critic_refs, "mean")
+        policy_batch = {**common, "logprobs": batch["logprobs"], "advantages": advantages}
+        if kl_in_loss:
+            policy_batch["ref_logprobs"] = ref_logprobs
+        policy_refs = self.pool["policy"].submit("train", policy_batch, cfg.ppo_epochs, seed)
+        critic_refs = None
+        if not cfg.critic_free:
+            critic_refs = self.pool["critic"].submit(
+                "train", {**common, "values": values, "returns": returns}, cfg.ppo_epochs, seed
+            )
+        policy_stats = gather(policy_refs, "mean")
+        critic_stats = gather(critic_refs, "mean") if critic_refs else {}
         t3 = time.perf_counter()
 
         # the sequence KL (k1, summed over the reply) is what the controller tracks and what we report
         seq_kl = A.masked_sum(batch["logprobs"] - ref_logprobs, mask, dim=1)
-        kl_coef = self.kl_controller.value
-        self.kl_controller.update(float(seq_kl.mean()), len(prompts))
-        _, gold = self._texts_and_gold(prompts, batch)
+        self.kl_controller.update(float(seq_kl.mean()), len(replies_prompts))
+        _, gold = self._texts_and_gold(replies_prompts, batch)
         metrics = {
             "iteration": index + 1,
             "rm_score": float(scores.mean()),
             "kl": float(seq_kl.mean()),
             "kl_coef": kl_coef,
-            "reward": float(rewards.sum(-1).mean()),
+            "reward": float(rewards.mean()),
             "response_length": float(mask.sum(-1).mean()),
             "eos_rate": float(batch["ended"].float().mean()),
+            **adv_stats,
             **policy_stats,
             **critic_stats,
             "seconds_generation": t1 - t0,
             "seconds_scoring": t2 - t1,
             "seconds_training": t3 - t2,
-            "samples_per_second": len(prompts) / (t3 - t0),
+            "samples_per_second": len(replies_prompts) / (t3 - t0),
         }
+        if kl_in_loss:
+            metrics["loss_kl_coef"] = cfg.loss_kl_coef
         if gold is not None:
             metrics["gold_score"] = sum(gold) / len(gold)
         return metrics
@@ -170,7 +217,8 @@ def gold_win_rate(before: list[dict], after: list[dict]) -> float:
 
 # --------------------------------------------------------------------------------------------------- checkpoints
 class CheckpointState:
-    """Checkpoints under work_dir/checkpoints: DeepSpeed dirs per trainable role plus `state.json` (the commit marker).
+    """Checkpoints under work_dir/checkpoints: DeepSpeed dirs per trainable role (policy, and critic for PPO) plus
+    `state.json` (the commit marker).
 
     state.json holds the iteration, the KL controller, the metric history and the pre-training evaluation, so a
     restarted stage continues the same curves. It is written last (atomically on a local disk): a crash mid-save
@@ -199,10 +247,8 @@ class CheckpointState:
 
         tag = f"iter-{iteration:06d}"
         self.fs.makedirs(self._path, exist_ok=True)
-        ray.get(
-            pool["policy"].broadcast("save_checkpoint", f"{self.root}/policy", tag)
-            + pool["critic"].broadcast("save_checkpoint", f"{self.root}/critic", tag)
-        )
+        ray.get([ref for role in pool.trainable_roles
+                 for ref in pool[role].broadcast("save_checkpoint", f"{self.root}/{role}", tag)])  # fmt: skip
         state = {"iteration": iteration, "tag": tag, "kl_controller": kl_controller.state_dict(),
                  "history": history, "eval_before": eval_before}  # fmt: skip
         if self.is_uri:
@@ -212,16 +258,14 @@ class CheckpointState:
             tmp = Path(self._path) / f".{STATE_FILE}.tmp"
             tmp.write_text(json.dumps(state))
             os.replace(tmp, Path(self._path) / STATE_FILE)
-        for role in ("policy", "critic"):  # keep only the committed tag
+        for role in pool.trainable_roles:  # keep only the committed tag
             for old in self.fs.glob(f"{self._path}/{role}/iter-*"):
                 if old.rstrip("/").rsplit("/", 1)[-1] != tag:
                     self.fs.rm(old, recursive=True)
 
     def restore(self, pool: ActorPool, state: dict) -> None:
-        """Load the committed tag into every policy and critic actor."""
+        """Load the committed tag into every actor of the trainable roles."""
         import ray
 
-        ray.get(
-            pool["policy"].broadcast("load_checkpoint", f"{self.root}/policy", state["tag"])
-            + pool["critic"].broadcast("load_checkpoint", f"{self.root}/critic", state["tag"])
-        )
+        ray.get([ref for role in pool.trainable_roles
+                 for ref in pool[role].broadcast("load_checkpoint", f"{self.root}/{role}", state["tag"])])  # fmt: skip
