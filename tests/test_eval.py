@@ -59,6 +59,7 @@ def test_model_summary_and_table_by_hand():
         "| sft | +0.333 | 0.500 | +0.250 | 0.500 | 4.5 |",
         "| ppo | n/a | 0.875 | +0.250 | 0.500 | 4.5 |",
     ]
+    assert report.headline({"ppo": {**no_gold, "win_rate_vs_sft": 0.875}}) == "ppo rm +0.250 win 0.875 kl 0.500"
     assert report.flat_metrics({"ppo": {"gold_score": None, "win_rate_vs_sft": 0.875}}) == {
         "ppo.gold_score": None, "ppo.win_rate_vs_sft": 0.875,
     }  # fmt: skip
@@ -143,6 +144,49 @@ def test_eval_run_on_tiny_models(setup, tmp_path, local_ray):
     assert art.metrics["same.kl"] == doc["summaries"]["same"]["kl"]
 
 
+def _padded_batch(setup, prompts: list[str], replies: list[str]):
+    """Prompt + reply + eos token batches in the evaluation's layout (left-padded prompts, right-padded replies)."""
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(setup["sft"].path)
+    prompt_ids = [tok(p)["input_ids"] for p in prompts]
+    reply_ids = [tok(r)["input_ids"] + [tok.eos_token_id] for r in replies]
+    ids, mask = left_pad(prompt_ids, tok.pad_token_id, torch.device("cpu"))
+    T = max(len(r) for r in reply_ids)
+    replies_t = torch.full((len(replies), T), tok.pad_token_id)
+    reply_mask = torch.zeros((len(replies), T), dtype=torch.long)
+    for i, r in enumerate(reply_ids):
+        replies_t[i, : len(r)], reply_mask[i, : len(r)] = torch.tensor(r), 1
+    batch = {"tokens": torch.cat([ids, replies_t], 1), "attention_mask": torch.cat([mask, reply_mask], 1),
+             "reply_mask": reply_mask}  # fmt: skip
+    return tok, batch, [p + r for p, r in zip(prompt_ids, reply_ids, strict=True)]
+
+
+def test_padded_scores_and_logprobs_match_unpadded_forward_passes(setup):
+    """Left padding must not move what the models read: the reward stage's classifier on each sequence alone, and
+    each reply's log-probs from one unpadded forward pass."""
+    from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification
+
+    from stages.eval.generation import reply_logprobs, reward_scores
+
+    prompts = ["User: Describe the cat.\nAssistant:", "User: Hi. Tell me about the old red fox please.\nAssistant:"]
+    tok, batch, sequences = _padded_batch(setup, prompts, [" The cat is calm.", " The fox is sad and young."])
+    rm = AutoModelForSequenceClassification.from_pretrained(setup["rm"].path).eval()
+    with torch.no_grad():
+        alone = [float(rm(input_ids=torch.tensor([seq])).logits[0, 0]) for seq in sequences]
+    assert reward_scores(rm, batch, tok.pad_token_id).tolist() == pytest.approx(alone, abs=1e-5)
+
+    lm = AutoModelForCausalLM.from_pretrained(setup["sft"].path).eval()
+    padded = reply_logprobs(lm, batch, temperature=0.7)
+    for i, seq in enumerate(sequences):
+        n = int(batch["reply_mask"][i].sum())
+        with torch.no_grad():
+            logits = lm(input_ids=torch.tensor([seq])).logits[0, -n - 1 : -1].float() / 0.7
+        expected = torch.log_softmax(logits, -1).gather(-1, torch.tensor(seq[-n:]).unsqueeze(-1)).squeeze(-1)
+        assert padded[i, :n].tolist() == pytest.approx(expected.tolist(), abs=1e-4)
+        assert padded[i, n:].abs().sum() == 0
+
+
 # ---------------------------------------------------------------------------------------------- refusals
 def _refused(setup, tmp_path, match: str, **changes):
     import ray
@@ -172,3 +216,18 @@ def test_cli_eval_wrong_kind_is_one_line_exit_2(setup, capsys):
     err = capsys.readouterr().err.strip()
     assert code == 2
     assert err.splitlines() == [err] and "prompt-data@latest" in err and "expected 'causal-lm'" in err
+
+
+def test_cli_eval_publishes_a_report(setup, capsys, local_ray):
+    from flows.cli import main
+
+    code = main(["eval", "policy@latest", "--store", str(setup["root"])])  # --sft, --reward-model, --prompts: defaults
+    out = capsys.readouterr().out
+    assert code == 0
+    assert "| sft |" in out and "| policy |" in out
+    published = [line for line in out.splitlines() if line.startswith("published eval-report@v")]
+    assert len(published) == 1
+    ref = published[0].split()[1]
+    lineage = setup["store"].lineage(ref)["inputs"]
+    assert lineage["policy.policy"]["ref"] == setup["other"].ref
+    assert lineage["sft_model"]["ref"] == setup["sft"].ref and lineage["prompts"]["ref"] == setup["prompts"].ref

@@ -45,6 +45,15 @@ def summary_table(summaries: dict[str, dict]) -> str:
     return "\n".join(lines)
 
 
+def headline(summaries: dict[str, dict]) -> str:
+    """One log line: each model's gold (when there is one), RM score, win rate over SFT and KL."""
+    parts = []
+    for name, s in summaries.items():
+        gold = "" if s["gold_score"] is None else f"gold {s['gold_score']:+.3f} "
+        parts.append(f"{name} {gold}rm {s['rm_score']:+.3f} win {s['win_rate_vs_sft']:.3f} kl {s['kl']:.3f}")
+    return "; ".join(parts)
+
+
 def matrix_table(matrix: dict[str, dict[str, float]]) -> str:
     """The win-rate matrix in markdown: the row model's win rate over the column model."""
     names = list(matrix)

@@ -121,5 +121,5 @@ def run(config: Config, *, store, ctx: StageContext, sft_model: Artifact, reward
             cache_key=ctx.cache_key,
             code_fingerprint=code_fingerprint(NAME),
         )
-    ctx.log(f"eval: published {artifact.ref}\n{report.summary_table(summaries)}")
+    ctx.log(f"eval: published {artifact.ref}: {report.headline(summaries)}")
     return {OUTPUTS[0]: artifact}
