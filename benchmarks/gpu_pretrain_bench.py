@@ -195,8 +195,11 @@ def main() -> None:
         label = name + (" (compiled)" if name == "stage" and r.get("compiled") else "")
         print(f"| {label} | {r['tokens_per_second']:,.0f} | {r['step_ms']:.1f} | {r['mfu']:.1%} | {ratio} |")
     if "stage" in rows:
+        from stages.pretrain.stage import STARTUP_PHASES
+
+        phases = rows["stage"]["startup_breakdown"]
         print(f"\nstage start-up to first step: {rows['stage']['startup_seconds']:.1f} s: "
-              + ", ".join(f"{k} {v:.1f}" for k, v in rows["stage"]["startup_breakdown"].items()))
+              + ", ".join(f"{k} {phases[k]:.1f}" for k in STARTUP_PHASES if k in phases))
     if args.json:
         ratios = {f"stage/{n}": stage_tps / rows[n]["tokens_per_second"] for n in rows if n != "stage" and stage_tps}
         args.json.write_text(json.dumps({"device": device_name, "peak_flops": peak, "peak_source": peak_source,

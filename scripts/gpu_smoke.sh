@@ -6,6 +6,8 @@
 #     OUT=/tmp/out bash run.sh bundle proj -- bash proj/scripts/gpu_smoke.sh
 # Environment: OUT (results folder; default a new temp dir), PY (python; default .venv/bin/python or python3),
 # BENCH_STEPS (timed steps per benchmark row, default 30), SKIP_BENCH=1 / SKIP_PIPELINE=1 to leave one part out.
+# For a dry run of the script itself on a CPU machine: ALLOW_CPU=1 PRESET=tiny RUN_ARGS="--only pretrain"
+# BENCH_ARGS="--device cpu --tiny" (RUN_ARGS and BENCH_ARGS are split on spaces).
 # Writes $OUT/run.json (`rlhf run --json`), $OUT/run.log, $OUT/bench.json, $OUT/bench.log, $OUT/summary.md.
 set -uo pipefail
 cd "$(dirname "$0")/.."
@@ -17,9 +19,14 @@ fi
 if [ -x .venv/bin/rlhf ]; then RLHF=(.venv/bin/rlhf); else RLHF=("$PY" -m flows.cli); fi
 export TOKENIZERS_PARALLELISM=false RAY_USAGE_STATS_ENABLED=0 PREFECT_SERVER_ANALYTICS_ENABLED=false
 
-"$PY" -c "import torch, sys; sys.exit(0 if torch.cuda.is_available() else 'gpu_smoke: no CUDA device visible to torch')" \
-  || exit 2
-[ -f flows/presets/single-gpu.yaml ] || { echo "gpu_smoke: flows/presets/single-gpu.yaml is missing" >&2; exit 2; }
+PRESET=${PRESET:-single-gpu}
+read -r -a RUN_ARGS <<< "${RUN_ARGS:-}"
+read -r -a BENCH_ARGS <<< "${BENCH_ARGS:-}"
+if [ -z "${ALLOW_CPU:-}" ]; then
+  "$PY" -c "import torch, sys; sys.exit(0 if torch.cuda.is_available() else 'gpu_smoke: no CUDA device visible to torch')" \
+    || exit 2
+fi
+[ -f "flows/presets/$PRESET.yaml" ] || { echo "gpu_smoke: flows/presets/$PRESET.yaml is missing" >&2; exit 2; }
 
 rc_run=0 rc_bench=0
 if [ -z "${SKIP_PIPELINE:-}" ]; then
@@ -31,10 +38,10 @@ tiny = yaml.safe_load(open("flows/presets/tiny.yaml"))
 tiny.pop("run", None)
 yaml.safe_dump(tiny, open(sys.argv[1], "w"), sort_keys=False)
 EOF
-  echo "gpu_smoke: pipeline (single-gpu preset, tiny sizes) -> $OUT/run.log" >&2
+  echo "gpu_smoke: pipeline ($PRESET preset, tiny sizes) -> $OUT/run.log" >&2
   start=$SECONDS
-  "${RLHF[@]}" run --preset single-gpu --config "$OUT/tiny-sizes.yaml" --store "$OUT/store" \
-    --set run.work_dir="$OUT/runs" --json > "$OUT/run.out" 2> "$OUT/run.log"
+  "${RLHF[@]}" run --preset "$PRESET" --config "$OUT/tiny-sizes.yaml" --store "$OUT/store" \
+    --set run.work_dir="$OUT/runs" --json "${RUN_ARGS[@]}" > "$OUT/run.out" 2> "$OUT/run.log"
   rc_run=$?
   echo "gpu_smoke: pipeline exit $rc_run after $((SECONDS - start)) s" >&2
   # the summary is the last top-level JSON object on stdout (anything logged before it is kept in run.log)
@@ -53,7 +60,8 @@ fi
 if [ -z "${SKIP_BENCH:-}" ]; then
   echo "gpu_smoke: benchmark (GPT-2 small: eager, torch.compile, the stage) -> $OUT/bench.log" >&2
   start=$SECONDS
-  "$PY" benchmarks/gpu_pretrain_bench.py --steps "${BENCH_STEPS:-30}" --json "$OUT/bench.json" > "$OUT/bench.log" 2>&1
+  "$PY" benchmarks/gpu_pretrain_bench.py --steps "${BENCH_STEPS:-30}" --json "$OUT/bench.json" "${BENCH_ARGS[@]}" \
+    > "$OUT/bench.log" 2>&1
   rc_bench=$?
   echo "gpu_smoke: benchmark exit $rc_bench after $((SECONDS - start)) s" >&2
 fi
@@ -88,14 +96,18 @@ if run:
         print(f"| {name} | {info['state']} | {info['stage_seconds']:.1f} | {'; '.join(shown)} |")
     base_model = run["stages"].get("pretrain", {}).get("outputs", {}).get("base-model")
     if base_model:
+        from stages.pretrain.stage import STARTUP_PHASES
+
         breakdown = store.get(base_model).manifest["timings"].get("startup_breakdown") or {}
-        print("\npretrain start-up: " + ", ".join(f"{k} {v:.1f} s" for k, v in breakdown.items()))
+        print("\npretrain start-up: " + ", ".join(f"{k} {breakdown[k]:.1f} s" for k in STARTUP_PHASES if k in breakdown))
 else:
     print(f"pipeline: exit {rc_run}, no summary (see run.log)" if rc_run != "0" else "pipeline: not run")
 bench = json.loads((out / "bench.json").read_text()) if (out / "bench.json").is_file() else None
 if bench:
+    shape = bench["shape"]
     print(f"\nbenchmark: {bench['device']}, peak {bench['peak_flops'] / 1e12:.4g} TFLOP/s ({bench['peak_source']}), "
-          f"GPT-2 small, {bench['warmup']} warm-up + {bench['steps']} timed steps\n")
+          f"GPT-2 {shape['n_layer']} layers x {shape['n_embd']}, context {shape['context']}, micro-batch "
+          f"{shape['micro_batch_size']}, {bench['warmup']} warm-up + {bench['steps']} timed steps\n")
     print("| run | tok/s | step ms | MFU |")
     print("|---|---|---|---|")
     for name, r in bench["rows"].items():

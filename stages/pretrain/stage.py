@@ -30,6 +30,9 @@ from stages.pretrain.train_loop import train_loop
 
 NAME = "pretrain"
 RUN_NAME = "pretrain"
+# start-up phases in the order they happen (timings.startup_breakdown; JSON manifests sort their keys)
+STARTUP_PHASES = ("prepare", "write_blocks", "worker_start", "imports", "build_model", "deepspeed_init", "peak_flops",
+                  "data_and_resume", "first_step")
 
 
 def check_config(config: Config) -> None:
