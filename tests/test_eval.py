@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import tempfile
+from pathlib import Path
 
 import pytest
 import torch
@@ -120,7 +121,7 @@ def test_eval_run_on_tiny_models(setup, tmp_path, local_ray):
                          policies=policies)  # fmt: skip
     art = out["eval-report"]
     assert art.kind == "eval-report"
-    files = {p.name: p for p in __import__("pathlib").Path(art.path).iterdir()}
+    files = {p.name: p for p in Path(art.path).iterdir()}
     assert set(files) == {"report.json", "report.md", "win_rates.png"}
     assert files["win_rates.png"].read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     doc = json.loads(files["report.json"].read_text())
@@ -142,6 +143,25 @@ def test_eval_run_on_tiny_models(setup, tmp_path, local_ray):
     assert lineage["policy.ppo"]["ref"] == setup["other"].ref
     assert art.metrics["ppo.win_rate_vs_sft"] == doc["summaries"]["ppo"]["win_rate_vs_sft"]
     assert art.metrics["same.kl"] == doc["summaries"]["same"]["kl"]
+
+
+def test_chat_prompts_off_the_demo_task_are_judged_by_the_reward_model(setup, tmp_path, local_ray):
+    store = setup["store"]
+    chats = [[{"role": "user", "content": f"Say something about the number {i}."}] for i in range(3)]
+    prompts = publish_rows(store, "chat-prompts", [{"prompt": c} for c in chats], [{"prompt": c} for c in chats],
+                           fmt="prompts")  # fmt: skip
+    config = eval_stage.Config(eval_prompts=3, max_new_tokens=4, samples_shown=1)
+    art = eval_stage.run(config, store=store, ctx=_ctx(tmp_path), sft_model=setup["sft"], reward_model=setup["rm"],
+                         prompts=prompts, policies={"ppo": setup["other"]})["eval-report"]  # fmt: skip
+    doc = json.loads((Path(art.path) / "report.json").read_text())
+    assert doc["win_rates"]["by"] == "reward_model"
+    # rendered through the tokenizer's chat template (the project's plain format)
+    assert doc["samples"][0]["prompt"] == "User: Say something about the number 0.\nAssistant:"
+    assert doc["summaries"]["ppo"]["gold_score"] is None and doc["summaries"]["ppo"]["format_rate"] is None
+    rm = {m: [r["rm_score"] for r in rows] for m, rows in doc["replies"].items()}
+    assert doc["win_rates"]["matrix"]["ppo"]["sft"] == metrics.win_rate(rm["ppo"], rm["sft"])
+    assert art.metrics["ppo.win_rate_vs_sft"] == metrics.win_rate(rm["ppo"], rm["sft"])
+    assert "| ppo | n/a |" in (Path(art.path) / "report.md").read_text()
 
 
 def _padded_batch(setup, prompts: list[str], replies: list[str]):
