@@ -1,4 +1,6 @@
-"""The DPO stage's typed config. Defaults are the `demo` preset (a few minutes on 2 CPU cores)."""
+"""The DPO stage's typed config. Defaults are the `demo` preset: about 75 s on 2 CPU cores, which took the demo SFT
+model's sampled gold score from 0.004 to 0.62 (format rate 0.98 -> 0.91) on 128 held-out prompts; a rate of 5e-4
+broke the format (0.60), 2e-4 for 200 steps reached 0.57."""
 
 from __future__ import annotations
 
@@ -23,17 +25,17 @@ class DPOGate(Gate):
 class Config(Section):
     """Direct preference optimisation of the SFT model on preference pairs, against a frozen copy of itself."""
 
-    max_steps: int = Field(60, ge=1)  # optimizer steps (each sees batch_size pairs)
+    max_steps: int = Field(250, ge=1)  # optimizer steps (each sees batch_size pairs; 250 x 16 = one demo epoch)
     batch_size: int = Field(16, ge=1)  # global pairs per optimizer step, split evenly over the Ray workers
     gradient_accumulation_steps: int = Field(1, ge=1)  # micro-batches per step on each worker
-    learning_rate: float = Field(5e-5, gt=0.0)  # AdamW peak rate; DPO moves a trained model, so far below SFT's
+    learning_rate: float = Field(1e-4, gt=0.0)  # AdamW peak rate; DPO moves a trained model, so 10x below SFT's
     warmup_steps: int = Field(5, ge=0)  # linear warm-up, then linear decay to 0 at max_steps
     weight_decay: float = Field(0.0, ge=0.0)
     beta: float = Field(0.1, gt=0.0)  # strength of the pull towards the reference (SFT) model; higher = closer
     loss_type: LossType = "sigmoid"  # TRL's DPO loss; "sigmoid" is the paper's -log sigmoid(beta * margin)
     max_length: int | None = Field(None, ge=8)  # prompt+reply+eos token limit; None = the model's context
-    save_steps: int = Field(25, ge=1)  # checkpoint interval: a rerun after a crash resumes from the latest one
-    logging_steps: int = Field(5, ge=1)  # loss is logged (and drawn in loss_curve.png) every this many steps
+    save_steps: int = Field(50, ge=1)  # checkpoint interval: a rerun after a crash resumes from the latest one
+    logging_steps: int = Field(10, ge=1)  # loss is logged (and drawn in loss_curve.png) every this many steps
     eval_prompts: int = Field(128, ge=0)  # held-out demo prompts answered (sampled and greedy) for format/gold metrics
     max_new_tokens: int = Field(32, ge=1)  # generation budget per held-out prompt (demo replies are ~12 tokens)
     generation_batch_size: int = Field(32, ge=1)  # prompts per batched, left-padded generate call
