@@ -1,5 +1,5 @@
-"""The eval stage's typed config. Defaults: 64 held-out prompts, one sampled reply each, in well under a minute per
-tiny model on a CPU core."""
+"""The eval stage's typed config. Defaults: 64 held-out prompts, one sampled reply each (the tiny preset's SFT model
+and policy took 3 s together in one CPU task)."""
 
 from __future__ import annotations
 
