@@ -78,7 +78,7 @@ class AlignSection(Section):
     """Which alignment branches run after SFT and reward (siblings in the DAG), and the final eval node."""
 
     methods: list[Literal["ppo", "grpo", "rloo", "dpo"]] = Field(default_factory=lambda: ["ppo"], min_length=1)
-    eval: bool = False  # score the SFT model and every policy of the run on the same held-out prompts
+    eval: bool = True  # score the SFT model and every policy of the run on the same held-out prompts
     concurrent: bool = True  # run sibling branches at the same time when the cluster has room for them
 
     @model_validator(mode="after")

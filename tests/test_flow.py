@@ -37,7 +37,8 @@ def test_plan_stages():
 
 def test_full_run_publishes_four_stages_with_lineage(tiny_pipeline):
     summary, store = tiny_pipeline["summary"], ArtifactStore(str(tiny_pipeline["store"]))
-    assert _states(summary) == {"pretrain": "Completed", "sft": "Completed", "reward": "Completed", "ppo": "Completed"}
+    assert _states(summary) == {"pretrain": "Completed", "sft": "Completed", "reward": "Completed", "ppo": "Completed",
+                                "eval": "Completed"}
     policy = store.get(summary["stages"]["ppo"]["outputs"]["policy"], kind="causal-lm")
     tree = store.lineage(policy.ref)
     assert set(tree["inputs"]) == {"sft_model", "reward_model", "prompts"}
@@ -46,8 +47,10 @@ def test_full_run_publishes_four_stages_with_lineage(tiny_pipeline):
     assert sft["inputs"]["base_model"]["inputs"]["corpus"]["kind"] == "dataset"
     reward = tree["inputs"]["reward_model"]
     assert reward["kind"] == "reward-model" and reward["inputs"]["sft_model"]["digest"] == sft["digest"]
-    for name in ("tokenizer", "base-model", "sft-model", "reward-model", "policy"):
+    for name in ("tokenizer", "base-model", "sft-model", "reward-model", "policy", "eval-report"):
         store.verify(name)
+    report = store.get(summary["stages"]["eval"]["outputs"]["eval-report"], kind="eval-report")
+    assert set(store.lineage(report.ref)["inputs"]) >= {"sft_model", "reward_model", "prompts", "policy.ppo"}
 
 
 def test_second_run_is_fully_cached(tiny_pipeline, pipeline_copy):
@@ -61,7 +64,8 @@ def test_second_run_is_fully_cached(tiny_pipeline, pipeline_copy):
 
 def test_reward_config_change_reruns_reward_and_ppo_only(pipeline_copy):
     summary = _run(pipeline_copy, overrides=["reward.learning_rate=0.0003"])
-    assert _states(summary) == {"pretrain": "Cached", "sft": "Cached", "reward": "Completed", "ppo": "Completed"}
+    assert _states(summary) == {"pretrain": "Cached", "sft": "Cached", "reward": "Completed", "ppo": "Completed",
+                                "eval": "Completed"}
     names = [name for name, _ in _versions(pipeline_copy["store"])]
     assert names.count("reward-model") == 2 and names.count("policy") == 2
     assert names.count("base-model") == 1 and names.count("sft-model") == 1
@@ -69,7 +73,8 @@ def test_reward_config_change_reruns_reward_and_ppo_only(pipeline_copy):
 
 def test_from_ppo_forces_only_ppo(pipeline_copy):
     summary = _run(pipeline_copy, from_stage="ppo")
-    assert _states(summary) == {"pretrain": "Cached", "sft": "Cached", "reward": "Cached", "ppo": "Completed"}
+    assert _states(summary) == {"pretrain": "Cached", "sft": "Cached", "reward": "Cached", "ppo": "Completed",
+                                "eval": "Completed"}
 
 
 def test_only_uses_explicit_inputs(pipeline_copy):
