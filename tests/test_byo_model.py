@@ -44,7 +44,7 @@ def llama_run(tmp_path_factory, prefect_api, local_ray):
 
 def test_pipeline_starts_at_sft_from_the_imported_model(llama_run):
     summary = llama_run["summary"]
-    assert list(summary["stages"]) == ["sft", "reward", "ppo"]
+    assert list(summary["stages"]) == ["sft", "reward", "ppo", "eval"]
     assert summary["skipped"] == {"pretrain": "sft.base_model = my-llama@latest"}
     assert {i["state"] for i in summary["stages"].values()} == {"Completed"}
 

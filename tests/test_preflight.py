@@ -77,8 +77,8 @@ def test_local_preflight_reads_this_machine(monkeypatch):
 
 def test_base_model_leaves_pretrain_out_of_the_plan():
     cfg = load_config("tiny", overrides=["sft.base_model=my-llama@latest"])
-    assert plan_stages(None, None, cfg) == (["sft", "reward", "ppo"], set())
-    assert plan_stages("reward", None, cfg) == (["sft", "reward", "ppo"], {"reward", "ppo"})
+    assert plan_stages(None, None, cfg) == (["sft", "reward", "ppo", "eval"], set())
+    assert plan_stages("reward", None, cfg) == (["sft", "reward", "ppo", "eval"], {"reward", "ppo", "eval"})
     with pytest.raises(ConfigError, match="--from pretrain: sft.base_model is set"):
         plan_stages("pretrain", None, cfg)
 
