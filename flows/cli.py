@@ -12,7 +12,7 @@ import os
 import sys
 from typing import Any
 
-STAGE_NAMES = ["pretrain", "sft", "reward", "ppo"]
+STAGE_NAMES = ["pretrain", "sft", "reward", "ppo", "grpo", "rloo", "dpo", "eval"]  # flows/dag.py ALL_NODE_NAMES
 
 
 def _store(args: argparse.Namespace):

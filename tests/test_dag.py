@@ -64,3 +64,9 @@ def test_branch_waves_pack_what_fits_together():
     assert dag.branch_waves(["ppo", "rloo", "dpo"], demand, cpus=2, gpus=2) == [["ppo"], ["rloo"], ["dpo"]]
     # a branch that does not fit alone still gets its own wave (pre-flight refuses what can never fit)
     assert dag.branch_waves(["ppo", "dpo"], {"ppo": (9.0, 0.0), "dpo": (1.0, 0.0)}, cpus=8, gpus=0) == [["ppo"], ["dpo"]]
+
+
+def test_cli_knows_every_node():
+    from flows.cli import STAGE_NAMES
+
+    assert tuple(STAGE_NAMES) == dag.ALL_NODE_NAMES
