@@ -24,7 +24,9 @@ from flows.config import STAGES, PipelineConfig, load_config  # noqa: E402
 from flows.dag import POLICY_ROLE_PREFIX, Node, branch_waves  # noqa: E402
 from flows.plan import (  # noqa: E402
     check_only_inputs,
+    config_model_kind,
     ingest_data,
+    input_kind,
     node_named,
     plan_stages,
     preflight,
@@ -133,11 +135,6 @@ def _run_or_reuse(name: str, cfg: PipelineConfig, store: ArtifactStore, ray_driv
     report.stage_markdown(name, "ran", outputs, inputs, wall_seconds=wall)
     check_gate(name, gate, outputs)
     return {out: art.ref for out, art in outputs.items()}
-
-
-def input_kind(node: Node, role: str) -> str:
-    """The artifact kind a node's input role must have (the eval node's policy_* roles are causal LMs)."""
-    return STAGES[node.stage].INPUTS.get(role) or "causal-lm"
 
 
 def call_stage(node: Node, config, *, store: ArtifactStore, ctx: StageContext, inputs: dict[str, Any]) -> dict:
@@ -257,6 +254,8 @@ def _input_refs(cfg: PipelineConfig, store: ArtifactStore, node: Node, explicit:
             refs[role] = explicit[role]
         elif source == "data":
             refs[role] = data_task(cfg, store, what)
+        elif source == "config":
+            refs[role] = model_task(f"{node.name}.{role}", what, config_model_kind(node, role), store)
         else:
             refs[role] = produced[what]
     return refs

@@ -21,12 +21,32 @@ from stages.common.fingerprint import cache_key, code_fingerprint
 
 # Config fields that do not change what a stage computes: gate thresholds (checked after the fact, so changing one
 # reuses the artifact) and references to inputs (their artifact digests are in the key instead).
-NOT_IN_CACHE_KEY = ("gate", "base_model")
+NOT_IN_CACHE_KEY = ("gate", "base_model", "init_from", "tokenizer")
 
 
 def pipeline_nodes(cfg: PipelineConfig) -> list[Node]:
     """This config's DAG: pretrain unless sft.base_model is set, sft, reward, the align branches, eval."""
-    return dag.build(list(cfg.align.methods), pretrain=not cfg.sft.base_model, evaluate=cfg.align.eval)
+    nodes = dag.build(list(cfg.align.methods), pretrain=not cfg.sft.base_model, evaluate=cfg.align.eval)
+    return [_with_config_models(cfg, n) if n.name == "pretrain" else n for n in nodes]
+
+
+# Models a config names by ref or local directory, and the stage input role each becomes.
+CONFIG_MODELS = {("pretrain", "init_from"): ("init_model", "causal-lm"), ("pretrain", "tokenizer"): ("tokenizer", "tokenizer")}
+
+
+def _with_config_models(cfg: PipelineConfig, node: Node) -> Node:
+    """The pretrain node with `init_from` / `tokenizer` as inputs when the config names them."""
+    inputs = dict(node.inputs)
+    for (section, key), (role, _) in CONFIG_MODELS.items():
+        value = getattr(cfg.stage_config(section), key)
+        if section == node.name and value:
+            inputs[role] = ("config", value)
+    return Node(node.name, node.stage, inputs, node.outputs)
+
+
+def config_model_kind(node: Node, role: str) -> str:
+    """The kind a config-named model is imported as (a ref may be of any kind the stage accepts)."""
+    return next(kind for (section, _), (r, kind) in CONFIG_MODELS.items() if section == node.name and r == role)
 
 
 def node_named(cfg: PipelineConfig, name: str) -> Node:
@@ -103,7 +123,7 @@ def check_only_inputs(only: str, inputs: dict[str, str], cfg: PipelineConfig | N
     for role in inputs:
         if role not in roles:
             raise ConfigError(f"--input {role}=...: {only} has no input {role!r}; its inputs are {', '.join(roles)}")
-    missing = [r for r, (kind, _) in roles.items() if r not in inputs and kind != "data"]
+    missing = [r for r, (kind, _) in roles.items() if r not in inputs and kind not in ("data", "config")]
     if missing:
         example = " ".join(f"--input {r}={roles[r][1]}@latest" for r in missing)
         raise ConfigError(f"--only {only} needs an artifact for {', '.join(missing)}, e.g. {example}")
@@ -124,12 +144,25 @@ def import_name(path: str) -> str:
 
 
 def resolve_model(store, value: str, kind: str):
-    """A model named in the config: an artifact ref, or a local HF directory imported into the store by content."""
+    """A model named in the config: an artifact ref, or a local HF directory imported into the store by content.
+
+    A ref's kind is checked by the stage when several are acceptable (a tokenizer may come from a causal-lm)."""
     if Path(value).expanduser().is_dir():
         from stages.common.artifact_import import import_model
 
         return import_model(store, str(Path(value).expanduser()), kind=kind, name=import_name(value))
-    return store.get(value, kind=kind)
+    return store.get(value, kind=kind if kind == "causal-lm" else None)
+
+
+def input_kind(node: Node, role: str) -> str | None:
+    """The artifact kind a node's input role must have; None where the stage accepts several and checks itself."""
+    module = STAGES[node.stage]
+    if role in module.INPUTS:
+        return module.INPUTS[role]
+    optional = getattr(module, "OPTIONAL_INPUTS", {}).get(role)
+    if optional is not None:
+        return optional[0] if len(optional) == 1 else None
+    return "causal-lm"  # the eval node's policy_* roles
 
 
 def ingest_data(cfg: PipelineConfig, store, fmt: str):
@@ -147,14 +180,15 @@ def _columns(cfg: PipelineConfig, fmt: str) -> dict[str, str] | None:
 
 def resolve_inputs(cfg: PipelineConfig, store, node: Node, explicit: dict[str, str], produced: dict[str, Any]) -> dict:
     """A node's input artifacts: explicit --input refs, ingested data sets, or what upstream nodes produced."""
-    kinds = STAGES[node.stage].INPUTS
     arts = {}
     for role, (source, what) in node.inputs.items():
-        kind = kinds.get(role) or kinds.get(role.split("_")[0], "causal-lm")
+        kind = input_kind(node, role)
         if role in explicit:
             arts[role] = store.get(explicit[role], kind=kind)
         elif source == "data":
             arts[role] = ingest_data(cfg, store, what)
+        elif source == "config":
+            arts[role] = resolve_model(store, what, config_model_kind(node, role))
         else:
             arts[role] = produced[what]
     return arts

@@ -70,3 +70,28 @@ def test_cli_knows_every_node():
     from flows.cli import STAGE_NAMES
 
     assert tuple(STAGE_NAMES) == dag.ALL_NODE_NAMES
+
+
+def test_init_from_and_tokenizer_become_inputs_not_key_strings(tmp_path):
+    """A model named by pretrain.init_from enters as an artifact: its digest is in the key, its path string is not."""
+    from flows.plan import resolve_inputs, stage_cache_key
+    from stages.common.demo import DemoConfig, generate
+    from stages.common.store import ArtifactStore
+    from tests.tiny_models import save_tiny_model_dir
+
+    texts = [row["text"] for row in generate(DemoConfig(size="tiny"))["corpus"]["train"][:200]]
+    model_dir = save_tiny_model_dir("llama", texts, tmp_path / "start", vocab_size=300)
+    cfg = load_config("tiny", overrides=[f"pretrain.init_from={model_dir}", f"pretrain.tokenizer={model_dir}"])
+    (pretrain,) = [n for n in pipeline_nodes(cfg) if n.name == "pretrain"]
+    assert pretrain.inputs["init_model"] == ("config", str(model_dir))
+    store = ArtifactStore(str(tmp_path / "store"))
+    arts = resolve_inputs(cfg, store, pretrain, {}, {})
+    assert arts["init_model"].kind == "causal-lm" and arts["tokenizer"].kind == "tokenizer"
+    key = stage_cache_key("pretrain", cfg, arts)
+    moved = tmp_path / "elsewhere"
+    model_dir.rename(moved)  # the same files at another path: the same key
+    cfg2 = load_config("tiny", overrides=[f"pretrain.init_from={moved}", f"pretrain.tokenizer={moved}"])
+    (node2,) = [n for n in pipeline_nodes(cfg2) if n.name == "pretrain"]
+    assert stage_cache_key("pretrain", cfg2, resolve_inputs(cfg2, store, node2, {}, {})) == key
+    save_tiny_model_dir("llama", texts, moved, vocab_size=300, seed=3)  # new weights at that path: a new key
+    assert stage_cache_key("pretrain", cfg2, resolve_inputs(cfg2, store, node2, {}, {})) != key

@@ -320,7 +320,13 @@ def test_init_from_a_random_llama_continues_that_model(demo_corpus_store, local_
     # compiled, as on a GPU: DeepSpeed's engine.compile() must leave checkpoint and final-save names alone
     cfg = pretrain.Config(**{**LLAMA, "architecture": "gpt2", "max_steps": 4, "eval_interval": 4,
                              "checkpoint_interval": 4, "init_from": str(tmp_path / "llama"), "compile": True})
-    outputs = pretrain.run(cfg, store=store, ctx=_one_worker_ctx(root / "init"), corpus=corpus)
+    # as the flow does it: the directory is imported by content and handed over as an artifact (cache key, lineage)
+    from stages.common.artifact_import import import_model
+
+    imported = import_model(store, tmp_path / "llama", kind="causal-lm", name="my-llama")
+    outputs = pretrain.run(cfg, store=store, ctx=_one_worker_ctx(root / "init"), corpus=corpus, init_model=imported)
+    assert outputs["base-model"].manifest["inputs"]["init_model"]["digest"] == imported.digest
+    assert outputs["base-model"].manifest["config"]["init_from"] == str(tmp_path / "llama")  # the user's value
     trained = AutoModelForCausalLM.from_pretrained(outputs["base-model"].path)
     assert type(trained).__name__ == "LlamaForCausalLM" and trained.config.num_key_value_heads == 2
     assert outputs["base-model"].metrics["compiled"] is True

@@ -5,6 +5,9 @@ from stages.pretrain.config import Config
 from stages.pretrain.stage import NAME, run
 
 INPUTS = {"corpus": "dataset"}
+# given when the config names them (pretrain.init_from / pretrain.tokenizer): the flow resolves or imports them, so
+# they are artifacts with digests in the cache key and the lineage, never bare paths
+OPTIONAL_INPUTS = {"init_model": ("causal-lm",), "tokenizer": ("tokenizer", "causal-lm")}
 OUTPUTS = ["tokenizer", "base-model"]
 
-__all__ = ["NAME", "Config", "INPUTS", "OUTPUTS", "run"]
+__all__ = ["NAME", "Config", "INPUTS", "OPTIONAL_INPUTS", "OUTPUTS", "run"]

@@ -167,12 +167,25 @@ def prepare_blocks(
     return train, val[:n_val]
 
 
-def run(config: Config, *, store, ctx: StageContext, corpus, crash_after_step: int | None = None) -> dict[str, Any]:
+def run(config: Config, *, store, ctx: StageContext, corpus, init_model=None, tokenizer=None,
+        crash_after_step: int | None = None) -> dict[str, Any]:  # fmt: skip
     """Train tokenizer + causal LM on `corpus` with DeepSpeed on Ray Train; publish `tokenizer` and `base-model`.
 
+    `init_model` / `tokenizer`: the artifacts `pretrain.init_from` / `pretrain.tokenizer` name, resolved by the caller
+    (they enter the cache key and the lineage); without them the config's strings are resolved here.
     `crash_after_step` is a test hook: the first attempt raises right after the checkpoint at that step.
     """
     t0 = time.time()
+    published_config = config
+    extra_inputs = {}
+    if init_model is not None:
+        _check_input_kind(init_model, ("causal-lm",), "init_from")
+        config = config.model_copy(update={"init_from": init_model.path})
+        extra_inputs["init_model"] = init_model
+    if tokenizer is not None:
+        _check_input_kind(tokenizer, ("tokenizer", "causal-lm"), "tokenizer")
+        config = config.model_copy(update={"tokenizer": tokenizer.path})
+        extra_inputs["tokenizer"] = tokenizer
     check_config(config)
     resolve_precision(config.precision, ctx.scaling.use_gpu)
     work = Path(ctx.work_dir) if "://" not in ctx.work_dir else Path(tempfile.mkdtemp(prefix="pretrain-"))
@@ -245,7 +258,15 @@ def run(config: Config, *, store, ctx: StageContext, corpus, crash_after_step: i
         f"pretrain: val perplexity {metrics['val_perplexity']:.2f} vs unigram {baseline:.2f}, "
         f"{metrics['tokens_per_second']:.0f} tok/s, MFU {metrics['mfu']:.1%}, {wall:.0f}s"
     )
-    return _publish(config, store, ctx, corpus, tokenizer, result, metrics, timings)
+    return _publish(published_config, store, ctx, {"corpus": corpus, **extra_inputs}, tokenizer, result, metrics,
+                    timings)  # fmt: skip
+
+
+def _check_input_kind(artifact, kinds: tuple[str, ...], key: str) -> None:
+    if artifact.kind not in kinds:
+        raise StageInputError(
+            f"pretrain.{key}: {artifact.ref} is a {artifact.kind!r} artifact, expected one of {', '.join(kinds)}"
+        )
 
 
 def use_compile(config: Config, use_gpu: bool) -> bool:
@@ -271,12 +292,12 @@ def _tensor(array: np.ndarray):
 
 
 def _publish(
-    config: Config, store, ctx: StageContext, corpus, tokenizer, result, metrics: dict, timings: dict
+    config: Config, store, ctx: StageContext, inputs: dict, tokenizer, result, metrics: dict, timings: dict
 ) -> dict[str, Any]:
     common = {
         "stage": NAME,
         "config": config.to_dict(),
-        "inputs": {"corpus": corpus},
+        "inputs": inputs,
         "cache_key": ctx.cache_key,
         "code_fingerprint": code_fingerprint(NAME),
         "timings": timings,
