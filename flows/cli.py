@@ -39,6 +39,9 @@ def _manifest_view(art) -> dict[str, Any]:
 def cmd_run(args: argparse.Namespace) -> int:
     from flows.plan import answer_from_cache
 
+    if args.verbose:
+        os.environ["RLHF_VERBOSE"] = "1"  # read by stages.common.ray_train when Ray starts
+
     inputs = {}
     for item in args.input or []:
         role, sep, ref = item.partition("=")
@@ -231,6 +234,8 @@ def build_parser() -> argparse.ArgumentParser:
     group.add_argument("--force", action="store_true", help="rerun every stage")
     p.add_argument("--input", action="append", metavar="ROLE=REF", help="with --only: an input artifact per role")
     p.add_argument("--json", action="store_true", help="print the run summary as JSON")
+    p.add_argument("--verbose", action="store_true",
+                   help="show the workers' own output (Ray, DeepSpeed, HF) instead of writing it to run.work_dir logs")
     p.set_defaults(func=cmd_run)
 
     p = sub.add_parser("config", help="print the resolved config")

@@ -46,10 +46,9 @@ class RayDriver:
         import ray
 
         if not ray.is_initialized():
-            if self.address:
-                ray.init(address=self.address, log_to_driver=True)  # joins; shutdown() only disconnects
-            else:
-                ray.init(num_cpus=os.cpu_count(), include_dashboard=False, log_to_driver=True)
+            from stages.common.ray_train import init_ray
+
+            init_ray(self.address)
             self._owned = True
             if self.address and self.check is not None:
                 from flows.preflight import Resources

@@ -33,6 +33,7 @@ from stages.common.context import StageContext
 _LOG_QUEUE_KEY = "__rlhf_log_queue"
 _TRAIN_LOOP_KEY = "__rlhf_train_loop"
 _RESUME_KEY = "__rlhf_resume_from"
+_LOG_DIR_KEY = "__rlhf_log_dir"
 _worker_log_queue = None  # set inside each worker process by _worker_entry
 _worker_resume_from: str | None = None  # fallback checkpoint dir, set by _worker_entry
 
@@ -44,18 +45,58 @@ class TrainingFailed(RuntimeError):
 # ----------------------------------------------------------------------------------------------------------- driver
 
 
+VERBOSE_ENV = "RLHF_VERBOSE"  # "1": workers' own output (Ray, DeepSpeed, HF) on the console too (`rlhf run --verbose`)
+
+
+def verbose() -> bool:
+    return os.environ.get(VERBOSE_ENV) == "1"
+
+
+def init_ray(address: str | None = None) -> None:
+    """Join `address`, or start a local Ray on every core, as the pipeline's driver.
+
+    Workers' output stays off the console unless verbose (the stages' progress lines reach it through their own
+    queue; the training workers write theirs to a log file per stage run, see `fit`). A local Ray runs its dashboard
+    on 127.0.0.1: Ray Train's placement-group cleaner polls the state API, which the dashboard serves, and without it
+    logs "Failed to query Ray Train Controller actor state" every second of every run.
+    """
+    import ray
+
+    if address:
+        ray.init(address=address, log_to_driver=verbose())  # joins; shutdown() only disconnects
+    else:
+        ray.init(num_cpus=os.cpu_count(), include_dashboard=True, dashboard_host="127.0.0.1", log_to_driver=verbose())
+
+
 def ensure_ray() -> bool:
     """Join the cluster at RAY_ADDRESS if set, else start a local Ray on all cores; True if this call started Ray."""
     import ray
 
     if ray.is_initialized():
         return False
-    address = os.environ.get("RAY_ADDRESS")
-    if address:
-        ray.init(address=address, log_to_driver=True)
-    else:
-        ray.init(num_cpus=os.cpu_count(), include_dashboard=False, log_to_driver=True)
+    init_ray(os.environ.get("RAY_ADDRESS"))
     return True
+
+
+def worker_log_dir(work_dir: str) -> str | None:
+    """Where a stage run's workers write their output (None for a remote work_dir: then Ray's own logs keep it)."""
+    if "://" in work_dir:
+        return None
+    return str(Path(work_dir).resolve() / "logs")
+
+
+def redirect_output(log_file: str) -> None:
+    """Send this process's stdout and stderr (file descriptors, so C++ and library output too) to `log_file`."""
+    import sys
+
+    Path(log_file).parent.mkdir(parents=True, exist_ok=True)
+    fd = os.open(log_file, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o644)
+    for stream in (sys.stdout, sys.stderr):
+        with contextlib.suppress(Exception):
+            stream.flush()
+    os.dup2(fd, 1)
+    os.dup2(fd, 2)
+    os.close(fd)
 
 
 def storage_path(work_dir: str) -> str:
@@ -120,6 +161,9 @@ def fit(
     if previous:
         ctx.log(f"{run_name}: a previous run left checkpoints; resuming from the latest ({Path(previous).name})")
     has_snapshot = previous is not None and any((Path(previous).parent).glob("checkpoint_manager_snapshot*"))
+    log_dir = None if verbose() else worker_log_dir(ctx.work_dir)
+    if log_dir:
+        ctx.log(f"{run_name}: worker output (Ray, DeepSpeed, HF) goes to {log_dir}/{run_name}-rank*.log")
     # The queue actor carries progress lines from rank 0 to the driver; it takes no CPU from the workers.
     queue = Queue(actor_options={"num_cpus": 0})
     trainer = TorchTrainer(
@@ -129,6 +173,7 @@ def fit(
             _TRAIN_LOOP_KEY: train_loop,
             _LOG_QUEUE_KEY: queue,
             _RESUME_KEY: None if has_snapshot else previous,
+            _LOG_DIR_KEY: f"{log_dir}/{run_name}" if log_dir else None,
         },
         scaling_config=ScalingConfig(
             num_workers=scaling.num_workers, use_gpu=scaling.use_gpu, resources_per_worker=resources
@@ -193,6 +238,9 @@ def _worker_entry(config: dict) -> Any:
     train_loop = config.pop(_TRAIN_LOOP_KEY)
     _worker_log_queue = config.pop(_LOG_QUEUE_KEY, None)
     _worker_resume_from = config.pop(_RESUME_KEY, None)
+    log_prefix = config.pop(_LOG_DIR_KEY, None)
+    if log_prefix:
+        redirect_output(f"{log_prefix}-rank{world_rank()}.log")
     return train_loop(config)
 
 
