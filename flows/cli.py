@@ -10,6 +10,7 @@ import argparse
 import json
 import os
 import sys
+from pathlib import Path
 from typing import Any
 
 STAGE_NAMES = ["pretrain", "sft", "reward", "ppo", "grpo", "rloo", "dpo", "eval"]  # flows/dag.py ALL_NODE_NAMES
@@ -78,11 +79,42 @@ def _print_run_summary(summary: dict[str, Any], store) -> None:
         print("  nothing to run: every stage's artifacts for its cache key are in the store (Prefect not started)")
     for name, reason in summary.get("skipped", {}).items():
         print(f"  {name:<8} {'Skipped':<9} not run: {reason}")
+    report = None
     for name, info in summary["stages"].items():
         for ref in info["outputs"].values():
-            metrics = store.get(ref).metrics
-            shown = ", ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in sorted(metrics.items()))
+            art = store.get(ref)
+            if art.kind == "eval-report":
+                report = art
+            keys = HEADLINE_METRICS.get(art.name.split("@")[0], HEADLINE_METRICS["policy"] if art.name.startswith("policy") else ())
+            shown = ", ".join(_metric_text(k, art.metrics[k]) for k in keys if art.metrics.get(k) is not None)
             print(f"  {name:<8} {info['state']:<9} {ref:<20} {shown}")
+    if report is not None and (Path(report.path) / "report.md").is_file():
+        print(f"\n{report.ref}:\n" + "\n".join(_first_table((Path(report.path) / "report.md").read_text())))
+    print("\nevery metric: rlhf artifacts show REF")
+
+
+# What the end-of-run summary shows per artifact (`rlhf artifacts show REF` has them all).
+HEADLINE_METRICS = {
+    "tokenizer": ("vocab_size",),
+    "base-model": ("val_perplexity", "unigram_perplexity", "tokens_per_second", "mfu"),
+    "sft-model": ("eval_loss", "format_rate", "gold_score"),
+    "reward-model": ("eval_accuracy", "gold_correlation"),
+    "policy-dpo": ("eval_reward_accuracy", "format_rate", "gold_score"),
+    "policy": ("gold_score_before", "gold_score_after", "gold_win_rate", "rm_score_before", "rm_score_after", "kl"),
+    "eval-report": (),
+}
+
+
+def _first_table(markdown: str) -> list[str]:
+    """The first markdown table of a report (the per-model summary), without the prose and samples around it."""
+    lines = markdown.splitlines()
+    start = next((i for i, line in enumerate(lines) if line.startswith("|")), len(lines))
+    end = next((i for i in range(start, len(lines)) if not lines[i].startswith("|")), len(lines))
+    return lines[start:end]
+
+
+def _metric_text(key: str, value: Any) -> str:
+    return f"{key}={value:.4g}" if isinstance(value, float) else f"{key}={value}"
 
 
 def cmd_config(args: argparse.Namespace) -> int:
