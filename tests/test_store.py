@@ -265,13 +265,14 @@ def test_concurrent_publishers_leave_consistent_store(tmp_path):
 _KILLED_PUBLISHER = """
 import sys, time, pathlib
 import stages.common.store as s
-real = s._copy_and_hash
+import stages.common.store_local as local
+real = local.copy_and_hash
 def slow(src, dst):
     digest = real(src, dst)
     pathlib.Path(sys.argv[3]).touch()  # tell the test we are mid-write
     time.sleep(60)
     return digest
-s._copy_and_hash = slow
+local.copy_and_hash = slow
 s.ArtifactStore(sys.argv[1]).publish(sys.argv[2], name="big", kind="causal-lm", stage="s")
 """
 

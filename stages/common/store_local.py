@@ -1,0 +1,109 @@
+"""Writing an artifact store on a local (or shared POSIX) folder: objects appear by atomic rename, version claims by
+os.link, which is atomic and exclusive where O_EXCL + write is not (a reader could see a half-written manifest)."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import time
+import uuid
+from pathlib import Path
+
+from stages.common.store_files import (
+    ArtifactCorrupted,
+    copy_and_hash,
+    mark_verified,
+    tree_digest,
+    verify_dir,
+)
+
+SUBDIRS = ("objects", "manifests", "cache", "tmp")
+
+
+class LocalBackend:
+    """Objects, manifests and cache entries under one local directory; tmp/ holds what is still being written."""
+
+    def __init__(self, base: str):
+        self.base = base
+        for sub in SUBDIRS:
+            os.makedirs(os.path.join(base, sub), exist_ok=True)
+
+    def _p(self, *parts: str) -> str:
+        return "/".join([self.base, *parts])
+
+    def put_object(self, sources: dict[str, Path]) -> tuple[dict[str, str], str]:
+        """Copy the files to objects/<digest>, hashing as they are copied; the directory appears whole or not at all."""
+        tmp = Path(self._p("tmp", f"obj-{uuid.uuid4().hex}"))
+        files: dict[str, str] = {}
+        for rel, p in sources.items():
+            (tmp / rel).parent.mkdir(parents=True, exist_ok=True)
+            files[rel] = copy_and_hash(p, tmp / rel)
+            os.chmod(tmp / rel, 0o444)  # artifacts are immutable; guard against in-place edits
+        digest = tree_digest(files)
+        target = Path(self._p("objects", digest))
+        try:
+            os.rename(tmp, target)  # atomic: the object directory appears complete or not at all
+            mark_verified(target, files)  # hashed while copying: the first get need not read it again
+        except OSError:
+            if not target.is_dir():
+                raise
+            self._keep_or_repair(target, tmp, files)
+        return files, digest
+
+    def _keep_or_repair(self, target: Path, fresh: Path, files: dict[str, str]) -> None:
+        """Identical content is already stored: keep it if it verifies, else swap in the fresh copy (a repair)."""
+        try:
+            verify_dir(target, files, f"objects/{target.name[:12]}", force=True)
+        except ArtifactCorrupted:
+            trash = self._p("tmp", f"corrupt-{uuid.uuid4().hex}")
+            os.rename(target, trash)
+            try:
+                os.rename(fresh, target)
+                mark_verified(target, files)
+            except OSError:
+                if not target.is_dir():  # another publisher's repair won the race; theirs is as good
+                    raise
+            shutil.rmtree(trash, ignore_errors=True)
+        shutil.rmtree(fresh, ignore_errors=True)
+
+    def create_exclusive(self, path: str, data: bytes) -> bool:
+        """Create path holding data unless it exists; readers see the whole file or nothing. False if it existed."""
+        os.makedirs(os.path.dirname(path), exist_ok=True)
+        tmp = self._p("tmp", f"manifest-{uuid.uuid4().hex}")
+        with open(tmp, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        try:
+            os.link(tmp, path)  # atomic and exclusive, unlike O_EXCL + write
+            return True
+        except FileExistsError:
+            return False
+        finally:
+            os.unlink(tmp)
+
+    def replace(self, path: str, data: bytes) -> None:
+        """Write path whole: readers see the old content or the new, never half of either."""
+        tmp = self._p("tmp", f"replace-{uuid.uuid4().hex}")
+        with open(tmp, "wb") as f:
+            f.write(data)
+        os.replace(tmp, path)
+
+    def object_dir(self, manifest: dict, where: str, *, force: bool = False) -> str:
+        """The verified directory of manifest's files, inside the store (hashed once per process unless force)."""
+        path = self._p("objects", manifest["digest"])
+        verify_dir(Path(path), manifest["files"], where, force=force)
+        return path
+
+    def verify_stored(self, manifest: dict, where: str) -> str:
+        """Re-hash every stored file of manifest, whatever this process checked before."""
+        return self.object_dir(manifest, where, force=True)
+
+    def clean_tmp(self, older_than_s: float) -> int:
+        """Remove leftovers of killed publishers from tmp/, sparing recent ones that may still be in flight."""
+        removed, now = 0, time.time()
+        for entry in os.scandir(self._p("tmp")):
+            if now - entry.stat(follow_symlinks=False).st_mtime >= older_than_s:
+                shutil.rmtree(entry.path) if entry.is_dir(follow_symlinks=False) else os.unlink(entry.path)
+                removed += 1
+        return removed
