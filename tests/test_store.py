@@ -356,3 +356,129 @@ def test_republishing_identical_content_repairs_a_corrupt_object(store, tmp_path
     assert store.publish(src(tmp_path, FILES), name="m", kind="k", stage="s").ref == "m@v1"
     monkeypatch.setenv("RLHF_CACHE_DIR", str(tmp_path / "fresh-cache"))
     assert read_dir(store.verify("m").path) == FILES
+
+
+# ---------------------------------------------------------------- verify once per process, manifest without hashing
+
+@pytest.fixture
+def hash_count(monkeypatch) -> list[str]:
+    """Every local file hashed by a verification from now on, with the record of verified files emptied first."""
+    import stages.common.store_files as store_files
+
+    store_files.forget_verified()
+    seen: list[str] = []
+    real = store_files.file_sha256
+
+    def counting(path):
+        seen.append(Path(path).name)
+        return real(path)
+
+    monkeypatch.setattr(store_files, "file_sha256", counting)
+    return seen
+
+
+def test_repeated_gets_hash_each_file_once(store, tmp_path, hash_count):
+    store.publish(src(tmp_path, FILES), name="m", kind="k", stage="s")
+    hash_count.clear()
+    import stages.common.store_files as store_files
+
+    store_files.forget_verified()  # as a new process that has checked nothing yet
+    for _ in range(4):
+        assert read_dir(store.get("m@v1", kind="k").path) == FILES
+    assert sorted(hash_count) == sorted(Path(rel).name for rel in FILES)
+    assert store.cached("a" * 64) is None and len(hash_count) == len(FILES)
+    if store.is_local:  # verify re-hashes whatever get checked before
+        store.verify("m")
+        assert len(hash_count) == 2 * len(FILES)
+
+
+def test_publish_counts_as_verified_on_a_local_store(tmp_path, hash_count):
+    store = ArtifactStore(tmp_path / "store")
+    store.publish(src(tmp_path, FILES), name="m", kind="k", stage="s")
+    store.get("m")
+    assert hash_count == []  # publish hashed the bytes as it copied them
+
+
+def test_verify_and_get_catch_a_flipped_byte_after_a_verified_get(tmp_path, hash_count):
+    store = ArtifactStore(tmp_path / "store")
+    art = store.get(store.publish(src(tmp_path, FILES), name="m", kind="k", stage="s").ref)
+    path = Path(art.path) / "tok/vocab.json"
+    before = path.stat()
+    os.chmod(path, 0o644)
+    with open(path, "r+b") as f:  # in place: same inode and size
+        f.write(bytes([f.read(1)[0] ^ 0x01]))
+    os.utime(path, ns=(before.st_atime_ns, before.st_mtime_ns))  # and the old mtime: only ctime tells
+    with pytest.raises(ArtifactCorrupted, match=r"m@v1: file 'tok/vocab.json' fails its sha256 check"):
+        store.get("m")
+    with pytest.raises(ArtifactCorrupted, match=r"m@v1: file 'tok/vocab.json' fails its sha256 check"):
+        store.verify("m")
+
+
+def test_verify_rehashes_what_get_trusts(tmp_path, hash_count):
+    store = ArtifactStore(tmp_path / "store")
+    art = store.get(store.publish(src(tmp_path, FILES), name="m", kind="k", stage="s").ref)
+    path = Path(art.path) / "config.json"
+    before = path.stat()
+    os.chmod(path, 0o644)
+    with open(path, "r+b") as f:
+        f.write(b"[")  # '{' -> '[': same size
+    os.utime(path, ns=(before.st_atime_ns, before.st_mtime_ns))
+    import stages.common.store_files as store_files
+
+    store_files.mark_verified(Path(art.path), art.manifest["files"])  # get would now trust the changed file
+    assert store.get("m").digest == art.digest
+    with pytest.raises(ArtifactCorrupted, match=r"m@v1: file 'config.json' fails its sha256 check"):
+        store.verify("m")
+    with pytest.raises(ArtifactCorrupted, match=r"m@v1: file 'config.json' fails its sha256 check"):
+        store.get("m")  # a failed verify drops the record
+
+
+def test_manifest_reads_without_hashing(store, tmp_path, hash_count):
+    art = store.publish(src(tmp_path, FILES), name="m", kind="k", stage="s", metrics={"loss": 1.5})
+    hash_count.clear()
+    assert store.manifest("m")["metrics"] == {"loss": 1.5} and store.manifest(art.digest[:8])["version"] == 1
+    assert hash_count == []
+    with pytest.raises(ArtifactError, match=r"^m \(m@v1\): kind is 'k', expected 'other'$"):
+        store.manifest("m", kind="other")
+    with pytest.raises(ArtifactError, match=r"^m@v2: no such version; m has v1$"):
+        store.manifest("m@v2")
+
+
+# ---------------------------------------------------------------- exclusive claims on a store without conditional writes
+
+def test_memory_store_uses_claims_and_threads_get_distinct_gap_free_versions(tmp_path, monkeypatch):
+    from concurrent.futures import ThreadPoolExecutor
+
+    from stages.common.store_remote import RemoteBackend
+
+    monkeypatch.setenv("RLHF_CACHE_DIR", str(tmp_path / "cache"))
+    monkeypatch.setattr(RemoteBackend, "claim_settle_s", 0.02)  # in-process memory: writes are visible at once
+    root = f"memory://store-{uuid.uuid4().hex}"
+    assert ArtifactStore(root)._backend.exclusive == "claim"
+
+    def publish(worker: int) -> list[tuple[int, str]]:
+        store = ArtifactStore(root)
+        return [(a.version, a.digest) for a in (
+            store.publish(src(tmp_path, {"w": f"{worker}-{i}".encode()}), name="m", kind="k", stage="s")
+            for i in range(3))]
+
+    with ThreadPoolExecutor(4) as pool:
+        results = [r for rs in pool.map(publish, range(4)) for r in rs]
+    store = ArtifactStore(root)
+    listed = {m["version"]: m["digest"] for m in store.list("m")}
+    assert sorted(listed) == list(range(1, 13)) and len(set(listed.values())) == 12
+    assert sorted(results) == sorted(listed.items())  # every publisher's version holds its own content
+    assert store.fs.find(f"{store._base}/manifests/m/.claims") == []  # claims are removed once decided
+
+
+def test_a_dead_publishers_claim_blocks_only_until_it_expires(tmp_path, monkeypatch):
+    from stages.common.store_remote import RemoteBackend
+
+    monkeypatch.setenv("RLHF_CACHE_DIR", str(tmp_path / "cache"))
+    monkeypatch.setattr(RemoteBackend, "claim_settle_s", 0.02)
+    monkeypatch.setattr(RemoteBackend, "claim_ttl_s", 0.5)
+    store = ArtifactStore(f"memory://store-{uuid.uuid4().hex}")
+    dead = f"{store._base}/manifests/m/.claims/v1.json/{time.time_ns():020d}-dead"
+    store.fs.pipe_file(dead, b"")  # a claim made just now by a publisher that will never write v1
+    assert store.publish(src(tmp_path, {"w": b"one"}), name="m", kind="k", stage="s").ref == "m@v1"
+    assert store.fs.exists(dead)  # never ours to delete; ignored once older than claim_ttl_s

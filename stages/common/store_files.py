@@ -97,6 +97,12 @@ def _key(directory: Path, expected: dict[str, str]) -> tuple[str, str]:
     return (os.path.abspath(directory), tree_digest(expected))
 
 
+def forget_verified() -> None:
+    """Drop the whole record, as a fresh process would start (for tests and benchmarks)."""
+    with _verified_lock:
+        _verified.clear()
+
+
 def mark_verified(directory: Path, expected: dict[str, str]) -> None:
     """Record that directory holds exactly expected, hashed by the caller (a publish that hashed while copying)."""
     signature = _signature(local_files(directory))
