@@ -17,10 +17,13 @@ STAGE_NAMES = ["pretrain", "sft", "reward", "ppo", "grpo", "rloo", "dpo", "eval"
 
 
 def _store(args: argparse.Namespace):
-    from stages.common.store import ArtifactStore
+    from flows.plan import open_store
 
-    root = args.store or os.environ.get("RLHF_STORE") or "./artifacts"
-    return ArtifactStore(root)
+    if args.store:
+        return open_store(args.store, "--store")
+    if os.environ.get("RLHF_STORE"):
+        return open_store(os.environ["RLHF_STORE"], "RLHF_STORE")
+    return open_store("./artifacts")
 
 
 def _print_json(obj: Any) -> None:
@@ -243,6 +246,14 @@ class UsageError(Exception):
     """Bad command-line usage (exit 2)."""
 
 
+class _Parser(argparse.ArgumentParser):
+    """argparse with the CLI's one error line: usage first, then `error: ...` last (exit 2), like every user error."""
+
+    def error(self, message: str):
+        self.print_usage(sys.stderr)
+        self.exit(2, f"error: {self.prog}: {message}\n")
+
+
 def _add_store(p: argparse.ArgumentParser) -> None:
     p.add_argument("--store", help="artifact store root: a folder or fsspec URI (default: $RLHF_STORE or ./artifacts)")
 
@@ -254,7 +265,7 @@ def _add_config(p: argparse.ArgumentParser) -> None:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="rlhf", description=__doc__.split("\n")[0])
+    parser = _Parser(prog="rlhf", description=__doc__.split("\n")[0])
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     p = sub.add_parser("run", help="run the pipeline (cached stages are reused)")

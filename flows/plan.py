@@ -129,6 +129,31 @@ def check_only_inputs(only: str, inputs: dict[str, str], cfg: PipelineConfig | N
         raise ConfigError(f"--only {only} needs an artifact for {', '.join(missing)}, e.g. {example}")
 
 
+def open_store(root: str, where: str = "--store"):
+    """The artifact store at `root`, or an ArtifactError line naming it when fsspec cannot open it (a protocol
+    nobody registered, such as foo://, or one whose package is not installed) instead of fsspec's traceback."""
+    from stages.common.store import ArtifactError, ArtifactStore
+
+    try:
+        return ArtifactStore(root)
+    except ArtifactError:
+        raise
+    except (ValueError, ImportError) as e:
+        raise ArtifactError(
+            f"{where} {root!r}: cannot open the artifact store ({e}); expected a folder or an fsspec URI such as "
+            "s3://bucket/rlhf or memory://rlhf"
+        ) from None
+
+
+def store_root(params: dict[str, Any], cfg: PipelineConfig) -> tuple[str, str]:
+    """The store `rlhf run` uses and where it was named: --store, then $RLHF_STORE, then run.store."""
+    if params.get("store"):
+        return params["store"], "--store"
+    if os.environ.get("RLHF_STORE"):
+        return os.environ["RLHF_STORE"], "RLHF_STORE"
+    return cfg.run.store, "run.store"
+
+
 def preflight(cfg: PipelineConfig, stages: list[str]) -> None:
     """Fail in seconds when the run cannot fit: on this machine when the flow starts a local Ray itself."""
     if not (cfg.run.ray_address or os.environ.get("RAY_ADDRESS")):
@@ -238,6 +263,11 @@ def validate_run(params: dict[str, Any]) -> tuple[PipelineConfig, list[str]]:
     stages, _ = plan_stages(params.get("from_stage"), params.get("only"), cfg)
     if params.get("only"):
         check_only_inputs(params["only"], params.get("inputs") or {}, cfg)
+    for name in stages:  # shape mistakes a stage would find only after Ray started and data was published
+        check_config = getattr(STAGES[node_named(cfg, name).stage], "check_config", None)
+        if check_config is not None:
+            check_config(cfg.stage_config(name))
+    open_store(*store_root(params, cfg))
     address = cfg.run.ray_address or os.environ.get("RAY_ADDRESS")
     if address:
         probe_ray_address(address)
@@ -247,10 +277,8 @@ def validate_run(params: dict[str, Any]) -> tuple[PipelineConfig, list[str]]:
 
 def answer_from_cache(params: dict[str, Any]) -> dict[str, Any] | None:
     """Validate `rlhf run`'s parameters; if nothing would run, the summary from the store (no Prefect, no Ray)."""
-    from stages.common.store import ArtifactStore
-
     cfg, stages = validate_run(params)
     if params.get("force") or params.get("from_stage"):
         return None
-    store = ArtifactStore(params.get("store") or os.environ.get("RLHF_STORE") or cfg.run.store)
+    store = open_store(*store_root(params, cfg))
     return all_cached(cfg, store, stages, dict(params.get("inputs") or {}))

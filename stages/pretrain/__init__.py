@@ -2,7 +2,7 @@
 trained further) with DeepSpeed on Ray Train workers."""
 
 from stages.pretrain.config import Config
-from stages.pretrain.stage import NAME, run
+from stages.pretrain.stage import NAME, check_config, run  # check_config: the flow's pre-flight calls it
 
 INPUTS = {"corpus": "dataset"}
 # given when the config names them (pretrain.init_from / pretrain.tokenizer): the flow resolves or imports them, so
@@ -10,4 +10,4 @@ INPUTS = {"corpus": "dataset"}
 OPTIONAL_INPUTS = {"init_model": ("causal-lm",), "tokenizer": ("tokenizer", "causal-lm")}
 OUTPUTS = ["tokenizer", "base-model"]
 
-__all__ = ["NAME", "Config", "INPUTS", "OPTIONAL_INPUTS", "OUTPUTS", "run"]
+__all__ = ["NAME", "Config", "INPUTS", "OPTIONAL_INPUTS", "OUTPUTS", "check_config", "run"]
