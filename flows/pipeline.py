@@ -25,6 +25,7 @@ from flows.dag import POLICY_ROLE_PREFIX, Node, branch_waves  # noqa: E402
 from flows.plan import (  # noqa: E402
     check_only_inputs,
     config_model_kind,
+    data_check,
     ingest_data,
     input_kind,
     node_named,
@@ -63,11 +64,15 @@ def _worth_retrying(task_obj, task_run, state) -> bool:
 
 
 @task(name="data", cache_policy=NO_CACHE, persist_result=False)
-def data_task(cfg: PipelineConfig, store: ArtifactStore, fmt: str) -> str:
-    """Materialise one data source as a dataset artifact (identical data -> the same version)."""
+def data_task(cfg: PipelineConfig, store: ArtifactStore, fmt: str, node: str | None = None, role: str | None = None,
+              model_refs: dict[str, str] | None = None) -> str:  # fmt: skip
+    """Materialise one data source as a dataset artifact (identical data -> the same version), checked first by the
+    stage of `node` against its model inputs (`model_refs`) so that data it would refuse is never published."""
     source = getattr(cfg.data, fmt)
     try:
-        art = ingest_data(cfg, store, fmt)
+        models = {r: store.get(ref) for r, ref in (model_refs or {}).items()}
+        check = data_check(cfg, node_named(cfg, node), role, models) if node else None
+        art = ingest_data(cfg, store, fmt, check=check)
     except USER_ERRORS as e:
         return _user_failure(e)
     get_run_logger().info(f"data {fmt}: {source} -> {art.ref} ({art.metrics})")
@@ -253,7 +258,7 @@ def _input_refs(cfg: PipelineConfig, store: ArtifactStore, node: Node, explicit:
         if role in explicit:
             refs[role] = explicit[role]
         elif source == "data":
-            refs[role] = data_task(cfg, store, what)
+            refs[role] = data_task(cfg, store, what, node.name, role, dict(refs))
         elif source == "config":
             refs[role] = model_task(f"{node.name}.{role}", what, config_model_kind(node, role), store)
         else:

@@ -190,12 +190,28 @@ def input_kind(node: Node, role: str) -> str | None:
     return "causal-lm"  # the eval node's policy_* roles
 
 
-def ingest_data(cfg: PipelineConfig, store, fmt: str):
-    """One data source as a dataset artifact (identical data gives the existing version)."""
+def ingest_data(cfg: PipelineConfig, store, fmt: str, check=None):
+    """One data source as a dataset artifact (identical data gives the existing version); `check` (from
+    `data_check`) is the consuming stage's input check, run before anything is published."""
     from stages.common.data import ingest
 
     return ingest(getattr(cfg.data, fmt), fmt, store, demo_cfg=cfg.data.demo, test_fraction=cfg.data.test_fraction,
-                  seed=cfg.run.seed, columns=_columns(cfg, fmt))  # fmt: skip
+                  seed=cfg.run.seed, columns=_columns(cfg, fmt), check=check)  # fmt: skip
+
+
+def data_check(cfg: PipelineConfig, node: Node, role: str, models: dict[str, Any]):
+    """The node's own input check of its data set `role` against its model inputs (`models`: role -> Artifact), as
+    a function of the staged rows; None when its stage has none or a model input is not known yet.
+
+    So data the stage would refuse (rows longer than the model's context, a prompt that leaves no room to reply)
+    is refused before it is published as a dataset version, and before Prefect or Ray start."""
+    check = getattr(STAGES[node.stage], "check_data", None)
+    model_roles = [r for r, (source, _) in node.inputs.items() if source != "data"]
+    if check is None or any(r not in models for r in model_roles):
+        return None
+    config, scaling = cfg.stage_config(node.name), cfg.run.scaling()
+    chosen = {r: models[r] for r in model_roles}
+    return lambda staged: check(config, scaling=scaling, **chosen, **{role: staged})
 
 
 def _columns(cfg: PipelineConfig, fmt: str) -> dict[str, str] | None:
@@ -211,7 +227,7 @@ def resolve_inputs(cfg: PipelineConfig, store, node: Node, explicit: dict[str, s
         if role in explicit:
             arts[role] = store.get(explicit[role], kind=kind)
         elif source == "data":
-            arts[role] = ingest_data(cfg, store, what)
+            arts[role] = ingest_data(cfg, store, what, check=data_check(cfg, node, role, arts))
         elif source == "config":
             arts[role] = resolve_model(store, what, config_model_kind(node, role))
         else:

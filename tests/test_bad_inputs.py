@@ -162,7 +162,7 @@ def test_sft_rows_longer_than_the_context(store, tmp_path, capfd):
     path = write_jsonl(tmp_path / "sft.jsonl", long_rows)
     before = snapshot(store)
     code, out, err = cli(run_args(store, tmp_path, *SFT_ONLY, "--set", f"data.sft={path}"), capfd)
-    assert_one_line_error(code, out, err, "sft", "longer than the", "-token limit")
+    assert_one_line_error(code, out, err, "sft: data", "sft.jsonl", "1 of 3 rows are longer than the 128-token limit")
     assert snapshot(store) == before
 
 
@@ -171,7 +171,16 @@ def test_prompts_longer_than_the_context(store, tmp_path, capfd):
     path = write_jsonl(tmp_path / "prompts.jsonl", rows)
     before = snapshot(store)
     code, out, err = cli(run_args(store, tmp_path, *PPO_ONLY, "--set", f"data.prompts={path}"), capfd)
-    assert_one_line_error(code, out, err, "prompts", "context")
+    assert_one_line_error(code, out, err, "prompts.jsonl", "expected at most 112 (context 128 minus ppo.max_new_tokens")
+    assert snapshot(store) == before
+
+
+def test_preference_pairs_longer_than_the_context(store, tmp_path, capfd):
+    rows = [*PAIRS, {"prompt": "User: Describe the cat.\nAssistant:", "chosen": " cat" * 400, "rejected": " no"}]
+    path = write_jsonl(tmp_path / "prefs.jsonl", rows)
+    before = snapshot(store)
+    code, out, err = cli(run_args(store, tmp_path, *REWARD_ONLY, "--set", f"data.preferences={path}"), capfd)
+    assert_one_line_error(code, out, err, "reward: preferences", "prefs.jsonl", "longer than the")
     assert snapshot(store) == before
 
 

@@ -8,8 +8,10 @@ is a `DataError` whose message is one line naming the source, what was expected 
 from __future__ import annotations
 
 import json
+import logging
 import random
 import tempfile
+from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -66,12 +68,18 @@ def _read_file(path: Path) -> datasets.Dataset:
         with path.open("rb") as f:
             head = f.read(1 << 20).replace(b"\r\n", b"\n").strip()
         kwargs["sample_by"] = "paragraph" if b"\n\n" in head else "line"
+    # datasets logs its own "Failed to load JSON ..." line (ERROR) before raising; the DataError below says it once
+    library_log = logging.getLogger("datasets")
+    level = library_log.level
+    library_log.setLevel(logging.CRITICAL)
     try:
         ds = datasets.load_dataset(builder, data_files={"train": str(path)}, split="train", **kwargs)
     except Exception as e:  # a broken file surfaces as one of many library errors; all mean "cannot read it"
         if "corresponds to no data" in str(e):  # how `datasets` reports a well-formed file with zero rows
             raise DataError(f"{path}: empty data set (no rows)") from None
         raise DataError(f"{path}: cannot read as {builder} ({_first_line(e)})") from None
+    finally:
+        library_log.setLevel(level)
     if builder == "text":
         ds = ds.filter(lambda row: row["text"].strip() != "")
     return ds
@@ -277,6 +285,24 @@ def rename_columns(ds: datasets.Dataset, fmt: str, columns: dict[str, str], sour
     return ds.remove_columns(clashing).rename_columns(renames) if renames else ds
 
 
+class UnpublishedDataset:
+    """Rows staged as train.jsonl/test.jsonl in a folder, not yet in the store: what a stage's input checks read
+    (`kind`, `path`, `manifest`, `ref`, as an `Artifact`), named by the user's source in their error messages."""
+
+    kind, version, digest = "dataset", 0, ""
+
+    def __init__(self, source: str, name: str, path: str, manifest: dict[str, Any]):
+        self.source, self.name, self.path, self.manifest = source, name, path, manifest
+
+    @property
+    def ref(self) -> str:
+        return self.source
+
+    @property
+    def metrics(self) -> dict:
+        return {}
+
+
 def ingest(
     source: str,
     fmt: str,
@@ -287,11 +313,15 @@ def ingest(
     seed: int = 0,
     columns: dict[str, str] | None = None,
     name: str | None = None,
+    check: Callable[[UnpublishedDataset], None] | None = None,
 ) -> Artifact:
     """Materialise a source as a dataset artifact (train.jsonl + test.jsonl); same rows give the same version.
 
     `columns` (canonical name -> the file's column) renames the file's columns before validation; it is recorded in
     the artifact's config. `name` publishes under another name than the format's default (`rlhf artifacts import`).
+    `check` is the consuming stage's own input check (rows longer than its model's context, ...), run on the staged
+    rows before they are published, so data the stage would refuse never becomes a dataset version; it is skipped
+    when the store already holds these exact rows (nothing new would be published, and reruns stay fast).
     """
     _check_format(fmt)
     if not 0.0 < test_fraction < 1.0:
@@ -326,14 +356,21 @@ def ingest(
     with tempfile.TemporaryDirectory(prefix="rlhf-data-") as tmp:
         for split in SPLITS:
             (Path(tmp) / f"{split}.jsonl").write_text(demo.to_jsonl(splits[split]), encoding="utf-8")
+        name = name or DATASET_NAMES[fmt]
+        extra = {"format": fmt, "task": "demo" if is_demo else None}
+        if check is not None:
+            from stages.common.artifact_import import _same_content
+
+            if _same_content(store, name, Path(tmp)) is None:
+                check(UnpublishedDataset(source, name, tmp, {"config": config, "extra": extra}))
         return store.publish(
             tmp,
-            name=name or DATASET_NAMES[fmt],
+            name=name,
             kind="dataset",
             stage="data",
             config=config,
             metrics={"train_rows": len(splits["train"]), "test_rows": len(splits["test"])},
-            extra={"format": fmt, "task": "demo" if is_demo else None},
+            extra=extra,
         )
 
 

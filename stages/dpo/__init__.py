@@ -6,6 +6,6 @@ eval_reward_margin, first/last logged loss and, on the demo task, format_rate an
 """
 
 from stages.dpo.config import Config
-from stages.dpo.stage import INPUTS, NAME, OUTPUTS, run
+from stages.dpo.stage import INPUTS, NAME, OUTPUTS, check_data, run
 
-__all__ = ["NAME", "Config", "INPUTS", "OUTPUTS", "run"]
+__all__ = ["NAME", "Config", "INPUTS", "OUTPUTS", "check_data", "run"]

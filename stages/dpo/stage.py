@@ -49,6 +49,12 @@ def prepare(config: Config, sft_model, preferences, *, scaling: Scaling, seed: i
     }
 
 
+
+def check_data(config: Config, *, scaling: Scaling, sft_model, preferences) -> None:
+    """`prepare`'s checks of `preferences` against `sft_model` (rows longer than its context, ...) on data not yet
+    published: the flow runs them before the data becomes a dataset version (`stages.common.data.ingest`)."""
+    prepare(config, sft_model, preferences, scaling=scaling)
+
 def run(config: Config, *, sft_model, preferences, store, ctx: StageContext) -> dict:
     """Align `sft_model` to `preferences` pairs with DPO (reference = frozen `sft_model`) on Ray Train workers;
     publish `policy-dpo`."""

@@ -110,6 +110,12 @@ def check_inputs(cfg: Config, *, sft_model, reward_model, prompts) -> PreparedIn
     return PreparedInputs(policy_tok, splits["train"], splits["test"], is_demo, special_tokens)
 
 
+
+def check_data(cfg: Config, *, scaling, sft_model, reward_model, prompts) -> None:
+    """`check_inputs` on prompts not yet published (a prompt that leaves no room for max_new_tokens, ...): the flow
+    runs it before the prompts become a dataset version (`stages.common.data.ingest`). `scaling` is unused here."""
+    check_inputs(cfg, sft_model=sft_model, reward_model=reward_model, prompts=prompts)
+
 def special_token_ids(tokenizer, model_dir: str) -> dict:
     """Pad and eos ids for generation; sets the tokenizer's pad token to eos when it has none (Llama, GPT-2, Qwen).
 

@@ -5,6 +5,6 @@ Output: reward-model (kind reward-model), with eval_accuracy, eval_margin, gold_
 """
 
 from stages.reward.config import Config
-from stages.reward.stage import INPUTS, NAME, OUTPUTS, run
+from stages.reward.stage import INPUTS, NAME, OUTPUTS, check_data, run
 
-__all__ = ["NAME", "Config", "INPUTS", "OUTPUTS", "run"]
+__all__ = ["NAME", "Config", "INPUTS", "OUTPUTS", "check_data", "run"]

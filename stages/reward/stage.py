@@ -44,6 +44,12 @@ def prepare(config: Config, sft_model, preferences, *, scaling: Scaling, seed: i
     }
 
 
+
+def check_data(config: Config, *, scaling: Scaling, sft_model, preferences) -> None:
+    """`prepare`'s checks of `preferences` against `sft_model` (rows longer than its context, ...) on data not yet
+    published: the flow runs them before the data becomes a dataset version (`stages.common.data.ingest`)."""
+    prepare(config, sft_model, preferences, scaling=scaling)
+
 def run(config: Config, *, sft_model, preferences, store, ctx: StageContext) -> dict:
     """Train a reward model from `sft_model` on `preferences` pairs on Ray Train workers; publish `reward-model`."""
     started = time.time()

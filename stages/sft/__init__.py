@@ -5,6 +5,6 @@ Output: sft-model (causal-lm), with eval_loss, format_rate, gold_score, wall_sec
 """
 
 from stages.sft.config import Config
-from stages.sft.stage import INPUTS, NAME, OUTPUTS, run
+from stages.sft.stage import INPUTS, NAME, OUTPUTS, check_data, run
 
-__all__ = ["NAME", "Config", "INPUTS", "OUTPUTS", "run"]
+__all__ = ["NAME", "Config", "INPUTS", "OUTPUTS", "check_data", "run"]
