@@ -1,12 +1,15 @@
-"""PPO throughput: this project's Ray-actor PPO vs trl 1.12.0's `trl.experimental.ppo.PPOTrainer`, side by side.
+"""RL throughput: this project's Ray-actor PPO vs trl 1.12.0's `trl.experimental.ppo.PPOTrainer`, side by side,
+and our GRPO (no critic, `--group-size` replies per prompt) at the same number of replies per rollout.
 
 Both sides get the same randomly initialised GPT-2 (policy = reference, reward model = value model init), the same
 demo prompts, rollout batch, response length, PPO epochs and one minibatch per epoch, sampling at temperature 1.
 The peer runs in its own virtual environment (torch==2.13.0, trl==1.12.0, created on first use), as one process
 with torch's default threads; ours runs four Ray actors. Reported: samples/s over the PPO iterations (start-up and
 evaluation excluded on both sides) and the generation / scoring / training split, then the ratio ours / peer.
+Our GRPO samples `--batch` replies per rollout as `--batch / --group-size` prompts x `--group-size` replies.
 
     .venv/bin/python benchmarks/ppo_bench.py [--iterations 10 --batch 16 --response-length 16 --epochs 4]
+                                             [--group-size 4 --skip-grpo --skip-peer]
 """
 
 from __future__ import annotations
@@ -109,8 +112,8 @@ def build_models(work: Path, n_layer: int, n_embd: int, n_head: int, vocab: int)
     return sft, rm, [r["prompt"] for r in data["prompts"]["train"]]
 
 
-def run_ours(args, work: Path, sft: Path, rm: Path, prompts: list[str]) -> dict:
-    """Our stage on the same models; the split comes from its per-iteration metrics."""
+def run_ours(args, work: Path, sft: Path, rm: Path, prompts: list[str], algorithm: str = "ppo") -> dict:
+    """Our stage on the same models (`algorithm` ppo or grpo); the split comes from its per-iteration metrics."""
     import ray
 
     from stages import ppo
@@ -126,13 +129,17 @@ def run_ours(args, work: Path, sft: Path, rm: Path, prompts: list[str]) -> dict:
         prompts_a = store.publish(d, name="prompts", kind="dataset", stage="bench", extra={"format": "prompts"})
     if not ray.is_initialized():
         ray.init(num_cpus=os.cpu_count(), include_dashboard=False, log_to_driver=False)
+    group = args.group_size if algorithm == "grpo" else 1  # replies per prompt; the rollout holds args.batch replies
+    if args.batch % group:
+        raise SystemExit(f"--batch {args.batch} must be a multiple of --group-size {group}")
     cfg = ppo.Config(
-        iterations=args.iterations, rollout_batch_size=args.batch, mini_batch_size=args.batch, ppo_epochs=args.epochs,
-        max_new_tokens=args.response_length, temperature=1.0, learning_rate=args.lr, missing_eos_penalty=None,
-        eval_prompts=args.batch, checkpoint_every=10**6, torch_threads=args.threads,
+        algorithm=algorithm, group_size=max(group, 2), iterations=args.iterations, rollout_batch_size=args.batch // group,
+        mini_batch_size=args.batch, ppo_epochs=args.epochs, max_new_tokens=args.response_length, temperature=1.0,
+        learning_rate=args.lr, missing_eos_penalty=None, eval_prompts=args.batch, checkpoint_every=10**6,
+        torch_threads=args.threads,
     )  # fmt: skip
     t = time.perf_counter()
-    out = ppo.run(cfg, store=store, ctx=StageContext(work_dir=str(work / "run"), log=lambda m: None),
+    out = ppo.run(cfg, store=store, ctx=StageContext(work_dir=str(work / f"run-{algorithm}"), log=lambda m: None),
                   sft_model=sft_a, reward_model=rm_a, prompts=prompts_a)["policy"]  # fmt: skip
     wall = time.perf_counter() - t
     history = [json.loads(x) for x in (Path(out.path) / "metrics.jsonl").read_text().splitlines()]
@@ -176,7 +183,9 @@ def main() -> None:
     p.add_argument("--vocab", type=int, default=1024)
     p.add_argument("--lr", type=float, default=3e-5)
     p.add_argument("--threads", type=int, default=1, help="torch threads per actor on our side")
+    p.add_argument("--group-size", type=int, default=4, help="GRPO replies per prompt")
     p.add_argument("--skip-peer", action="store_true")
+    p.add_argument("--skip-grpo", action="store_true")
     args = p.parse_args()
     with tempfile.TemporaryDirectory(prefix="ppo-bench-") as d:
         work = Path(d)
@@ -184,13 +193,17 @@ def main() -> None:
         print(f"model: GPT-2 {args.n_layer} layers x {args.n_embd}, batch {args.batch}, response {args.response_length} "
               f"tokens, {args.epochs} PPO epochs, {args.iterations} iterations, {os.cpu_count()} CPUs")  # fmt: skip
         ours = run_ours(args, work, sft, rm, prompts)
-        print(describe("ours (Ray actors)", ours) + f"; stage wall incl. start-up {ours['stage_wall']:.1f}s")
+        print(describe("ours PPO (Ray actors)", ours) + f"; stage wall incl. start-up {ours['stage_wall']:.1f}s")
+        if not args.skip_grpo:
+            grpo = run_ours(args, work, sft, rm, prompts, "grpo")
+            print(describe(f"ours GRPO (k={args.group_size}, no critic)", grpo)
+                  + f"; stage wall incl. start-up {grpo['stage_wall']:.1f}s")  # fmt: skip
         if args.skip_peer:
             return
         peer = run_peer(args, work, sft, rm, prompts)
         print(describe(f"trl 1.12.0 PPOTrainer ({peer['threads']} thr)", peer))
         ratio = (ours["samples"] / ours["seconds"]) / (peer["samples"] / peer["seconds"])
-        print(f"ratio ours / trl 1.12.0: {ratio:.2f}x")
+        print(f"ratio ours PPO / trl 1.12.0 PPO: {ratio:.2f}x")
 
 
 if __name__ == "__main__":
