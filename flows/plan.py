@@ -129,20 +129,28 @@ def check_only_inputs(only: str, inputs: dict[str, str], cfg: PipelineConfig | N
         raise ConfigError(f"--only {only} needs an artifact for {', '.join(missing)}, e.g. {example}")
 
 
-def open_store(root: str, where: str = "--store"):
-    """The artifact store at `root`, or an ArtifactError line naming it when fsspec cannot open it (a protocol
-    nobody registered, such as foo://, or one whose package is not installed) instead of fsspec's traceback."""
-    from stages.common.store import ArtifactError, ArtifactStore
+def check_store_uri(root: str, where: str = "--store") -> None:
+    """An ArtifactError line naming `root` when fsspec cannot open it (a protocol nobody registered, such as foo://,
+    or one whose package is not installed) instead of fsspec's traceback; creates nothing."""
+    import fsspec
+
+    from stages.common.store import ArtifactError
 
     try:
-        return ArtifactStore(root)
-    except ArtifactError:
-        raise
+        fsspec.core.url_to_fs(str(root))
     except (ValueError, ImportError) as e:
         raise ArtifactError(
             f"{where} {root!r}: cannot open the artifact store ({e}); expected a folder or an fsspec URI such as "
             "s3://bucket/rlhf or memory://rlhf"
         ) from None
+
+
+def open_store(root: str, where: str = "--store"):
+    """The artifact store at `root`, after `check_store_uri`."""
+    from stages.common.store import ArtifactStore
+
+    check_store_uri(root, where)
+    return ArtifactStore(root)
 
 
 def store_root(params: dict[str, Any], cfg: PipelineConfig) -> tuple[str, str]:
@@ -283,7 +291,7 @@ def validate_run(params: dict[str, Any]) -> tuple[PipelineConfig, list[str]]:
         check_config = getattr(STAGES[node_named(cfg, name).stage], "check_config", None)
         if check_config is not None:
             check_config(cfg.stage_config(name))
-    open_store(*store_root(params, cfg))
+    check_store_uri(*store_root(params, cfg))
     address = cfg.run.ray_address or os.environ.get("RAY_ADDRESS")
     if address:
         probe_ray_address(address)
