@@ -82,6 +82,60 @@ PEER_SCRIPT = textwrap.dedent(
 )
 
 
+# The GRPO peer: trl 1.12.0's GRPOTrainer with the reward model as its reward function, the same replies per rollout
+# (batch = prompts x num_generations), `epochs` passes over each rollout (num_iterations), one optimizer step per
+# pass, beta 0.04 (the KL as a k3 loss term, as ours), token-level loss ("dapo", as ours), group std scaling.
+PEER_GRPO_SCRIPT = textwrap.dedent(
+    """
+    import json, sys, time, torch, transformers
+    from datasets import Dataset
+    from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification, AutoTokenizer
+    from trl import GRPOConfig, GRPOTrainer
+
+    a = json.loads(sys.argv[1])
+    clock = {"generation": 0.0, "scoring": 0.0}
+
+    def timed(fn, kind, only_no_grad=False):
+        def inner(*args, **kwargs):
+            if only_no_grad and torch.is_grad_enabled():
+                return fn(*args, **kwargs)
+            t = time.perf_counter()
+            try:
+                return fn(*args, **kwargs)
+            finally:
+                clock[kind] += time.perf_counter() - t
+        return inner
+
+    transformers.GenerationMixin.generate = timed(transformers.GenerationMixin.generate, "generation")
+    GRPOTrainer._calculate_rewards = timed(GRPOTrainer._calculate_rewards, "scoring")
+    GRPOTrainer._get_per_token_logps_and_entropies = timed(
+        GRPOTrainer._get_per_token_logps_and_entropies, "scoring", only_no_grad=True)
+    tok = AutoTokenizer.from_pretrained(a["sft"])
+    policy = AutoModelForCausalLM.from_pretrained(a["sft"])
+    rm = AutoModelForSequenceClassification.from_pretrained(a["rm"], num_labels=1)
+    k = a["group_size"]
+    ds = Dataset.from_dict({"prompt": a["prompts"]})
+    args = GRPOConfig(
+        output_dir=a["out"], per_device_train_batch_size=a["batch"], gradient_accumulation_steps=1,
+        num_generations=k, steps_per_generation=1, num_iterations=a["epochs"], max_steps=a["iterations"] * a["epochs"],
+        max_completion_length=a["response_length"], temperature=1.0, top_k=0, learning_rate=a["lr"], beta=0.04,
+        loss_type="dapo", scale_rewards="group", report_to=[], use_cpu=True, save_strategy="no",
+        logging_steps=10**6, seed=0, bf16=False,
+    )
+    trainer = GRPOTrainer(model=policy, reward_funcs=rm, args=args, train_dataset=ds, processing_class=tok,
+                          reward_processing_classes=tok)
+    t = time.perf_counter()
+    trainer.train()
+    total = time.perf_counter() - t
+    print("PEER_RESULT " + json.dumps({
+        "seconds": total, "samples": a["batch"] * a["iterations"], "threads": torch.get_num_threads(),
+        "generation": clock["generation"], "scoring": clock["scoring"],
+        "training": total - clock["generation"] - clock["scoring"],
+    }))
+    """
+)
+
+
 def ensure_peer_venv() -> Path:
     """Create the trl 1.12.0 venv on first use (pip from the package registry); returns its python."""
     python = PEER_VENV / "bin" / "python"
@@ -147,14 +201,14 @@ def run_ours(args, work: Path, sft: Path, rm: Path, prompts: list[str], algorith
     return {"seconds": sum(split.values()), "samples": args.batch * len(history), "stage_wall": wall, **split}
 
 
-def run_peer(args, work: Path, sft: Path, rm: Path, prompts: list[str]) -> dict:
-    """trl 1.12.0's PPOTrainer in its own venv, same models and sizes."""
+def run_peer(args, work: Path, sft: Path, rm: Path, prompts: list[str], algorithm: str = "ppo") -> dict:
+    """trl 1.12.0's PPOTrainer (or GRPOTrainer) in its own venv, same models and sizes."""
     python = ensure_peer_venv()
-    script = work / "peer.py"
-    script.write_text(PEER_SCRIPT)
+    script = work / f"peer-{algorithm}.py"
+    script.write_text(PEER_GRPO_SCRIPT if algorithm == "grpo" else PEER_SCRIPT)
     payload = {"sft": str(sft), "rm": str(rm), "prompts": prompts, "batch": args.batch, "epochs": args.epochs,
                "iterations": args.iterations, "response_length": args.response_length, "lr": args.lr,
-               "out": str(work / "peer-out")}  # fmt: skip
+               "group_size": args.group_size, "out": str(work / f"peer-out-{algorithm}")}  # fmt: skip
     env = {**os.environ, "WANDB_DISABLED": "true", "TOKENIZERS_PARALLELISM": "false"}
     proc = subprocess.run([str(python), str(script), json.dumps(payload)], capture_output=True, text=True, env=env)
     for line in proc.stdout.splitlines():
@@ -204,6 +258,11 @@ def main() -> None:
         print(describe(f"trl 1.12.0 PPOTrainer ({peer['threads']} thr)", peer))
         ratio = (ours["samples"] / ours["seconds"]) / (peer["samples"] / peer["seconds"])
         print(f"ratio ours PPO / trl 1.12.0 PPO: {ratio:.2f}x")
+        if not args.skip_grpo:
+            peer_grpo = run_peer(args, work, sft, rm, prompts, "grpo")
+            print(describe(f"trl 1.12.0 GRPOTrainer ({peer_grpo['threads']} thr)", peer_grpo))
+            ratio = (grpo["samples"] / grpo["seconds"]) / (peer_grpo["samples"] / peer_grpo["seconds"])
+            print(f"ratio ours GRPO / trl 1.12.0 GRPO: {ratio:.2f}x")
 
 
 if __name__ == "__main__":

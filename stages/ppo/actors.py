@@ -260,10 +260,12 @@ class PolicyActor(_Trainable):
         self.eos_ids = [int(i) for i in settings["eos_token_ids"]]
 
     @torch.no_grad()
-    def generate(self, prompts: dict, seed: int | None = None) -> dict:
+    def generate(self, prompts: dict, seed: int | None = None, with_logprobs: bool = True) -> dict:
         """Sample one response per left-padded prompt; returns the rollout layout plus the sampling log-probs.
 
         prompts: {"prompt_ids", "prompt_mask"} [B, P]; `seed` makes the samples reproducible (offset per rank).
+        `with_logprobs=False` leaves "logprobs" out: the loop then asks `logprobs` for them while the reference and
+        reward model score the batch, so the full-sequence forward overlaps their work instead of following sampling.
         """
         from transformers import GenerationConfig
 
@@ -288,16 +290,32 @@ class PolicyActor(_Trainable):
         responses = responses.masked_fill(response_mask == 0, self.pad_id)
         tokens = torch.cat([prompt_ids, responses], dim=1)
         attention_mask = torch.cat([prompt_mask.long(), response_mask], dim=1)
-        with self.full_params():
-            logits = response_logits(module, tokens, attention_mask, P) / s["temperature"]
-        logprobs = A.logprobs_from_logits(logits, responses) * response_mask
-        return {
+        out = {
             "tokens": tokens.cpu(),
             "attention_mask": attention_mask.cpu(),
             "response_mask": response_mask.float().cpu(),
-            "logprobs": logprobs.cpu(),
             "ended": ended.cpu(),
         }
+        if with_logprobs:
+            out["logprobs"] = self._logprobs(tokens, attention_mask, response_mask, P).cpu()
+        return out
+
+    @torch.no_grad()
+    def logprobs(self, batch: dict) -> torch.Tensor:
+        """log p_policy(response token) of a rollout batch at the sampling temperature: [B, T], zero on padding.
+
+        The same full-sequence forward the PPO ratio's numerator takes, so the ratio is 1 before the first step.
+        """
+        b = self._to(batch)
+        self.engine.module.eval()
+        return self._logprobs(b["tokens"], b["attention_mask"], b["response_mask"], b["prompt_len"]).cpu()
+
+    def _logprobs(self, tokens, attention_mask, response_mask, prompt_len: int) -> torch.Tensor:
+        with self.full_params():
+            logits = (
+                response_logits(self.engine.module, tokens, attention_mask, prompt_len) / self.settings["temperature"]
+            )
+        return A.logprobs_from_logits(logits, tokens[:, prompt_len:]) * response_mask
 
     def train(self, batch: dict, epochs: int, seed: int) -> dict[str, float]:
         """`epochs` passes of clipped-surrogate minibatch steps over this actor's shard; returns mean statistics.
