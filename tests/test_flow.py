@@ -28,8 +28,8 @@ def _run(copy, **params):
 
 
 def test_plan_stages():
-    assert plan_stages(None, None) == (["pretrain", "sft", "reward", "ppo"], set())
-    assert plan_stages("reward", None) == (["pretrain", "sft", "reward", "ppo"], {"reward", "ppo"})
+    assert plan_stages(None, None) == (["pretrain", "sft", "reward", "ppo", "eval"], set())
+    assert plan_stages("reward", None) == (["pretrain", "sft", "reward", "ppo", "eval"], {"reward", "ppo", "eval"})
     assert plan_stages(None, "sft") == (["sft"], set())
     with pytest.raises(ConfigError, match="--from 'rlhf': unknown stage"):
         plan_stages("rlhf", None)
@@ -124,7 +124,7 @@ def test_missed_gate_stops_the_flow_before_the_next_stage(pipeline_copy):
 
     before = _versions(pipeline_copy["store"])
     with pytest.raises(GateFailed, match=r"^reward: quality gate missed: eval_accuracy = [0-9.]+, expected at least "
-                                         r"0.99 \(reward.gate.min_eval_accuracy\); reward-model@v1 is published"):
+                                         r"0.99 \(reward.gate.min_eval_accuracy\); reward-model@v\d+ is published"):
         _run(pipeline_copy, from_stage="ppo", overrides=["reward.gate.min_eval_accuracy=0.99"])
     assert _versions(pipeline_copy["store"]) == before  # the gate is not in the key: reward reused, no new policy
 
