@@ -9,7 +9,8 @@ run per pipeline run, and one nested run per stage holding:
   tags     `state` (ran / Cached), `output.<name>.ref|digest` and `input.<role>.ref|digest`: lineage readable there.
 
 Where runs go: `tracking.uri`, else MLflow's own default (MLFLOW_TRACKING_URI, else `sqlite:///mlflow.db` in the
-working directory), so `mlflow.search_runs(experiment_names=["rlhf"])` run from the same directory finds them.
+working directory), in MLflow's "Default" experiment (`tracking.experiment`), so a bare `mlflow.search_runs()` run
+from the same directory finds them.
 
 Tracking never fails a pipeline: the first problem (an unreachable server, an unusable database, a rejected value) is
 one warning line, and tracking is off for the rest of the run. mlflow is imported only when tracking is on.
@@ -58,7 +59,8 @@ class TrackingSection(Section):
     uri: str | None = Field(
         None, min_length=1, description="MLflow tracking URI; None = MLFLOW_TRACKING_URI or ./mlflow.db (sqlite)"
     )
-    experiment: str = Field("rlhf", min_length=1, max_length=500, description="MLflow experiment of the runs")
+    # MLflow's own default experiment, so a bare `mlflow.search_runs()` from the same folder finds the runs
+    experiment: str = Field("Default", min_length=1, max_length=500, description="MLflow experiment of the runs")
     report_to: list[str] = Field(
         default_factory=list, description="integrations the TRL stages log to as well, e.g. ['tensorboard']"
     )

@@ -238,7 +238,7 @@ def test_default_location_is_found_by_search_runs(in_mlflow_dir, lineage):
             tracker.log_stage(stage, state="ran", config={"seed": 1}, outputs={"sft-model": lineage["sft"]},
                               inputs={"data": lineage["data"]})  # fmt: skip
     assert tracker.uri == f"sqlite:///{in_mlflow_dir}/mlflow.db"
-    runs = mlflow.search_runs(experiment_names=["rlhf"])
+    runs = mlflow.search_runs()  # the default experiment, at the default location
     assert sorted(runs["tags.mlflow.runName"]) == ["ppo", "pretrain", "reward", "sft", "tiny"]
     parent_id = runs[runs["tags.rlhf.run"] == "pipeline"]["run_id"].item()
     stages = runs[runs["tags.rlhf.run"] == "stage"]
