@@ -83,7 +83,7 @@ def data_task(cfg: PipelineConfig, store: ArtifactStore, fmt: str, node: str | N
 def model_task(key: str, value: str, kind: str, store: ArtifactStore) -> str:
     """A model named in the config (`sft.base_model`): an artifact ref, or a local HF directory imported by content."""
     try:
-        art = resolve_model(store, value, kind)
+        art = resolve_model(store, value, kind, key)
     except USER_ERRORS as e:
         return _user_failure(e)
     get_run_logger().info(f"{key}: {value} -> {art.ref} (digest {art.digest[:12]})")

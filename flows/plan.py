@@ -176,15 +176,33 @@ def import_name(path: str) -> str:
     return name or "imported-model"
 
 
-def resolve_model(store, value: str, kind: str):
-    """A model named in the config: an artifact ref, or a local HF directory imported into the store by content.
+def resolve_model(store, value: str, kind: str, where: str = "config"):
+    """A model named in the config (`where`, e.g. sft.base_model): an artifact ref, or a local HF directory imported
+    into the store by content.
 
     A ref's kind is checked by the stage when several are acceptable (a tokenizer may come from a causal-lm)."""
+    from stages.common.store import ArtifactError
+
     if Path(value).expanduser().is_dir():
         from stages.common.artifact_import import import_model
 
         return import_model(store, str(Path(value).expanduser()), kind=kind, name=import_name(value))
-    return store.get(value, kind=kind if kind == "causal-lm" else None)
+    if "/" in value or value.startswith("~"):  # artifact names never hold a slash: this was meant as a folder
+        raise ArtifactError(f"{where} {value!r}: no such directory (expected a HF model folder or an artifact ref)")
+    try:
+        return store.get(value, kind=kind if kind == "causal-lm" else None)
+    except ArtifactError as e:  # the same class (a corrupted artifact stays exit 1), the config key in front
+        raise type(e)(f"{where}: {e}") from None
+
+
+def get_input(store, role: str, ref: str, kind: str | None):
+    """The artifact of an explicit `--input ROLE=REF`; its errors name the flag in front."""
+    from stages.common.store import ArtifactError
+
+    try:
+        return store.get(ref, kind=kind)
+    except ArtifactError as e:  # the same class (a corrupted artifact stays exit 1)
+        raise type(e)(f"--input {role}={ref}: {e}") from None
 
 
 def input_kind(node: Node, role: str) -> str | None:
@@ -233,11 +251,12 @@ def resolve_inputs(cfg: PipelineConfig, store, node: Node, explicit: dict[str, s
     for role, (source, what) in node.inputs.items():
         kind = input_kind(node, role)
         if role in explicit:
-            arts[role] = store.get(explicit[role], kind=kind)
+            arts[role] = get_input(store, role, explicit[role], kind)
         elif source == "data":
             arts[role] = ingest_data(cfg, store, what, check=data_check(cfg, node, role, arts))
         elif source == "config":
-            arts[role] = resolve_model(store, what, config_model_kind(node, role))
+            key = next(k for (section, k), (r, _) in CONFIG_MODELS.items() if section == node.name and r == role)
+            arts[role] = resolve_model(store, what, config_model_kind(node, role), f"{node.name}.{key}")
         else:
             arts[role] = produced[what]
     return arts
@@ -256,7 +275,7 @@ def all_cached(cfg: PipelineConfig, store, stages: list[str], inputs: dict[str, 
     summary: dict[str, Any] = {"store": store.root, "stages": {}, "skipped": {}, "prefect": "not started"}
     if cfg.sft.base_model and "pretrain" not in stages:
         summary["skipped"]["pretrain"] = f"sft.base_model = {cfg.sft.base_model}"
-        produced["base-model"] = resolve_model(store, cfg.sft.base_model, "causal-lm")
+        produced["base-model"] = resolve_model(store, cfg.sft.base_model, "causal-lm", "sft.base_model")
     produced = {**produced}
     for name in stages:
         node = node_named(cfg, name)

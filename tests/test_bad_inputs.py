@@ -187,19 +187,19 @@ def test_preference_pairs_longer_than_the_context(store, tmp_path, capfd):
 # --- inputs and refs --------------------------------------------------------------------------------------------------
 
 REF_CASES = [
-    ("wrong-kind-input", ["--only", "sft", "--input", "base_model=sft-data@v1"], ["sft-data@v1", "kind is 'dataset'",
-                                                                              "expected 'causal-lm'"]),
-    ("missing-input-ref", ["--only", "reward", "--input", "sft_model=sft-model@v9"], ["sft-model@v9", "no such"]),
-    ("missing-input-version", ["--only", "reward", "--input", "sft_model=tiny-lm@v9"], ["tiny-lm@v9", "no such version"]),
-    ("bad-ref-syntax", ["--only", "reward", "--input", "sft_model=tiny-lm@@x"], ["tiny-lm@@x"]),
+    ("wrong-kind-input", ["--only", "sft", "--input", "base_model=sft-data@v1"], ["--input base_model=sft-data@v1",
+                                                                              "kind is 'dataset'", "expected 'causal-lm'"]),
+    ("missing-input-ref", ["--only", "reward", "--input", "sft_model=sft-model@v9"], ["--input sft_model=sft-model@v9", "no such artifact"]),
+    ("missing-input-version", ["--only", "reward", "--input", "sft_model=tiny-lm@v9"], ["--input sft_model=tiny-lm@v9", "no such version"]),
+    ("bad-ref-syntax", ["--only", "reward", "--input", "sft_model=tiny-lm@@x"], ["--input sft_model=tiny-lm@@x", "bad artifact ref"]),
     ("input-without-only", ["--input", "sft_model=tiny-lm@v1"], ["--input", "only meaningful with --only"]),
     ("input-not-role-ref", ["--only", "sft", "--input", "base_model"], ["--input 'base_model'", "ROLE=REF"]),
     ("unknown-only-role", ["--only", "sft", "--input", "policy=tiny-lm@v1"], ["sft has no input 'policy'"]),
     ("only-missing-input", ["--only", "reward"], ["--only reward needs an artifact for sft_model"]),
     ("unknown-only-stage", ["--only", "critic"], ["--only", "invalid choice: 'critic'"]),
     ("from-and-only", ["--from", "sft", "--only", "reward"], ["--only", "not allowed with argument --from"]),
-    ("missing-base-model", ["--set", "sft.base_model=no-such-model@latest"], ["no-such-model@latest", "no such"]),
-    ("base-model-path-missing", ["--set", "sft.base_model=/nowhere/my-llama"], ["/nowhere/my-llama"]),
+    ("missing-base-model", ["--set", "sft.base_model=no-such-model@latest"], ["sft.base_model: no-such-model@latest", "no such artifact"]),
+    ("base-model-path-missing", ["--set", "sft.base_model=/nowhere/my-llama"], ["sft.base_model '/nowhere/my-llama'", "no such directory"]),
 ]
 
 
