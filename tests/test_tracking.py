@@ -106,11 +106,11 @@ def test_stage_times_from_manifest_when_ran(tmp_path):
 
 
 def test_tracking_section_is_strict():
-    assert TrackingSection().model_dump() == {"enabled": True, "uri": None, "experiment": "rlhf", "report_to": []}
+    assert TrackingSection().model_dump() == {"enabled": True, "uri": None, "experiment": "Default", "report_to": []}
     with pytest.raises(ValidationError):
         TrackingSection(enabled="yes")
     with pytest.raises(ValidationError):
-        TrackingSection.model_validate({"experiment": "rlhf", "server": "x"})
+        TrackingSection.model_validate({"experiment": "Default", "server": "x"})
     with pytest.raises(ValidationError):
         TrackingSection(experiment="")
 
