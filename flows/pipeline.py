@@ -130,6 +130,7 @@ def _run_or_reuse(name: str, cfg: PipelineConfig, store: ArtifactStore, ray_driv
         seed=cfg.run.seed,
         scaling=cfg.run.scaling(),
         log=logger.info,
+        report_to=tuple(cfg.tracking.report_to),
     )
     ray_driver.ensure()
     logger.info(f"{name}: running (cache key {key[:12]}, inputs {', '.join(a.ref for a in inputs.values()) or 'none'})")

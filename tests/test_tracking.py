@@ -301,3 +301,19 @@ def test_unusable_database_is_one_warning_then_off(tmp_path, lineage):
     tracker.end("FINISHED")
     assert len(warnings) == 1 and "cannot open the sqlite database" in warnings[0]
     assert not tracker.enabled
+
+
+def test_report_to_reaches_the_trainers_arguments(tmp_path, monkeypatch):
+    """tracking.report_to is passed through to the HF Trainer (TensorBoard's folder beside the checkpoints)."""
+    from stages.common.trl_stage import training_args
+
+    monkeypatch.delenv("TENSORBOARD_LOGGING_DIR", raising=False)
+    cfg = {"max_steps": 2, "per_worker_batch": 2, "gradient_accumulation_steps": 1, "learning_rate": 1e-3,
+           "warmup_steps": 0, "weight_decay": 0.0, "bf16": False, "use_gpu": False, "deepspeed": None,
+           "logging_steps": 1, "save_steps": 2, "seed": 0}  # fmt: skip
+    assert training_args(cfg, str(tmp_path))["report_to"] == "none"
+    args = training_args({**cfg, "report_to": ["tensorboard"], "logging_dir": str(tmp_path / "tb")}, str(tmp_path))
+    assert args["report_to"] == ["tensorboard"]
+    import os
+
+    assert os.environ["TENSORBOARD_LOGGING_DIR"] == str(tmp_path / "tb")

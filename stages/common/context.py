@@ -28,3 +28,4 @@ class StageContext:
     seed: int = 0
     scaling: Scaling = field(default_factory=Scaling)
     log: Callable[[str], None] = print
+    report_to: tuple[str, ...] = ()  # experiment trackers the trainers report to as well (tensorboard, wandb, ...)

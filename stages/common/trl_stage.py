@@ -17,6 +17,7 @@ from the latest. When training is done, rank 0 reports one last checkpoint holdi
 from __future__ import annotations
 
 import json
+import os
 import shutil
 import tempfile
 import time
@@ -234,6 +235,9 @@ def train_and_publish(train_loop: Callable, loop_config: dict, *, stage: str, ou
     )
     if loop_config["tokenizer"]["pad_note"]:
         ctx.log(f"{stage}: {loop_config['tokenizer']['pad_note']}")
+    if ctx.report_to:  # the HF Trainer's own integrations; their logs live beside the stage's checkpoints
+        loop_config = {**loop_config, "report_to": list(ctx.report_to),
+                       "logging_dir": f"{ray_train.storage_path(ctx.work_dir).rstrip('/')}/tracking"}  # fmt: skip
     result = ray_train.fit(train_loop, loop_config, ctx=ctx, run_name=stage, checkpoint_complete=checkpoint_complete)
     with tempfile.TemporaryDirectory(prefix=f"rlhf-{stage}-out-") as out, result.checkpoint.as_directory() as ckpt:
         shutil.copytree(Path(ckpt) / FINAL_DIR, out, dirs_exist_ok=True)
@@ -287,6 +291,8 @@ def local_model_dir(cfg: dict[str, Any]) -> str:
 
 def training_args(cfg: dict[str, Any], output_dir: str) -> dict[str, Any]:
     """Keyword arguments of SFTConfig / RewardConfig that both stages set the same way from the loop config."""
+    if cfg.get("logging_dir"):  # transformers 5 reads TensorBoard's folder from the environment only
+        os.environ["TENSORBOARD_LOGGING_DIR"] = cfg["logging_dir"]
     return dict(
         output_dir=output_dir,
         max_steps=cfg["max_steps"],
@@ -307,7 +313,7 @@ def training_args(cfg: dict[str, Any], output_dir: str) -> dict[str, Any]:
         save_steps=cfg["save_steps"],
         save_total_limit=1,  # older checkpoints are already in the Ray run storage
         eval_strategy="no",
-        report_to="none",
+        report_to=cfg.get("report_to") or "none",  # tracking.report_to, passed through by the flow
         disable_tqdm=True,
         dataloader_num_workers=0,
         seed=cfg["seed"],
