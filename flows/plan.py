@@ -225,6 +225,18 @@ def ingest_data(cfg: PipelineConfig, store, fmt: str, check=None):
                   seed=cfg.run.seed, columns=_columns(cfg, fmt), check=check)  # fmt: skip
 
 
+def check_data_sources(cfg: PipelineConfig, stages: list[str], explicit: dict[str, str]) -> None:
+    """Read and validate every local data file the run will ingest, publishing nothing: a bad file of a late
+    stage fails before the stages ahead of it run (and publish). Roles given as --input artifacts are skipped."""
+    from stages.common.data import check_source
+
+    formats = {what for name in stages for role, (source, what) in node_named(cfg, name).inputs.items()
+               if source == "data" and role not in explicit}  # fmt: skip
+    for fmt in sorted(formats):
+        check_source(getattr(cfg.data, fmt), fmt, columns=_columns(cfg, fmt), test_fraction=cfg.data.test_fraction,
+                     seed=cfg.run.seed)  # fmt: skip
+
+
 def data_check(cfg: PipelineConfig, node: Node, role: str, models: dict[str, Any]):
     """The node's own input check of its data set `role` against its model inputs (`models`: role -> Artifact), as
     a function of the staged rows; None when its stage has none or a model input is not known yet.
@@ -311,6 +323,7 @@ def validate_run(params: dict[str, Any]) -> tuple[PipelineConfig, list[str]]:
         if check_config is not None:
             check_config(cfg.stage_config(name))
     check_store_uri(*store_root(params, cfg))
+    check_data_sources(cfg, stages, params.get("inputs") or {})
     address = cfg.run.ray_address or os.environ.get("RAY_ADDRESS")
     if address:
         probe_ray_address(address)

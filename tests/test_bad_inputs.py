@@ -148,6 +148,16 @@ def test_bad_data_is_refused_before_publishing(only, key, name, rows, expected, 
     assert snapshot(store) == before
 
 
+def test_bad_data_of_a_late_stage_fails_before_the_first_stage(tmp_path, capfd):
+    """The whole pipeline on a fresh store: the preference file is refused before the demo corpus is published or
+    pretraining starts (the run is validated first, nothing waits for the stages ahead of reward)."""
+    store = tmp_path / "fresh"
+    path = write_jsonl(tmp_path / "prefs.jsonl", [*PAIRS, PAIRS[0]])
+    code, out, err = cli(run_args(store, tmp_path, "--set", f"data.preferences={path}"), capfd)
+    assert_one_line_error(code, out, err, "prefs.jsonl", "row 3", "as row 0")
+    assert snapshot(store) == []
+
+
 def test_column_map_naming_a_missing_column(store, tmp_path, capfd):
     path = write_jsonl(tmp_path / "prefs.jsonl", PAIRS)
     before = snapshot(store)
@@ -298,3 +308,11 @@ def test_console_script_bad_data(store, tmp_path):
     code, out, err = rlhf(*run_args(store, tmp_path, *SFT_ONLY, "--set", f"data.sft={path}"), cwd=tmp_path)
     assert_one_line_error(code, out, err, "sft.jsonl", "cannot read")
     assert snapshot(store) == before
+
+
+def test_console_script_bad_data_on_a_fresh_store(tmp_path):
+    store = tmp_path / "fresh"
+    path = write_jsonl(tmp_path / "sft.jsonl", [*SFT_ROWS, {"prompt": "User: hi\nAssistant:", "completion": 7}])
+    code, out, err = rlhf(*run_args(store, tmp_path, "--set", f"data.sft={path}"), cwd=tmp_path)
+    assert_one_line_error(code, out, err, "sft.jsonl", "row 3", "'completion'")
+    assert snapshot(store) == []

@@ -303,6 +303,41 @@ class UnpublishedDataset:
         return {}
 
 
+def _read_validated(source: str, fmt: str, columns: dict[str, str] | None, test_fraction: float,
+                    seed: int) -> tuple[dict[str, datasets.Dataset], bool]:  # fmt: skip
+    """A user's source read, its columns mapped, validated and split as `ingest` publishes it; (splits, test given)."""
+    loaded = read_splits(source)
+    if columns:
+        loaded = {
+            split: rename_columns(ds, fmt, columns, f"{source} [{split}]" if len(loaded) > 1 else source)
+            for split, ds in loaded.items()
+        }
+    if "test" in loaded:
+        return {s: validate(loaded[s], fmt, f"{source} [{s}]") for s in SPLITS}, True
+    return _seeded_split(validate(loaded["train"], fmt, source), test_fraction, seed, source), False
+
+
+def check_source(source: str, fmt: str, *, columns: dict[str, str] | None = None, test_fraction: float = 0.1,
+                 seed: int = 0) -> None:  # fmt: skip
+    """Every check `ingest` makes of a local source, publishing nothing.
+
+    `rlhf run` calls it for each data set before anything starts, so a bad file fails in seconds rather than after
+    the stages before its own have run (and published). The demo data is generated, hub data sets are downloaded by
+    `ingest` itself: both are left to it."""
+    _check_format(fmt)
+    if source == "demo":
+        if columns:
+            raise DataError(f"demo: a column map ({columns}) applies to a user's file, not to the generated demo data")
+        return
+    path = Path(source).expanduser()
+    local = path.exists() or path.suffix.lower() in _BUILDERS or source.startswith((".", "/", "~"))
+    if source.startswith("hf:") or not local:
+        return
+    if not 0.0 < test_fraction < 1.0:
+        raise DataError(f"test_fraction must be in (0, 1), found {test_fraction}")
+    _read_validated(source, fmt, columns, test_fraction, seed)
+
+
 def ingest(
     source: str,
     fmt: str,
@@ -333,23 +368,14 @@ def ingest(
         splits = demo.generate(demo_cfg)[fmt]
         config: dict[str, Any] = {"source": source, "format": fmt, "demo": demo_cfg.to_dict()}
     else:
-        loaded = read_splits(source)
-        if columns:
-            loaded = {
-                split: rename_columns(ds, fmt, columns, f"{source} [{split}]" if len(loaded) > 1 else source)
-                for split, ds in loaded.items()
-            }
-        if "test" in loaded:
-            parts = {s: validate(loaded[s], fmt, f"{source} [{s}]") for s in SPLITS}
-        else:
-            parts = _seeded_split(validate(loaded["train"], fmt, source), test_fraction, seed, source)
+        parts, test_given = _read_validated(source, fmt, columns, test_fraction, seed)
         splits = {s: _rows(parts[s]) for s in SPLITS}
         config = {
             "source": source,
             "format": fmt,
             "test_fraction": test_fraction,
             "seed": seed,
-            "test_split": "given" if "test" in loaded else "seeded",
+            "test_split": "given" if test_given else "seeded",
         }
         if columns:
             config["columns"] = dict(sorted(columns.items()))
