@@ -21,7 +21,7 @@ def _plots(art: Artifact) -> list[str]:
     """Curves saved inside an artifact, inlined as data URIs so the UI shows them without a file server."""
     out = []
     for name in PLOT_NAMES:
-        path = Path(art.path) / name
+        path = Path(art.reports_path or art.path) / name
         if path.is_file():
             data = base64.b64encode(path.read_bytes()).decode()
             out.append(f"![{art.name} {name}](data:image/png;base64,{data})")

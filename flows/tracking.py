@@ -339,8 +339,8 @@ class Tracker:
             tags[MLFLOW_PARENT_RUN_ID] = self._parent_id
         run_id = self._client.create_run(self._experiment_id, start_time=start, run_name=stage, tags=tags).info.run_id
         summary = by_output({name: summary_metrics(art.metrics) for name, art in outputs.items()})
-        curves = by_output({name: read_curves(Path(art.path) / "metrics.jsonl") for name, art in outputs.items()
-                            if (Path(art.path) / "metrics.jsonl").is_file()})  # fmt: skip
+        curves = by_output({name: read_curves(_curves_file(art)) for name, art in outputs.items()
+                            if _curves_file(art).is_file()})  # fmt: skip
         points = [(key, value, 0) for key, value in summary.items()]
         points += [(f"curve/{key}", value, step) for key, series in curves.items() for step, value in series]
         self._log_batch(run_id, params=flatten(config), metrics=points, timestamp=end)
@@ -372,6 +372,12 @@ class Tracker:
             self._client.log_batch(run_id, tags=tag_list[i : i + PARAMS_TAGS_PER_BATCH])
         for i in range(0, len(metric_list), METRICS_PER_BATCH):
             self._client.log_batch(run_id, metrics=metric_list[i : i + METRICS_PER_BATCH])
+
+
+def _curves_file(art: Artifact) -> Path:
+    """An artifact's metrics.jsonl: in its reports (outside the digest), or, for older artifacts, among its files."""
+    in_reports = Path(art.reports_path) / "metrics.jsonl" if getattr(art, "reports_path", "") else None
+    return in_reports if in_reports is not None and in_reports.is_file() else Path(art.path) / "metrics.jsonl"
 
 
 def _experiment_id(client, name: str) -> str:

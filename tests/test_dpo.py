@@ -197,14 +197,14 @@ def test_dpo_trains_on_two_ray_workers_and_a_rerun_reuses_the_result(setup, loca
     policy = dpo.run(config, sft_model=sft_model, preferences=prefs, store=store, ctx=ctx)["policy-dpo"]
 
     assert policy.kind == "causal-lm" and policy.ref == "policy-dpo@v1"
-    history = [json.loads(line) for line in (Path(policy.path) / "metrics.jsonl").read_text().splitlines()]
+    history = [json.loads(line) for line in (Path(policy.reports_path) / "metrics.jsonl").read_text().splitlines()]
     assert [e["step"] for e in history if "loss" in e] == [2, 4, 6, 8]
     for key in ("eval_loss", "eval_reward_accuracy", "eval_reward_margin", "first_logged_loss", "last_logged_loss",
                 "format_rate", "gold_score", "wall_seconds"):
         assert math.isfinite(policy.metrics[key]), key
     assert policy.metrics["first_logged_loss"] == pytest.approx(math.log(2), abs=0.01)  # policy == reference at first
     assert 0.0 <= policy.metrics["eval_reward_accuracy"] <= 1.0 and 0.0 <= policy.metrics["format_rate"] <= 1.0
-    assert (Path(policy.path) / "loss_curve.png").stat().st_size > 0
+    assert (Path(policy.reports_path) / "loss_curve.png").stat().st_size > 0
     assert not list(Path(policy.path).glob("*.bin")) and not list(Path(policy.path).glob("*.pt"))  # no pickles
     lm = AutoModelForCausalLM.from_pretrained(policy.path)
     assert lm.get_input_embeddings().weight.shape[0] == len(AutoTokenizer.from_pretrained(policy.path))

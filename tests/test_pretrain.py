@@ -184,7 +184,7 @@ def resumed_run(tmp_path_factory, local_ray):
 @pytest.mark.slow
 def test_killed_run_resumes_from_its_checkpoint(resumed_run):
     model = resumed_run["outputs"]["base-model"]
-    history = [json.loads(x) for x in (Path(model.path) / "metrics.jsonl").read_text().splitlines()]
+    history = [json.loads(x) for x in (Path(model.reports_path) / "metrics.jsonl").read_text().splitlines()]
     assert "\n" not in str(resumed_run["crash"]) and "worker rank" in str(resumed_run["crash"])
     assert [r["step"] for r in resumed_run["before_kill"]] == list(range(1, CRASH_STEP + 1))
     assert model.metrics["resumed_from_step"] == CRASH_STEP
@@ -206,7 +206,7 @@ def test_killed_run_resumes_from_its_checkpoint(resumed_run):
 @pytest.mark.slow
 def test_loss_falls_and_beats_the_unigram_baseline(resumed_run):
     model = resumed_run["outputs"]["base-model"]
-    history = [json.loads(x) for x in (Path(model.path) / "metrics.jsonl").read_text().splitlines()]
+    history = [json.loads(x) for x in (Path(model.reports_path) / "metrics.jsonl").read_text().splitlines()]
     losses = [r["loss"] for r in history if "loss" in r]
     assert np.mean(losses[-10:]) < np.mean(losses[:5]) - 1.0
     m = model.metrics
@@ -215,7 +215,7 @@ def test_loss_falls_and_beats_the_unigram_baseline(resumed_run):
         assert key in m
     assert m["val_perplexity"] < 0.5 * m["unigram_perplexity"]
     assert m["tokens_per_second"] > 0 and 0 < m["mfu"] < 1
-    assert (Path(model.path) / "loss_curve.png").stat().st_size > 1000
+    assert (Path(model.reports_path) / "loss_curve.png").stat().st_size > 1000
 
 
 @pytest.mark.slow
@@ -292,7 +292,7 @@ def test_llama_from_scratch_publishes_a_plain_llama(demo_corpus_store, local_ray
     assert model.config.tie_word_embeddings and model.config.intermediate_size == 128  # 8/3 x 32 -> 85 -> 128
     tokenizer = AutoTokenizer.from_pretrained(art.path)
     assert model.config.vocab_size == len(tokenizer)
-    history = [json.loads(x) for x in (Path(art.path) / "metrics.jsonl").read_text().splitlines()]
+    history = [json.loads(x) for x in (Path(art.reports_path) / "metrics.jsonl").read_text().splitlines()]
     losses = [r["loss"] for r in history if "loss" in r]
     assert [r["step"] for r in history if "loss" in r] == list(range(1, LLAMA["max_steps"] + 1))
     assert losses[-1] < losses[0] - 0.5

@@ -169,7 +169,7 @@ def test_reward_model_trains_on_two_ray_workers(setup, ray_session):
     # 100 held-out pairs: chance is 0.5 with a standard deviation of 0.05, so 0.6 is two of them above it.
     assert metrics["eval_accuracy"] > 0.6 and metrics["eval_margin"] > 0
     assert metrics["gold_correlation"] > 0.2
-    history = [json.loads(line) for line in (Path(model.path) / "metrics.jsonl").read_text().splitlines()]
+    history = [json.loads(line) for line in (Path(model.reports_path) / "metrics.jsonl").read_text().splitlines()]
     losses = [e["loss"] for e in history if "loss" in e]
     assert losses[-1] < losses[0]
 

@@ -194,7 +194,7 @@ def test_sft_trains_on_two_ray_workers(setup, ray_session):
     model = sft.run(config, base_model=base, data=data, store=store, ctx=ctx)["sft-model"]
 
     assert model.kind == "causal-lm" and model.ref == "sft-model@v1"
-    history = [json.loads(line) for line in (Path(model.path) / "metrics.jsonl").read_text().splitlines()]
+    history = [json.loads(line) for line in (Path(model.reports_path) / "metrics.jsonl").read_text().splitlines()]
     losses = [e["loss"] for e in history if "loss" in e]
     assert len(losses) == 8 and losses[-1] < 0.8 * losses[0]
     before, after = _tensors(base.path), _tensors(model.path)
@@ -211,7 +211,7 @@ def test_sft_trains_on_two_ray_workers(setup, ray_session):
     ):
         assert key in model.metrics
     assert 0.0 <= model.metrics["format_rate"] <= 1.0 and model.metrics["eval_loss"] < losses[0]
-    assert (Path(model.path) / "loss_curve.png").stat().st_size > 0
+    assert (Path(model.reports_path) / "loss_curve.png").stat().st_size > 0
     assert not list(Path(model.path).glob("*.bin")) and not list(Path(model.path).glob("*.pt"))  # no pickles
     lm = AutoModelForCausalLM.from_pretrained(model.path)
     tok = AutoTokenizer.from_pretrained(model.path)
@@ -276,7 +276,7 @@ def test_sft_resumes_after_a_crash(setup, ray_session):
     ctx = StageContext(work_dir=str(work), cache_key="resume", scaling=Scaling(num_workers=2), log=lines.append)
     model = sft.run(config, base_model=base, data=data, store=store, ctx=ctx)["sft-model"]
     assert any("resuming the trainer from" in line for line in lines)
-    history = [json.loads(line) for line in (Path(model.path) / "metrics.jsonl").read_text().splitlines()]
+    history = [json.loads(line) for line in (Path(model.reports_path) / "metrics.jsonl").read_text().splitlines()]
     steps = [e["step"] for e in history if "loss" in e]
     assert steps == list(range(10, config.max_steps + 1, 10))  # the crashed run's entries, then the rest, no gap
 

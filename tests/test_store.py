@@ -482,3 +482,33 @@ def test_a_dead_publishers_claim_blocks_only_until_it_expires(tmp_path, monkeypa
     store.fs.pipe_file(dead, b"")  # a claim made just now by a publisher that will never write v1
     assert store.publish(src(tmp_path, {"w": b"one"}), name="m", kind="k", stage="s").ref == "m@v1"
     assert store.fs.exists(dead)  # never ours to delete; ignored once older than claim_ttl_s
+
+
+# ------------------------------------------------------------------------------------- reports outside the digest
+
+
+def test_reports_are_kept_and_verified_but_outside_the_digest(store, tmp_path):
+    """The same weights with other curves/timings are the same artifact; reports are still stored and checked."""
+    weights = {"model.safetensors": b"W" * 64, "config.json": b"{}"}
+    first = store.publish(src(tmp_path / "a", weights), name="m", kind="causal-lm", stage="t",
+                          reports=make_dir(tmp_path / "ra", {"metrics.jsonl": b'{"step": 1, "seconds": 3.2}\n'}))
+    assert read_dir(first.reports_path) == {"metrics.jsonl": b'{"step": 1, "seconds": 3.2}\n'}
+    assert "metrics.jsonl" not in first.manifest["files"]
+    again = store.publish(src(tmp_path / "b", weights), name="m", kind="causal-lm", stage="t",
+                          reports=make_dir(tmp_path / "rb", {"metrics.jsonl": b'{"step": 1, "seconds": 9.9}\n'}))
+    assert (again.version, again.digest) == (first.version, first.digest)  # timings do not make a new version
+    got = store.get("m@v1")
+    assert read_dir(got.reports_path) == read_dir(first.reports_path)
+    no_reports = store.publish(src(tmp_path / "c", {"x.bin": b"x"}), name="n", kind="dataset", stage="t")
+    assert no_reports.reports_path == "" and "reports" not in no_reports.manifest
+
+
+def test_a_corrupted_report_is_caught_by_verify(tmp_path):
+    store = ArtifactStore(str(tmp_path / "store"))
+    art = store.publish(src(tmp_path / "a", {"w": b"w"}), name="m", kind="causal-lm", stage="t",
+                        reports=make_dir(tmp_path / "r", {"curves.png": b"PNG" * 10}))
+    report = Path(art.reports_path) / "curves.png"
+    os.chmod(report, 0o644)
+    report.write_bytes(b"XXX" * 10)
+    with pytest.raises(ArtifactCorrupted, match="curves.png"):
+        store.verify("m@v1")

@@ -47,6 +47,7 @@ class Artifact:
     kind: str
     path: str
     manifest: dict
+    reports_path: str = ""  # the verified local folder of its reports (curves, plots, samples), "" if it has none
 
     @property
     def ref(self) -> str:
@@ -117,8 +118,14 @@ class ArtifactStore:
         code_fingerprint: str = "",
         cache_key: str = "",
         extra: dict | None = None,
+        reports: str | os.PathLike | None = None,
     ) -> Artifact:
-        """Copy src_dir's files in and commit a new version of name; identical content returns the existing version."""
+        """Copy src_dir's files in and commit a new version of name; identical content returns the existing version.
+
+        `reports`: a folder of what the run wrote about itself (curves, plots, samples, timings). Its files are
+        stored and verified like the content's, but outside the digest: the same weights trained again are the same
+        artifact, whatever the wall-clock numbers in their logs say.
+        """
         if not _NAME_RE.match(name or "") or name == "latest":
             raise ArtifactError(
                 f"artifact name {name!r}: expected letters, digits, '.', '_' or '-' (not starting with one of '._-')"
@@ -130,6 +137,10 @@ class ArtifactStore:
         if not sources:
             raise ArtifactError(f"publish {name}: source directory {str(src)!r} holds no files")
         files, digest = self._backend.put_object(sources)
+        report_entry = None
+        if reports is not None and Path(reports).is_dir() and local_files(Path(reports)):
+            report_files, report_digest = self._backend.put_object(local_files(Path(reports)))
+            report_entry = {"digest": report_digest, "files": report_files}
         manifest = {
             "name": name,
             "version": 0,
@@ -150,9 +161,23 @@ class ArtifactStore:
             "library_versions": library_versions(),
             "files": files,
         }
+        if report_entry is not None:
+            manifest["reports"] = report_entry
         _to_json(manifest, f"publish {name}")  # fail early, before claiming a version number
         manifest = self._commit(manifest)
-        return self._artifact(manifest, self._backend.object_dir(manifest, f"{name}@v{manifest['version']}"))
+        where = f"{name}@v{manifest['version']}"
+        return self._artifact(manifest, self._backend.object_dir(manifest, where), self._reports_dir(manifest, where))
+
+    def _reports_dir(self, manifest: dict, where: str, *, force: bool = False) -> str:
+        """The verified local folder of an artifact's reports ("" when it has none)."""
+        entry = manifest.get("reports")
+        if not entry:
+            return ""
+        if tree_digest(entry["files"]) != entry["digest"]:
+            raise ArtifactCorrupted(f"{where}: the reports' file list does not match its digest {entry['digest'][:12]}")
+        if force:
+            return self._backend.verify_stored(entry, f"{where} reports")
+        return self._backend.object_dir(entry, f"{where} reports")
 
     def _commit(self, manifest: dict) -> dict:
         """Write manifests/<name>/v<N>.json exclusively; on a lost race re-check for identical content and retry N+1."""
@@ -241,7 +266,7 @@ class ArtifactStore:
             )
         return matches[0]
 
-    def _artifact(self, manifest: dict, path: str = "") -> Artifact:
+    def _artifact(self, manifest: dict, path: str = "", reports_path: str = "") -> Artifact:
         return Artifact(
             name=manifest["name"],
             version=manifest["version"],
@@ -249,6 +274,7 @@ class ArtifactStore:
             kind=manifest["kind"],
             path=path or self._p("objects", manifest["digest"]),
             manifest=manifest,
+            reports_path=reports_path,
         )
 
     def manifest(self, ref: str, *, kind: str | None = None) -> dict:
@@ -268,14 +294,15 @@ class ArtifactStore:
         manifest = self.manifest(ref, kind=kind)
         where = f"{manifest['name']}@v{manifest['version']}"
         self._check_file_list(manifest, where)
-        return self._artifact(manifest, self._backend.object_dir(manifest, where))
+        return self._artifact(manifest, self._backend.object_dir(manifest, where), self._reports_dir(manifest, where))
 
     def verify(self, ref: str) -> Artifact:
-        """Re-hash every stored file of ref against its manifest; raises ArtifactCorrupted naming the bad file."""
+        """Re-hash every stored file of ref (and of its reports) against its manifest; ArtifactCorrupted names the file."""
         manifest = self._resolve(ref)
         where = f"{manifest['name']}@v{manifest['version']}"
         self._check_file_list(manifest, where)
-        return self._artifact(manifest, self._backend.verify_stored(manifest, where))
+        path = self._backend.verify_stored(manifest, where)
+        return self._artifact(manifest, path, self._reports_dir(manifest, where, force=True))
 
     @staticmethod
     def _check_file_list(manifest: dict, where: str) -> None:

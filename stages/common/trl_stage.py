@@ -3,7 +3,7 @@
 Driver side: `check_kind`, `load_rows`, `model_context`, `token_limit`, `per_worker_batch` (one-line
 `StageInputError`s), `tokenizer_plan` (pad = eos when there is no pad token), `token_ids_as_trl` (the ids TRL will
 train on, for length checks and scoring), `deepspeed_config`, `loop_config` (the fields every loop config holds) and
-`train_and_publish` (`ray_train.fit`, then the final checkpoint -> an artifact with metrics.jsonl and loss_curve.png).
+`train_and_publish` (`ray_train.fit`, then the final checkpoint -> an artifact, with metrics.jsonl and loss_curve.png in its reports).
 Worker side: `run_on_worker` wraps a stage's `train(cfg, rank, scratch)`; `load_tokenizer` applies the plan;
 `train_and_save` resumes, trains, evaluates and saves the model; `report_result` writes `result.json` and reports the
 last checkpoint.
@@ -225,7 +225,7 @@ def _whole_safetensors(model_dir: Path) -> bool:
 
 def train_and_publish(train_loop: Callable, loop_config: dict, *, stage: str, output: str, kind: str, title: str,
                       started: float, config, inputs: dict, store, ctx) -> Any:
-    """Run `train_loop` on Ray Train, then publish its final checkpoint as `output` (model, metrics.jsonl, plot)."""
+    """Run `train_loop` on Ray Train, then publish its final checkpoint as `output` (the model; curves in its reports)."""
     from stages.common.fingerprint import code_fingerprint
     from stages.common.plots import plot_loss_curve, write_metrics_jsonl
 
@@ -239,13 +239,15 @@ def train_and_publish(train_loop: Callable, loop_config: dict, *, stage: str, ou
         loop_config = {**loop_config, "report_to": list(ctx.report_to),
                        "logging_dir": f"{ray_train.storage_path(ctx.work_dir).rstrip('/')}/tracking"}  # fmt: skip
     result = ray_train.fit(train_loop, loop_config, ctx=ctx, run_name=stage, checkpoint_complete=checkpoint_complete)
-    with tempfile.TemporaryDirectory(prefix=f"rlhf-{stage}-out-") as out, result.checkpoint.as_directory() as ckpt:
-        shutil.copytree(Path(ckpt) / FINAL_DIR, out, dirs_exist_ok=True)
+    with tempfile.TemporaryDirectory(prefix=f"rlhf-{stage}-out-") as tmp, result.checkpoint.as_directory() as ckpt:
+        out, reports = Path(tmp) / "model", Path(tmp) / "reports"  # reports: outside the artifact's digest
+        shutil.copytree(Path(ckpt) / FINAL_DIR, out)
+        reports.mkdir()
         outcome = json.loads((Path(ckpt) / RESULT_FILE).read_text())
-        write_metrics_jsonl(outcome["log_history"], Path(out) / "metrics.jsonl")
-        plot_loss_curve(outcome["log_history"], Path(out) / "loss_curve.png", title)
+        write_metrics_jsonl(outcome["log_history"], reports / "metrics.jsonl")
+        plot_loss_curve(outcome["log_history"], reports / "loss_curve.png", title)
         if outcome["samples"]:
-            (Path(out) / "eval_samples.jsonl").write_text("".join(json.dumps(s) + "\n" for s in outcome["samples"]))
+            (reports / "eval_samples.jsonl").write_text("".join(json.dumps(s) + "\n" for s in outcome["samples"]))
         metrics = dict(outcome["metrics"])
         logged = [row["loss"] for row in outcome["log_history"] if isinstance(row.get("loss"), int | float)]
         if logged:  # for the quality gate: did the training loss fall?
@@ -271,6 +273,7 @@ def train_and_publish(train_loop: Callable, loop_config: dict, *, stage: str, ou
                 "rows": {"train": len(loop_config["train_rows"]), "test": len(loop_config["test_rows"])},
                 "tokenizer": loop_config["tokenizer"],
             },
+            reports=reports,
         )
     ctx.log(f"{stage}: published {artifact.ref} " + ", ".join(f"{k}={v:.4g}" for k, v in metrics.items()))
     return artifact

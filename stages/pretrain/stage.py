@@ -307,13 +307,16 @@ def _publish(
         tokenizer.save_pretrained(tok_dir)
         shutil.copytree(Path(ckpt) / "hf_model", model_dir)
         tokenizer.save_pretrained(model_dir)
-        shutil.copy(Path(ckpt) / "metrics.jsonl", model_dir / "metrics.jsonl")
-        history = [json.loads(line) for line in (model_dir / "metrics.jsonl").read_text().splitlines() if line]
+        reports = Path(tmp) / "reports"  # curves and timings: outside the model's digest
+        reports.mkdir()
+        shutil.copy(Path(ckpt) / "metrics.jsonl", reports / "metrics.jsonl")
+        history = [json.loads(line) for line in (reports / "metrics.jsonl").read_text().splitlines() if line]
         plot_loss_curve(
-            history, model_dir / "loss_curve.png", unigram_loss=float(np.log(metrics["unigram_perplexity"]))
+            history, reports / "loss_curve.png", unigram_loss=float(np.log(metrics["unigram_perplexity"]))
         )
         tok_metrics = {"vocab_size": len(tokenizer)}
         tokenizer_artifact = store.publish(tok_dir, name="tokenizer", kind="tokenizer", metrics=tok_metrics, **common)
-        model_artifact = store.publish(model_dir, name="base-model", kind="causal-lm", metrics=metrics, **common)
+        model_artifact = store.publish(model_dir, name="base-model", kind="causal-lm", metrics=metrics,
+                                       reports=reports, **common)  # fmt: skip
     ctx.log(f"pretrain: published {tokenizer_artifact.ref} and {model_artifact.ref}")
     return {"tokenizer": tokenizer_artifact, "base-model": model_artifact}
