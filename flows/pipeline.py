@@ -19,7 +19,6 @@ from prefect.cache_policies import NO_CACHE  # noqa: E402
 from prefect.states import Completed, Failed  # noqa: E402
 
 from flows import report  # noqa: E402
-from flows.cluster_check import RayDriver  # noqa: E402
 from flows.config import STAGES, PipelineConfig, load_config  # noqa: E402
 from flows.dag import POLICY_ROLE_PREFIX, Node, branch_waves  # noqa: E402
 from flows.plan import (  # noqa: E402
@@ -36,6 +35,7 @@ from flows.plan import (  # noqa: E402
     validate_run,
 )
 from flows.preflight import check_fits  # noqa: E402
+from flows.ray_driver import RayDriver  # noqa: E402
 from flows.tracking import Tracker  # noqa: E402
 from stages.common.config import ConfigError  # noqa: E402
 from stages.common.context import StageContext  # noqa: E402

@@ -311,8 +311,8 @@ def all_cached(cfg: PipelineConfig, store, stages: list[str], inputs: dict[str, 
 
 def validate_run(params: dict[str, Any]) -> tuple[PipelineConfig, list[str]]:
     """Every cheap check of `rlhf run`'s parameters (config, stage names, inputs, Ray address, resources)."""
-    from flows.cluster_check import probe_ray_address
     from flows.config import load_config
+    from flows.ray_driver import probe_ray_address
 
     cfg = load_config(params.get("preset", "demo"), params.get("config_file"), params.get("overrides") or [])
     stages, _ = plan_stages(params.get("from_stage"), params.get("only"), cfg)

@@ -17,7 +17,7 @@ from stages.common.demo import DemoConfig, generate
 from stages.common.errors import StageInputError
 from stages.common.gates import check
 from stages.common.store import ArtifactStore
-from stages.common.trl_stage import token_ids_as_trl
+from stages.common.trl_training import token_ids_as_trl
 from stages.dpo.metrics import demo_eval_prompts, implicit_reward_metrics
 
 DEMO = DemoConfig(size="tiny")

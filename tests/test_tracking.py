@@ -305,7 +305,7 @@ def test_unusable_database_is_one_warning_then_off(tmp_path, lineage):
 
 def test_report_to_reaches_the_trainers_arguments(tmp_path, monkeypatch):
     """tracking.report_to is passed through to the HF Trainer (TensorBoard's folder beside the checkpoints)."""
-    from stages.common.trl_stage import training_args
+    from stages.common.trl_training import training_args
 
     monkeypatch.delenv("TENSORBOARD_LOGGING_DIR", raising=False)
     cfg = {"max_steps": 2, "per_worker_batch": 2, "gradient_accumulation_steps": 1, "learning_rate": 1e-3,

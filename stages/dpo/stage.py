@@ -4,10 +4,10 @@ from __future__ import annotations
 
 import time
 
-from stages.common import trl_stage
+from stages.common import trl_training
 from stages.common.context import Scaling, StageContext
 from stages.common.preference_pairs import check_lengths, check_pairs
-from stages.common.trl_stage import check_kind, load_rows, model_context, token_limit, tokenizer_plan
+from stages.common.trl_training import check_kind, load_rows, model_context, token_limit, tokenizer_plan
 from stages.dpo.config import Config
 from stages.dpo.metrics import demo_eval_prompts
 from stages.dpo.train import train_loop
@@ -36,7 +36,7 @@ def prepare(config: Config, sft_model, preferences, *, scaling: Scaling, seed: i
         check_lengths(rows, tokenizer, limit, f"{NAME}: preferences {preferences.ref} {split}.jsonl")
     demo_task = (preferences.manifest.get("extra") or {}).get("task") == "demo"
     return {
-        **trl_stage.loop_config(
+        **trl_training.loop_config(
             config, sft_model, splits, stage=NAME, limit=limit, scaling=scaling, seed=seed, store=store,
             tokenizer=plan,
         ),
@@ -60,7 +60,7 @@ def run(config: Config, *, sft_model, preferences, store, ctx: StageContext) -> 
     publish `policy-dpo`."""
     started = time.time()
     loop_config = prepare(config, sft_model, preferences, scaling=ctx.scaling, seed=ctx.seed, store=store)
-    artifact = trl_stage.train_and_publish(
+    artifact = trl_training.train_and_publish(
         train_loop,
         loop_config,
         stage=NAME,

@@ -4,7 +4,7 @@ The policy starts as the SFT model; the reference is a frozen copy of it that TR
 `ref_model=None` (under DeepSpeed TRL wraps it in an inference engine, sharded like the policy under ZeRO-3 and
 whole on each rank otherwise). The loss is TRL's, `-log sigmoid(beta * margin)` for the default "sigmoid" type, on
 the summed log-probabilities of the reply tokens. Checkpoints, resume and the final `final/` + `result.json`
-checkpoint follow `stages.common.trl_stage`; a resumed run reloads the reference from the SFT model again, so it
+checkpoint follow `stages.common.trl_training`; a resumed run reloads the reference from the SFT model again, so it
 stays the model DPO started from.
 """
 
@@ -16,7 +16,7 @@ from typing import Any
 from stages.common import ray_train
 from stages.common.demo_eval import demo_metrics
 from stages.common.hf import model_load_kwargs
-from stages.common.trl_stage import (
+from stages.common.trl_training import (
     FINAL_DIR,
     RESULT_FILE,
     deepspeed_config,

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from stages.common import demo
-from stages.common.trl_stage import load_tokenizer, token_ids_as_trl
+from stages.common.trl_training import load_tokenizer, token_ids_as_trl
 from stages.reward.metrics import mean_margin, pairwise_accuracy, pearson
 
 

@@ -4,9 +4,9 @@ from __future__ import annotations
 
 import time
 
-from stages.common import trl_stage
+from stages.common import trl_training
 from stages.common.context import Scaling, StageContext
-from stages.common.trl_stage import check_kind, load_rows, model_context, token_limit, tokenizer_plan
+from stages.common.trl_training import check_kind, load_rows, model_context, token_limit, tokenizer_plan
 from stages.reward.config import Config
 from stages.reward.inputs import check_lengths, check_pairs
 from stages.reward.train import train_loop
@@ -34,7 +34,7 @@ def prepare(config: Config, sft_model, preferences, *, scaling: Scaling, seed: i
     for split, rows in splits.items():
         check_lengths(rows, tokenizer, limit, f"{NAME}: preferences {preferences.ref} {split}.jsonl")
     return {
-        **trl_stage.loop_config(
+        **trl_training.loop_config(
             config, sft_model, splits, stage=NAME, limit=limit, scaling=scaling, seed=seed, store=store,
             tokenizer=plan,
         ),
@@ -54,7 +54,7 @@ def run(config: Config, *, sft_model, preferences, store, ctx: StageContext) -> 
     """Train a reward model from `sft_model` on `preferences` pairs on Ray Train workers; publish `reward-model`."""
     started = time.time()
     loop_config = prepare(config, sft_model, preferences, scaling=ctx.scaling, seed=ctx.seed, store=store)
-    artifact = trl_stage.train_and_publish(
+    artifact = trl_training.train_and_publish(
         train_loop,
         loop_config,
         stage=NAME,

@@ -5,7 +5,7 @@ the LM head is dropped (tied or not, transformers only reports it as unused) and
 non-pad token. Works for every architecture transformers has a sequence-classification class for (GPT-2, GPT-NeoX,
 Llama, Qwen2, ...). The loss is Bradley-Terry,
 -log sigmoid(r_chosen - r_rejected). Checkpoints, resume and the final `final/` + `result.json` checkpoint follow
-`stages.common.trl_stage`.
+`stages.common.trl_training`.
 """
 
 from __future__ import annotations
@@ -15,7 +15,7 @@ from typing import Any
 
 from stages.common import ray_train
 from stages.common.hf import model_load_kwargs
-from stages.common.trl_stage import (
+from stages.common.trl_training import (
     FINAL_DIR,
     RESULT_FILE,
     deepspeed_config,

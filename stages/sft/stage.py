@@ -4,9 +4,9 @@ from __future__ import annotations
 
 import time
 
-from stages.common import trl_stage
+from stages.common import trl_training
 from stages.common.context import Scaling, StageContext
-from stages.common.trl_stage import check_kind, load_rows, model_context, token_limit, tokenizer_plan
+from stages.common.trl_training import check_kind, load_rows, model_context, token_limit, tokenizer_plan
 from stages.sft.config import Config
 from stages.sft.inputs import check_lengths, to_prompt_completion
 from stages.sft.train import train_loop
@@ -38,7 +38,7 @@ def prepare(config: Config, base_model, data, *, scaling: Scaling, seed: int = 0
         check_lengths(rows, tokenizer, limit, f"{NAME}: data {data.ref} {split}.jsonl")
     demo_task = (data.manifest.get("extra") or {}).get("task") == "demo"
     return {
-        **trl_stage.loop_config(
+        **trl_training.loop_config(
             config, base_model, splits, stage=NAME, limit=limit, scaling=scaling, seed=seed, store=store,
             tokenizer=plan,
         ),
@@ -59,7 +59,7 @@ def run(config: Config, *, base_model, data, store, ctx: StageContext) -> dict:
     """Fine-tune `base_model` on `data` (loss on completions only) on Ray Train workers; publish `sft-model`."""
     started = time.time()
     loop_config = prepare(config, base_model, data, scaling=ctx.scaling, seed=ctx.seed, store=store)
-    artifact = trl_stage.train_and_publish(
+    artifact = trl_training.train_and_publish(
         train_loop,
         loop_config,
         stage=NAME,

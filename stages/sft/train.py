@@ -1,6 +1,6 @@
 """The SFT training loop that runs on every Ray Train worker: TRL's SFTTrainer, then held-out generation metrics.
 
-Checkpoints, resume and the final `final/` + `result.json` checkpoint follow `stages.common.trl_stage`.
+Checkpoints, resume and the final `final/` + `result.json` checkpoint follow `stages.common.trl_training`.
 """
 
 from __future__ import annotations
@@ -10,7 +10,7 @@ from typing import Any
 
 from stages.common import ray_train
 from stages.common.hf import model_load_kwargs
-from stages.common.trl_stage import (
+from stages.common.trl_training import (
     FINAL_DIR,
     RESULT_FILE,
     deepspeed_config,
