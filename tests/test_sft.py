@@ -169,11 +169,8 @@ def test_bad_config_against_inputs_is_rejected(setup):
 
 
 @pytest.fixture(scope="module")
-def ray_session():
-    import ray
-
-    if not ray.is_initialized():
-        ray.init(num_cpus=2, include_dashboard=False)
+def ray_session(local_ray):
+    """The session's one local Ray (tests/conftest.py), shut down when the session ends."""
     yield
 
 

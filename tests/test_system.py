@@ -279,14 +279,13 @@ def test_ray_job_submit_runs_the_pipeline(tmp_path, pipeline_copy):
 @needs_cli
 def test_dead_ray_address_fails_fast_with_one_line(tmp_path):
     env = base_env(PREFECT_HOME=str(tmp_path / "prefect-home"))
-    start = time.perf_counter()
     proc = subprocess.run([BIN / "rlhf", "run", "--preset", "tiny", "--store", tmp_path / "store",
                            "--set", "run.ray_address=127.0.0.1:1"], env=env, cwd=tmp_path, capture_output=True,
                           text=True, timeout=120)
-    elapsed = time.perf_counter() - start
     errors = [line for line in proc.stderr.splitlines() if line.startswith("error: ")]
     assert proc.returncode == 2, proc.stderr[-3000:]
     assert len(errors) == 1 and "does not answer" in errors[0] and "127.0.0.1:1" in errors[0], proc.stderr[-3000:]
     assert "Traceback" not in proc.stderr, proc.stderr[-3000:]  # the user gets the one line, not a stack
-    # The probe itself gives up after 3 s; the rest is Python start-up (imports take ~5-9 s on a busy 2-core box).
-    assert elapsed < 30, f"took {elapsed:.1f}s: the address must be probed before anything slow starts"
+    # Probed before anything slow starts: no Prefect server was started, no store or Prefect home was written.
+    assert "Starting temporary server" not in proc.stdout + proc.stderr, proc.stderr[-3000:]
+    assert not (tmp_path / "store").exists() and not (tmp_path / "prefect-home").exists()
