@@ -27,7 +27,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 PEER_VENV = Path(os.environ.get("PPO_BENCH_PEER_VENV", Path.home() / ".cache" / "rlhf-dag" / "trl112-venv"))
-PEER_PACKAGES = ["torch==2.13.0", "trl==1.12.0"]
+PEER_PACKAGES = ["torch==2.13.0", "trl==1.12.0", "requests"]  # GRPOTrainer imports requests
 
 # The peer script: runs inside the trl 1.12 venv. Generation, no-grad scoring forwards and the rest are timed by
 # wrapping the module-level helpers PPOTrainer calls (a no-grad forward is scoring; a forward with grad is training).
