@@ -70,7 +70,10 @@ def data_task(cfg: PipelineConfig, store: ArtifactStore, fmt: str, node: str | N
     stage of `node` against its model inputs (`model_refs`) so that data it would refuse is never published."""
     source = getattr(cfg.data, fmt)
     try:
-        models = {r: store.get(ref) for r, ref in (model_refs or {}).items()}
+        try:
+            models = {r: store.get(ref) for r, ref in (model_refs or {}).items()}
+        except ArtifactError:  # a bad --input ref: the stage task reports it, this data set is checked there
+            models = {}
         check = data_check(cfg, node_named(cfg, node), role, models) if node else None
         art = ingest_data(cfg, store, fmt, check=check)
     except USER_ERRORS as e:
@@ -212,7 +215,8 @@ def _pipeline(preset, config_file, overrides, store, from_stage, only, inputs, f
         summary: dict[str, Any] = {"store": art_store.root, "stages": {}, "skipped": {}}
         if cfg.sft.base_model and not only:
             summary["skipped"]["pretrain"] = f"sft.base_model = {cfg.sft.base_model}"
-            produced["base-model"] = model_task("sft.base_model", cfg.sft.base_model, "causal-lm", art_store)
+            produced["base-model"] = _raise_failed(model_task("sft.base_model", cfg.sft.base_model, "causal-lm",
+                                                              art_store))  # fmt: skip
             logger.info(f"pretrain: not run; sft starts from {cfg.sft.base_model} ({produced['base-model']})")
         for group in _groups(cfg, stages, only):
             for wave in _waves(cfg, group, ray_driver):
@@ -259,12 +263,21 @@ def _input_refs(cfg: PipelineConfig, store: ArtifactStore, node: Node, explicit:
         if role in explicit:
             refs[role] = explicit[role]
         elif source == "data":
-            refs[role] = data_task(cfg, store, what, node.name, role, dict(refs))
+            refs[role] = _raise_failed(data_task(cfg, store, what, node.name, role, dict(refs)))
         elif source == "config":
-            refs[role] = model_task(f"{node.name}.{role}", what, config_model_kind(node, role), store)
+            refs[role] = _raise_failed(model_task(f"{node.name}.{role}", what, config_model_kind(node, role), store))
         else:
             refs[role] = produced[what]
     return refs
+
+
+def _raise_failed(value):
+    """A task called directly hands back the Failed state a user error became: raise that error here, so the flow
+    ends Failed with its one line instead of passing the failed state on as the next task's input (which leaves
+    that task Pending and the flow with Prefect's UnfinishedRun)."""
+    from prefect.states import State
+
+    return value.result() if isinstance(value, State) else value
 
 
 def _groups(cfg: PipelineConfig, stages: list[str], only: str | None) -> list[list[str]]:
