@@ -84,7 +84,8 @@ PEER_SCRIPT = textwrap.dedent(
 
 # The GRPO peer: trl 1.12.0's GRPOTrainer with the reward model as its reward function, the same replies per rollout
 # (batch = prompts x num_generations), `epochs` passes over each rollout (num_iterations), one optimizer step per
-# pass, beta 0.04 (the KL as a k3 loss term, as ours), token-level loss ("dapo", as ours), group std scaling.
+# pass, beta 0.04 (the KL as a k3 loss term, as ours), token-level loss ("dapo", as ours), group std scaling, and
+# gradient checkpointing off (GRPOConfig turns it on by default; ours does not recompute activations).
 PEER_GRPO_SCRIPT = textwrap.dedent(
     """
     import json, sys, time, torch, transformers
@@ -120,7 +121,7 @@ PEER_GRPO_SCRIPT = textwrap.dedent(
         num_generations=k, steps_per_generation=1, num_iterations=a["epochs"], max_steps=a["iterations"] * a["epochs"],
         max_completion_length=a["response_length"], temperature=1.0, top_k=0, learning_rate=a["lr"], beta=0.04,
         loss_type="dapo", scale_rewards="group", report_to=[], use_cpu=True, save_strategy="no",
-        logging_steps=10**6, seed=0, bf16=False,
+        logging_steps=10**6, seed=0, bf16=False, gradient_checkpointing=False,
     )
     trainer = GRPOTrainer(model=policy, reward_funcs=rm, args=args, train_dataset=ds, processing_class=tok,
                           reward_processing_classes=tok)
