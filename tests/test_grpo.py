@@ -84,7 +84,9 @@ def test_k3_kl_loss_is_a_masked_mean_with_a_gradient_toward_the_reference():
 
 def test_clipped_surrogate_with_broadcast_group_advantages():
     # one group of two replies, RLOO advantages [-1, 1] on 2 and 1 tokens; ratio 1.5 on every token
-    adv = A.broadcast_over_tokens(A.rloo_advantages(torch.tensor([0.0, 1.0]), 2), torch.tensor([[1.0, 1.0], [1.0, 0.0]]))
+    adv = A.broadcast_over_tokens(
+        A.rloo_advantages(torch.tensor([0.0, 1.0]), 2), torch.tensor([[1.0, 1.0], [1.0, 0.0]])
+    )
     mask = torch.tensor([[1.0, 1.0], [1.0, 0.0]])
     old = torch.zeros(2, 2)
     new = torch.full((2, 2), math.log(1.5))
