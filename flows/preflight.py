@@ -77,25 +77,22 @@ def check_fits(cfg, resources: Resources, stages: list[str]) -> None:
                 f"run.num_workers = {run.num_workers} training workers need one GPU each, but {resources.where} "
                 f"has {resources.gpus:g}; set run.num_workers to at most {int(resources.gpus)}"
             )
-    rl_stages = [s for s in stages if s in ("ppo", "grpo", "rloo")]
-    if rl_stages:
-        _check_rl_fits(cfg, resources)
+    for name in (s for s in stages if s in ("ppo", "grpo", "rloo")):
+        _check_rl_fits(cfg, name, resources)
 
 
-def _check_rl_fits(cfg, resources: Resources) -> None:
-    """The RL stage's four roles must be placeable (stages/ppo/placement.py owns the rule)."""
+def _check_rl_fits(cfg, name: str, resources: Resources) -> None:
+    """The RL node's roles (four for ppo, three for the critic-free ones) must be placeable (stages/ppo/placement.py)."""
     from stages.common.errors import StageInputError
+    from stages.ppo import placement
 
-    try:
-        from stages.ppo import placement
-    except ImportError:  # placement lands with the GPU work; without it the actor pool checks at start-up
-        return
     try:
         placement.check_fits(
-            cfg.ppo.resolved(cfg.run.num_workers),
+            cfg.stage_config(name).resolved(cfg.run.num_workers),
             total_gpus=resources.gpus,
             total_cpus=resources.cpus,
             use_gpu=cfg.run.use_gpu,
         )
     except StageInputError as e:
-        raise ConfigError(f"{e} ({resources.where})") from None
+        prefix = "" if name == "ppo" else f"{name} (the ppo section, algorithm {name}): "
+        raise ConfigError(f"{prefix}{e} ({resources.where})") from None
