@@ -110,5 +110,5 @@ def test_critic_free_branches_are_checked_for_their_three_roles():
     """4 x 0.6 CPUs do not fit 2 cores, GRPO's 3 x 0.6 do: each RL node is checked with its own roles."""
     cfg = load_config("tiny", overrides=["align.methods=[ppo,grpo]", "ppo.cpus_per_actor=0.6"])
     check_fits(cfg, _machine(2, 0), ["grpo"])
-    with pytest.raises(ConfigError, match=r"^4 actors x ppo.cpus_per_actor 0.6 = 2.4 CPUs"):
+    with pytest.raises(ConfigError, match=r"^ppo: 4 actors x ppo.cpus_per_actor 0.6 = 2.4 CPUs"):
         check_fits(cfg, _machine(2, 0), ["ppo"])
