@@ -203,7 +203,7 @@ def test_critic_free_run_publishes_its_own_policy_without_a_critic(tiny_inputs, 
     ckpt = tmp_path / "work" / "checkpoints"
     assert (ckpt / "policy" / "iter-000002").is_dir() and not (ckpt / "critic").exists()
 
-    history = [json.loads(x) for x in (Path(policy.path) / "metrics.jsonl").read_text().splitlines()]
+    history = [json.loads(x) for x in (Path(policy.reports_path) / "metrics.jsonl").read_text().splitlines()]
     assert [h["iteration"] for h in history] == [1, 2]
     for h in history:
         assert "value_loss" not in h and 0.0 <= h["flat_group_frac"] <= 1.0 and 0.0 <= h["clip_frac"] <= 1.0

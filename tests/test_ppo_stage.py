@@ -181,15 +181,20 @@ def test_tiny_ppo_publishes_a_policy_that_loads_with_transformers(setup, local_r
     before, after = _tensors(setup["sft"].path), _tensors(policy.path)
     assert any(not torch.equal(before[k], after[k]) for k in before)  # PPO changed the weights
 
-    history = [json.loads(line) for line in (Path(policy.path) / "metrics.jsonl").read_text().splitlines()]
+    history = [json.loads(line) for line in (Path(policy.reports_path) / "metrics.jsonl").read_text().splitlines()]
     assert [h["iteration"] for h in history] == [1, 2, 3]
     for key in ("rm_score", "gold_score", "kl", "entropy", "clip_frac", "approx_kl", "policy_loss", "value_loss",
                 "response_length", "seconds_generation", "seconds_scoring", "seconds_training"):  # fmt: skip
         assert key in history[0], key
-    samples = json.loads((Path(policy.path) / "samples.json").read_text())
+    samples = json.loads((Path(policy.reports_path) / "samples.json").read_text())
     assert len(samples) == 3 and {"prompt", "sft_response", "ppo_response"} <= set(samples[0])
-    assert (Path(policy.path) / "curves.png").stat().st_size > 1000
+    assert (Path(policy.reports_path) / "curves.png").stat().st_size > 1000
     assert sum(line.startswith("ppo iter") for line in logs) == 3
+    # the policy actor wrote the weights itself (no bytes through the driver); the actors' output went to the logs
+    staged = _tensors(str(tmp_path / "work" / "export" / "policy"))
+    assert all(torch.equal(staged[k], after[k]) for k in after)
+    assert {p.name for p in (tmp_path / "work" / "logs").glob("*-rank0.log")} == {
+        "policy-rank0.log", "critic-rank0.log", "reference-rank0.log", "reward-rank0.log"}
 
 
 @pytest.mark.slow
@@ -209,7 +214,7 @@ def test_a_restarted_stage_continues_from_its_latest_checkpoint(setup, local_ray
     assert sum(line.startswith("ppo iter") for line in logs) == 2  # only iterations 3 and 4 ran again
 
     def history(artifact):
-        return [json.loads(x) for x in (Path(artifact.path) / "metrics.jsonl").read_text().splitlines()]
+        return [json.loads(x) for x in (Path(artifact.reports_path) / "metrics.jsonl").read_text().splitlines()]
 
     h_straight, h_resumed = history(straight), history(resumed)
     assert [h["iteration"] for h in h_resumed] == [1, 2, 3, 4]
@@ -247,7 +252,7 @@ def _check_llama_policy(policy, sft) -> list[dict]:
     assert model.generate(ids, max_new_tokens=4, do_sample=False, pad_token_id=tok.eos_token_id).shape[1] > ids.shape[1]
     before, after = _tensors(sft.path), _tensors(policy.path)
     assert any(not torch.equal(before[k].to(after[k].dtype), after[k]) for k in before)
-    history = [json.loads(x) for x in (Path(policy.path) / "metrics.jsonl").read_text().splitlines()]
+    history = [json.loads(x) for x in (Path(policy.reports_path) / "metrics.jsonl").read_text().splitlines()]
     assert [h["iteration"] for h in history] == [1, 2] and all(0 < h["response_length"] <= 8 for h in history)
     return history
 
@@ -270,7 +275,7 @@ def test_ppo_on_a_tiny_llama_without_pad_token_publishes_a_loadable_policy(setup
     history = _check_llama_policy(policy, sft)
     # the first rollout comes before any update: policy and reference are the same weights in the same dtype
     assert abs(history[0]["kl"]) < 1e-4
-    rows = json.loads((Path(policy.path) / "eval.json").read_text())["after"]["rows"]
+    rows = json.loads((Path(policy.reports_path) / "eval.json").read_text())["after"]["rows"]
     assert len(rows) == 5 and all(isinstance(r["rm_score"], float) for r in rows)
 
 

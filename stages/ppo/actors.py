@@ -141,6 +141,10 @@ class _Role:
     """Common set-up: torch threads, device, dtype, seed."""
 
     def __init__(self, settings: dict):
+        if settings.get("log_file"):  # this actor's own output (DeepSpeed, HF) to the stage run's log folder
+            from stages.common.ray_train import redirect_output
+
+            redirect_output(settings["log_file"])
         threads = int(settings.get("torch_threads", 1))
         torch.set_num_threads(threads)
         os.environ["OMP_NUM_THREADS"] = str(threads)
@@ -349,13 +353,24 @@ class PolicyActor(_Trainable):
             steps += 1
         return {k: v / max(steps, 1) for k, v in totals.items()}
 
-    def export(self) -> dict[str, bytes]:
-        """The policy as HF files (config, safetensors, generation config); rank 0 returns them, others {}."""
-        with self.full_params(), tempfile.TemporaryDirectory() as d:
+    def export_to(self, staging: str) -> list[str]:
+        """Rank 0 writes the policy's HF files (config, safetensors, generation config) into `staging` itself, a
+        folder or an fsspec URI, so the weights never travel through Ray's object store or the driver's memory.
+        Every rank calls it (ZeRO-3 gathers the shards); returns the file names written (rank 0) or []."""
+        with self.full_params():
             if self.rank != 0:
-                return {}
-            self.engine.module.save_pretrained(d, safe_serialization=True)
-            return {p.name: p.read_bytes() for p in Path(d).iterdir() if p.is_file()}
+                return []
+            if "://" not in staging:
+                Path(staging).mkdir(parents=True, exist_ok=True)
+                self.engine.module.save_pretrained(staging, safe_serialization=True)
+                return sorted(p.name for p in Path(staging).iterdir() if p.is_file())
+            import fsspec
+
+            with tempfile.TemporaryDirectory() as d:
+                self.engine.module.save_pretrained(d, safe_serialization=True)
+                fs, remote = fsspec.core.url_to_fs(staging)
+                fs.put(f"{d}/", f"{remote.rstrip('/')}/", recursive=True)
+                return sorted(p.name for p in Path(d).iterdir() if p.is_file())
 
 
 class CriticActor(_Trainable):

@@ -126,7 +126,7 @@ class ActorPool:
 
     def __init__(
         self, cfg: Config, sources: dict[str, ModelSource], *, seed: int, use_gpu: bool, special_tokens: dict,
-        log=print,
+        log=print, log_dir: str | None = None,
     ):  # fmt: skip
         import ray
         from ray.util.placement_group import placement_group
@@ -161,7 +161,8 @@ class ActorPool:
                     num_gpus=layout.gpus_per_actor,
                     scheduling_strategy=strategy,
                     name=None,
-                ).remote(_model_source(role, sources), {**settings, "rank": rank})
+                ).remote(_model_source(role, sources), {**settings, "rank": rank,
+                         "log_file": f"{log_dir}/{role}-rank{rank}.log" if log_dir else None})  # fmt: skip
                 handles.append(handle)
             self.groups[role] = RoleGroup(role, handles)
         # the trainable roles: rank 0's node hosts the rendezvous of its group, then DeepSpeed wraps each model

@@ -4,6 +4,7 @@ publish the policy (as `policy`, or the flow's `output_name`: `policy-grpo`, `po
 from __future__ import annotations
 
 import json
+import shutil
 import tempfile
 import time
 from pathlib import Path
@@ -34,7 +35,7 @@ def run(
     """
     import ray
 
-    from stages.common.ray_train import ensure_ray
+    from stages.common.ray_train import ensure_ray, verbose, worker_log_dir
 
     started = time.perf_counter()
     try:
@@ -59,8 +60,11 @@ def run(
     sources = {"policy": sft_src, "reference": sft_src, "reward": rm_src,
                "critic": rm_src if config.critic_init == "reward_model" else sft_src}  # fmt: skip
     algo = config.algorithm  # the log prefix
+    log_dir = None if verbose() else worker_log_dir(ctx.work_dir)
+    if log_dir:
+        ctx.log(f"{algo}: actor output (DeepSpeed, HF) goes to {log_dir}/<role>-rank*.log")
     pool = ActorPool(config, sources, seed=ctx.seed, use_gpu=ctx.scaling.use_gpu,
-                     special_tokens=prepared.special_tokens, log=ctx.log)  # fmt: skip
+                     special_tokens=prepared.special_tokens, log=ctx.log, log_dir=log_dir)  # fmt: skip
     try:
         loop = PPOLoop(config, pool, prepared.tokenizer, gold=gold, seed=ctx.seed)
         if state is not None:
@@ -84,22 +88,24 @@ def run(
                                  eval_before=eval_before)  # fmt: skip
         eval_after = loop.evaluate(eval_prompts, eval_seed)
         ctx.log(f"{algo}: after training on the same prompts: {eval_after['summary']}")
-        policy_files = ray.get(pool["policy"].broadcast("export"))[0]
+        staging = _fresh_staging(ctx.work_dir)
+        ray.get(pool["policy"].broadcast("export_to", staging))
     finally:
         pool.shutdown()
 
     metrics = _final_metrics(config, history, eval_before, eval_after, gold is not None)
     with tempfile.TemporaryDirectory(prefix=f"rlhf-{algo}-") as tmp:
-        out = Path(tmp)
-        for name, data in policy_files.items():
-            (out / name).write_bytes(data)
+        out = _local_copy(staging, Path(tmp) / "policy")
         _save_tokenizer(sft_model.path, out)
-        report.write_samples(eval_before["rows"], eval_after["rows"], config.samples_shown, out / "samples.json")
-        write_metrics_jsonl(history, out / "metrics.jsonl")
-        report.write_curves(history, out / "curves.png")
-        (out / "eval.json").write_text(json.dumps({"before": eval_before, "after": eval_after}, indent=1) + "\n")
+        reports = Path(tmp) / "reports"  # curves, samples and evaluation: beside the policy, outside its digest
+        reports.mkdir()
+        report.write_samples(eval_before["rows"], eval_after["rows"], config.samples_shown, reports / "samples.json")
+        write_metrics_jsonl(history, reports / "metrics.jsonl")
+        report.write_curves(history, reports / "curves.png")
+        (reports / "eval.json").write_text(json.dumps({"before": eval_before, "after": eval_after}, indent=1) + "\n")
         artifact = store.publish(
             out,
+            reports=reports,
             name=output_name,
             kind="causal-lm",
             stage=NAME,
@@ -117,6 +123,32 @@ def run(
         )
     ctx.log(f"{algo}: published {artifact.ref}: {metrics}")
     return {"policy": artifact}
+
+
+def _fresh_staging(work_dir: str) -> str:
+    """Where the policy actor writes the final weights: inside this run's work_dir (a shared URI on a cluster)."""
+    staging = f"{work_dir.rstrip('/')}/export/policy"
+    if "://" in staging:
+        import fsspec
+
+        fs, path = fsspec.core.url_to_fs(staging)
+        if fs.exists(path):
+            fs.rm(path, recursive=True)
+    else:
+        shutil.rmtree(staging, ignore_errors=True)  # a crashed run's leftovers must not mix with these weights
+    return staging
+
+
+def _local_copy(staging: str, target: Path) -> Path:
+    """The staged policy as a local folder to publish from: the folder itself on one node, a download from a URI."""
+    if "://" not in staging:
+        shutil.copytree(staging, target)
+        return target
+    import fsspec
+
+    fs, path = fsspec.core.url_to_fs(staging)
+    fs.get(f"{path.rstrip('/')}/", f"{target}/", recursive=True)
+    return target
 
 
 def _final_metrics(config: Config, history: list[dict], before: dict, after: dict, has_gold: bool) -> dict:
