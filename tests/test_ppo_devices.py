@@ -8,9 +8,9 @@ import torch
 from stages import ppo
 from stages.common.deepspeed_config import needs_compiled_op
 from stages.common.errors import StageInputError
+from stages.ppo.actor_pool import actor_settings
 from stages.ppo.actors import engine_config
 from stages.ppo.devices import dist_backend, model_dtype, ppo_precision
-from stages.ppo.group import actor_settings
 
 
 def test_all_roles_load_in_the_trained_roles_dtype():

@@ -121,7 +121,7 @@ def test_config_refuses_minibatches_that_do_not_divide():
 def test_join_is_told_how_and_averages_int_metrics():
     import torch
 
-    from stages.ppo.group import join
+    from stages.ppo.actor_pool import join
 
     # an int statistic (a step count) used to fall through to "concatenate tensors" and crash
     assert join([{"steps": 3, "loss": 1.0}, {"steps": 4, "loss": 2.0}], "mean") == {"steps": 3.5, "loss": 1.5}
@@ -136,7 +136,7 @@ def test_join_is_told_how_and_averages_int_metrics():
 def test_last_eval_chunk_is_padded_to_a_shard_per_actor():
     import torch
 
-    from stages.ppo.group import pad_to_multiple, split_batch
+    from stages.ppo.actor_pool import pad_to_multiple, split_batch
 
     # one prompt left for four actors: the old padding (chunk + chunk[:3]) gave 2 rows, 4 are needed
     assert pad_to_multiple(["a"], 4) == ["a", "a", "a", "a"]

@@ -1,4 +1,4 @@
-"""The four RL roles as plain classes that `group.py` turns into Ray actors (GRPO and RLOO use all but the critic).
+"""The four RL roles as plain classes that `actor_pool.py` turns into Ray actors (GRPO and RLOO use all but the critic).
 
 Each actor loads its own weights from an artifact directory (never through the driver) and exchanges only token
 tensors, log-probs, values, scores and metrics with the driver. A rollout batch is laid out as

@@ -16,11 +16,11 @@ from stages.common.errors import StageInputError
 from stages.common.fingerprint import code_fingerprint
 from stages.common.plots import write_metrics_jsonl
 from stages.ppo import report
+from stages.ppo.actor_pool import ActorPool, ModelSource
 from stages.ppo.config import Config
 from stages.ppo.devices import ppo_precision
-from stages.ppo.group import ActorPool, ModelSource
 from stages.ppo.inputs import check_inputs
-from stages.ppo.trainer import CheckpointState, PPOLoop, gold_win_rate, prompts_for_iteration
+from stages.ppo.rl_loop import CheckpointState, PPOLoop, gold_win_rate, prompts_for_iteration
 
 NAME = "ppo"
 EVAL_SEED_OFFSET = 424_242  # evaluation samples use their own seed, identical before and after training

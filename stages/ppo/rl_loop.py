@@ -1,7 +1,7 @@
 """The RL loop on the driver (PPO, GRPO, RLOO): rollout -> scoring -> advantages -> updates, evaluation, checkpoints.
 
 The driver holds only the tokenizer and small tensors (token ids, log-probs, values, scores); every model lives in
-its actor (see `group.py`). Rollout batch layout: see `actors.py`.
+its actor (see `actor_pool.py`). Rollout batch layout: see `actors.py`.
 """
 
 from __future__ import annotations
@@ -16,8 +16,8 @@ from pathlib import Path
 import torch
 
 from stages.ppo import algorithm as A
+from stages.ppo.actor_pool import ActorPool, gather, pad_to_multiple
 from stages.ppo.config import Config
-from stages.ppo.group import ActorPool, gather, pad_to_multiple
 
 GoldFn = Callable[[str, str], float]
 STATE_FILE = "state.json"
