@@ -197,7 +197,7 @@ def run_ours(args, work: Path, sft: Path, rm: Path, prompts: list[str], algorith
     out = ppo.run(cfg, store=store, ctx=StageContext(work_dir=str(work / f"run-{algorithm}"), log=lambda m: None),
                   sft_model=sft_a, reward_model=rm_a, prompts=prompts_a)["policy"]  # fmt: skip
     wall = time.perf_counter() - t
-    history = [json.loads(x) for x in (Path(out.path) / "metrics.jsonl").read_text().splitlines()]
+    history = [json.loads(x) for x in (Path(out.reports_path) / "metrics.jsonl").read_text().splitlines()]
     split = {k: sum(m[f"seconds_{k}"] for m in history) for k in ("generation", "scoring", "training")}
     return {"seconds": sum(split.values()), "samples": args.batch * len(history), "stage_wall": wall, **split}
 
