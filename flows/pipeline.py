@@ -8,6 +8,7 @@ shuts down only a Ray it started.
 
 from __future__ import annotations
 
+import logging
 import os
 import time
 from typing import Any
@@ -43,6 +44,17 @@ from stages.common.data import DataError  # noqa: E402
 from stages.common.errors import StageInputError  # noqa: E402
 from stages.common.gates import GateFailed, check_gate  # noqa: E402
 from stages.common.store import ArtifactError, ArtifactStore  # noqa: E402
+
+
+class _QuietTaskStates(logging.Filter):
+    """Drops Prefect's "Finished in state Completed()" line per task (the stage's own lines say what it did); with
+    `rlhf run --verbose` every line stays."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return os.environ.get("RLHF_VERBOSE") == "1" or not record.getMessage().startswith("Finished in state Completed(")
+
+
+logging.getLogger("prefect.task_runs").addFilter(_QuietTaskStates())
 
 USER_ERRORS = (ConfigError, DataError, StageInputError, ArtifactError, GateFailed)
 

@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import posixpath
 import re
 import time
@@ -315,6 +316,9 @@ class Tracker:
         import mlflow
         from mlflow import MlflowClient
 
+        if os.environ.get("RLHF_VERBOSE") != "1":  # "Creating initial MLflow database tables..." and the like
+            logging.getLogger("mlflow.store.db.utils").setLevel(logging.WARNING)
+            logging.getLogger("alembic").setLevel(logging.WARNING)
         self._uri = self.section.uri or mlflow.get_tracking_uri()
         probe(self._uri)
         client = MlflowClient(tracking_uri=self._uri)

@@ -1,4 +1,4 @@
-"""Bring your own model: an imported tiny random Llama (no pad token) is the starting point of sft -> reward -> ppo.
+"""Bring your own model: an imported tiny random Llama (no pad token), Qwen2 or GPT-NeoX starts sft -> reward -> ppo.
 
 Runs the real flow (Prefect, Ray Train, DeepSpeed-free DDP on CPU, the PPO actors) on the tiny preset with a few
 steps per stage; the quality gates are tested elsewhere, so the reward gate is off here (a few steps on a random
@@ -28,18 +28,20 @@ FEW_STEPS = [
 ]  # fmt: skip
 
 
-@pytest.fixture(scope="module")
-def llama_run(tmp_path_factory, prefect_api, local_ray):
-    root = tmp_path_factory.mktemp("byo")
+@pytest.fixture(scope="module", params=["llama", "qwen2", "gpt_neox"])
+def llama_run(request, tmp_path_factory, prefect_api, local_ray):
+    """The same chain on each architecture family (GPT-2 is the main pipeline's); Llama's tokenizer has no pad."""
+    arch = request.param
+    root = tmp_path_factory.mktemp(f"byo-{arch}")
     texts = [row["text"] for row in generate(DemoConfig(size="tiny"))["corpus"]["train"]]
-    model_dir = save_tiny_model_dir("llama", texts, root / "my-llama", pad_token=False)
+    model_dir = save_tiny_model_dir(arch, texts, root / "my-llama", pad_token=arch != "llama")
     store = root / "artifacts"
     assert cli(["artifacts", "import", str(model_dir), "--kind", "causal-lm", "--name", "my-llama",
                 "--store", str(store)]) == 0  # fmt: skip
     overrides = [f"run.work_dir={root / 'runs'}", "sft.base_model=my-llama@latest", *FEW_STEPS]
     summary = rlhf(preset="tiny", store=str(store), overrides=overrides)
     return {"root": root, "model_dir": model_dir, "store": ArtifactStore(str(store)), "summary": summary,
-            "overrides": overrides, "texts": texts}  # fmt: skip
+            "overrides": overrides, "texts": texts, "arch": arch}  # fmt: skip
 
 
 def test_pipeline_starts_at_sft_from_the_imported_model(llama_run):
@@ -56,7 +58,7 @@ def test_policy_loads_in_transformers_and_its_lineage_names_the_import(llama_run
     imported = store.get("my-llama@v1")
     policy = store.get("policy@latest")
     model = AutoModelForCausalLM.from_pretrained(policy.path)
-    assert model.config.model_type == "llama"
+    assert model.config.model_type == llama_run["arch"]
     tokenizer = AutoTokenizer.from_pretrained(policy.path)
     source = AutoTokenizer.from_pretrained(llama_run["model_dir"])
     assert tokenizer.get_vocab() == source.get_vocab()  # the tokenizer is the one in the imported directory
@@ -78,7 +80,8 @@ def test_a_local_directory_is_content_hashed_and_changed_files_rerun_sft(llama_r
     first = store.get("local-llama@latest")
     assert first.digest == store.get("my-llama@v1").digest
 
-    save_tiny_model_dir("llama", llama_run["texts"], model_dir, pad_token=False, seed=1)  # same path, new weights
+    save_tiny_model_dir(llama_run["arch"], llama_run["texts"], model_dir, pad_token=llama_run["arch"] != "llama",
+                        seed=1)  # same path, new weights
     assert all_cached(cfg, store, stages, {}) is None  # sft (and so everything after it) must run again
     changed = store.get("local-llama@latest")
     assert changed.digest != first.digest and changed.version == first.version + 1

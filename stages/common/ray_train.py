@@ -60,12 +60,16 @@ def init_ray(address: str | None = None) -> None:
     on 127.0.0.1: Ray Train's placement-group cleaner polls the state API, which the dashboard serves, and without it
     logs "Failed to query Ray Train Controller actor state" every second of every run.
     """
+    import logging
+
     import ray
 
+    # Ray's own driver-side notices (start-up banner, token and signal-handler warnings) only with --verbose
+    quiet = {"log_to_driver": verbose(), "logging_level": logging.INFO if verbose() else logging.ERROR}
     if address:
-        ray.init(address=address, log_to_driver=verbose())  # joins; shutdown() only disconnects
+        ray.init(address=address, **quiet)  # joins; shutdown() only disconnects
     else:
-        ray.init(num_cpus=os.cpu_count(), include_dashboard=True, dashboard_host="127.0.0.1", log_to_driver=verbose())
+        ray.init(num_cpus=os.cpu_count(), include_dashboard=True, dashboard_host="127.0.0.1", **quiet)
 
 
 def ensure_ray() -> bool:
