@@ -14,7 +14,7 @@ _STAGES_ROOT = Path(__file__).resolve().parent.parent
 # editing them must not rerun every training stage. A new shared module is left out until it is listed here.
 RESULT_SHAPING_COMMON = (
     "collectives.py", "data.py", "deepspeed_config.py", "demo.py", "demo_eval.py", "hf.py", "preference_pairs.py",
-    "ray_train.py", "trl_training.py",
+    "ray_train.py", "sequences.py", "trl_training.py",
 )  # fmt: skip
 
 

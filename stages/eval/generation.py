@@ -8,19 +8,13 @@ Every tensor is created on (or moved to) the model's device; log-probs are taken
 
 from __future__ import annotations
 
-import contextlib
-from collections.abc import Iterator
-
 import torch
+
+from stages.common.sequences import position_ids, reply_mask_from_eos, seeded
 
 
 def model_device(model: torch.nn.Module) -> torch.device:
     return next(model.parameters()).device
-
-
-def position_ids(attention_mask: torch.Tensor) -> torch.Tensor:
-    """Positions counted from each row's first real token, so left padding does not shift them."""
-    return (attention_mask.long().cumsum(-1) - 1).clamp(min=0)
 
 
 def left_pad(prompt_ids: list[list[int]], pad_id: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
@@ -32,31 +26,6 @@ def left_pad(prompt_ids: list[list[int]], pad_id: int, device: torch.device) -> 
         ids[row, width - len(seq) :] = torch.tensor(seq, dtype=torch.long)
         mask[row, width - len(seq) :] = 1
     return ids.to(device), mask.to(device)
-
-
-def reply_mask_from_eos(replies: torch.Tensor, eos_ids: torch.Tensor, generated: int) -> torch.Tensor:
-    """1 on reply tokens up to and including the first eos and within the `generated` columns, else 0: [B, T].
-
-    Found from eos, never from the pad id: with pad == eos the padding after a finished reply looks like eos.
-    """
-    is_eos = torch.isin(replies, eos_ids).long()
-    after_first_eos = (is_eos.cumsum(-1) - is_eos) > 0
-    within = torch.arange(replies.shape[1], device=replies.device) < generated
-    return (~after_first_eos & within).long()
-
-
-@contextlib.contextmanager
-def seeded(seed: int) -> Iterator[None]:
-    """Sample under a fixed torch seed (CPU and CUDA) and restore the previous random state afterwards."""
-    cpu_state = torch.get_rng_state()
-    cuda_states = torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None
-    torch.manual_seed(seed)
-    try:
-        yield
-    finally:
-        torch.set_rng_state(cpu_state)
-        if cuda_states is not None:
-            torch.cuda.set_rng_state_all(cuda_states)
 
 
 @torch.no_grad()

@@ -19,6 +19,8 @@ from pathlib import Path
 
 import torch
 
+from stages.common.sequences import position_ids, seeded
+from stages.common.sequences import reply_mask_from_eos as response_mask_from_eos
 from stages.ppo import algorithm as A
 from stages.ppo.devices import dist_backend, model_dtype
 
@@ -40,11 +42,6 @@ def disable_dropout(model: torch.nn.Module) -> None:
             module.p = 0.0
 
 
-def position_ids(attention_mask: torch.Tensor) -> torch.Tensor:
-    """Positions counted from the first real token, so left padding does not shift them."""
-    return (attention_mask.long().cumsum(-1) - 1).clamp(min=0)
-
-
 def response_logits(model, tokens: torch.Tensor, attention_mask: torch.Tensor, prompt_len: int) -> torch.Tensor:
     """fp32 logits predicting each response token: [B, P + T] -> [B, T, V] (position t predicts token t + 1).
 
@@ -56,18 +53,6 @@ def response_logits(model, tokens: torch.Tensor, attention_mask: torch.Tensor, p
         input_ids=tokens, attention_mask=attention_mask, position_ids=position_ids(attention_mask), use_cache=False
     )
     return out.logits[:, prompt_len - 1 : -1].float()
-
-
-def response_mask_from_eos(responses: torch.Tensor, eos_ids: torch.Tensor, generated: int) -> torch.Tensor:
-    """1 on each response token up to and including the first eos, 0 after it and past `generated` tokens: [B, T].
-
-    Derived from the first eos, never from the pad id: when pad == eos (tokenizers without a pad token) the
-    padding HF generate writes after a finished reply is indistinguishable from eos itself.
-    """
-    is_eos = torch.isin(responses, eos_ids)
-    after_eos = (is_eos.long().cumsum(-1) - is_eos.long()) > 0
-    within = torch.arange(responses.shape[1], device=responses.device) < generated
-    return (~after_eos & within).long()
 
 
 def reward_read_positions(tokens: torch.Tensor, attention_mask: torch.Tensor, pad_token_id: int) -> torch.Tensor:
@@ -100,23 +85,6 @@ def engine_config(settings: dict) -> dict:
         micro_batch_size=settings["micro_batch_size"], grad_accum=1, grad_clip=settings["max_grad_norm"],
         optimizer=None,
     )  # fmt: skip
-
-
-@contextlib.contextmanager
-def seeded(seed: int | None) -> Iterator[None]:
-    """Run a block under a fixed torch seed without disturbing the actor's own random stream."""
-    if seed is None:
-        yield
-        return
-    state = torch.get_rng_state()
-    cuda_states = torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None
-    torch.manual_seed(seed)
-    try:
-        yield
-    finally:
-        torch.set_rng_state(state)
-        if cuda_states is not None:
-            torch.cuda.set_rng_state_all(cuda_states)
 
 
 class TokenValueModel(torch.nn.Module):
