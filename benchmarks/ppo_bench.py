@@ -66,7 +66,7 @@ PEER_SCRIPT = textwrap.dedent(
         num_ppo_epochs=a["epochs"], num_mini_batches=1, total_episodes=a["batch"] * a["iterations"],
         response_length=a["response_length"], temperature=1.0, learning_rate=a["lr"], report_to=[], use_cpu=True,
         save_strategy="no", logging_steps=10**6, missing_eos_penalty=None, stop_token="eos",
-        num_sample_generations=0, seed=0,
+        num_sample_generations=0, seed=0, bf16=a["bf16"],
     )
     trainer = PPOTrainer(args=args, processing_class=tok, model=policy, ref_model=ref, reward_model=rm,
                          value_model=vm, train_dataset=ds, eval_dataset=ds.select(range(a["batch"])))
@@ -121,7 +121,7 @@ PEER_GRPO_SCRIPT = textwrap.dedent(
         num_generations=k, steps_per_generation=1, num_iterations=a["epochs"], max_steps=a["iterations"] * a["epochs"],
         max_completion_length=a["response_length"], temperature=1.0, top_k=0, learning_rate=a["lr"], beta=0.04,
         loss_type="dapo", scale_rewards="group", report_to=[], use_cpu=True, save_strategy="no",
-        logging_steps=10**6, seed=0, bf16=False, gradient_checkpointing=False,
+        logging_steps=10**6, seed=0, bf16=a["bf16"], gradient_checkpointing=False,
     )
     trainer = GRPOTrainer(model=policy, reward_funcs=rm, args=args, train_dataset=ds, processing_class=tok,
                           reward_processing_classes=tok)
@@ -191,7 +191,7 @@ def run_ours(args, work: Path, sft: Path, rm: Path, prompts: list[str], algorith
         algorithm=algorithm, group_size=max(group, 2), iterations=args.iterations, rollout_batch_size=args.batch // group,
         mini_batch_size=args.batch, ppo_epochs=args.epochs, max_new_tokens=args.response_length, temperature=1.0,
         learning_rate=args.lr, missing_eos_penalty=None, eval_prompts=args.batch, checkpoint_every=10**6,
-        torch_threads=args.threads,
+        torch_threads=args.threads, bf16=args.bf16, generation_threads=args.generation_threads,
     )  # fmt: skip
     t = time.perf_counter()
     out = ppo.run(cfg, store=store, ctx=StageContext(work_dir=str(work / f"run-{algorithm}"), log=lambda m: None),
@@ -209,7 +209,7 @@ def run_peer(args, work: Path, sft: Path, rm: Path, prompts: list[str], algorith
     script.write_text(PEER_GRPO_SCRIPT if algorithm == "grpo" else PEER_SCRIPT)
     payload = {"sft": str(sft), "rm": str(rm), "prompts": prompts, "batch": args.batch, "epochs": args.epochs,
                "iterations": args.iterations, "response_length": args.response_length, "lr": args.lr,
-               "group_size": args.group_size, "out": str(work / f"peer-out-{algorithm}")}  # fmt: skip
+               "group_size": args.group_size, "bf16": args.bf16, "out": str(work / f"peer-out-{algorithm}")}  # fmt: skip
     env = {**os.environ, "WANDB_DISABLED": "true", "TOKENIZERS_PARALLELISM": "false"}
     proc = subprocess.run([str(python), str(script), json.dumps(payload)], capture_output=True, text=True, env=env)
     for line in proc.stdout.splitlines():
@@ -238,7 +238,10 @@ def main() -> None:
     p.add_argument("--vocab", type=int, default=1024)
     p.add_argument("--lr", type=float, default=3e-5)
     p.add_argument("--threads", type=int, default=1, help="torch threads per actor on our side")
+    p.add_argument("--generation-threads", type=int, default=None,
+                   help="threads our policy samples with (and trains with under GRPO); default: the pool's CPUs")
     p.add_argument("--group-size", type=int, default=4, help="GRPO replies per prompt")
+    p.add_argument("--bf16", action="store_true", help="bf16 on both sides (a CPU with native bf16: avx512_bf16/AMX)")
     p.add_argument("--skip-peer", action="store_true")
     p.add_argument("--skip-grpo", action="store_true")
     args = p.parse_args()
@@ -246,7 +249,8 @@ def main() -> None:
         work = Path(d)
         sft, rm, prompts = build_models(work, args.n_layer, args.n_embd, args.n_head, args.vocab)
         print(f"model: GPT-2 {args.n_layer} layers x {args.n_embd}, batch {args.batch}, response {args.response_length} "
-              f"tokens, {args.epochs} PPO epochs, {args.iterations} iterations, {os.cpu_count()} CPUs")  # fmt: skip
+              f"tokens, {args.epochs} PPO epochs, {args.iterations} iterations, {os.cpu_count()} CPUs, "
+              f"{'bf16' if args.bf16 else 'fp32'}, load average {os.getloadavg()[0]:.2f}")  # fmt: skip
         ours = run_ours(args, work, sft, rm, prompts)
         print(describe("ours PPO (Ray actors)", ours) + f"; stage wall incl. start-up {ours['stage_wall']:.1f}s")
         if not args.skip_grpo:

@@ -19,7 +19,7 @@ from prefect import flow, get_run_logger, task  # noqa: E402
 from prefect.cache_policies import NO_CACHE  # noqa: E402
 from prefect.states import Completed, Failed  # noqa: E402
 
-from flows import report  # noqa: E402
+from flows import assets, report  # noqa: E402
 from flows.config import STAGES, PipelineConfig, load_config  # noqa: E402
 from flows.dag import POLICY_ROLE_PREFIX, Node, branch_waves  # noqa: E402
 from flows.plan import (  # noqa: E402
@@ -43,18 +43,28 @@ from stages.common.context import StageContext  # noqa: E402
 from stages.common.data import DataError  # noqa: E402
 from stages.common.errors import StageInputError  # noqa: E402
 from stages.common.gates import GateFailed, check_gate  # noqa: E402
+from stages.common.ray_train import verbose, worker_log_dir  # noqa: E402
 from stages.common.store import ArtifactError, ArtifactStore  # noqa: E402
 
 
-class _QuietTaskStates(logging.Filter):
-    """Drops Prefect's "Finished in state Completed()" line per task (the stage's own lines say what it did); with
-    `rlhf run --verbose` every line stays."""
+class _QuietPrefect(logging.Filter):
+    """Prefect's lines the run's own lines make redundant, dropped without `rlhf run --verbose`: the "Finished in
+    state Completed()" of every task and of the flow (the stage lines and the summary say it), the temporary
+    server's "how to run a dedicated server" hint and its "Stopping" line. Warnings and failures all stay."""
 
     def filter(self, record: logging.LogRecord) -> bool:
-        return os.environ.get("RLHF_VERBOSE") == "1" or not record.getMessage().startswith("Finished in state Completed(")
+        if os.environ.get("RLHF_VERBOSE") == "1":
+            return True
+        message = record.getMessage()
+        if message.startswith("Finished in state Completed(") or message.startswith("Stopping temporary server"):
+            return False
+        if message.startswith("Starting temporary server") and "\n" in message:
+            record.msg, record.args = message.split("\n", 1)[0], ()
+        return True
 
 
-logging.getLogger("prefect.task_runs").addFilter(_QuietTaskStates())
+for _name in ("prefect", "prefect.task_runs", "prefect.flow_runs"):
+    logging.getLogger(_name).addFilter(_QuietPrefect())
 
 USER_ERRORS = (ConfigError, DataError, StageInputError, ArtifactError, GateFailed)
 
@@ -105,7 +115,8 @@ def model_task(key: str, value: str, kind: str, store: ArtifactStore) -> str:
     return art.ref
 
 
-@task(
+# a stage is a Prefect task materializing its outputs as assets (flows/assets.py); see `_stage_task_for`
+STAGE_TASK_OPTIONS = dict(
     name="stage",
     task_run_name="{name}",
     cache_policy=NO_CACHE,
@@ -114,6 +125,8 @@ def model_task(key: str, value: str, kind: str, store: ArtifactStore) -> str:
     retry_delay_seconds=[5, 20],
     retry_condition_fn=_worth_retrying,
 )
+
+
 def stage_task(
     name: str, cfg: PipelineConfig, store: ArtifactStore, ray_driver: RayDriver, input_refs: dict[str, str], force: bool
 ):
@@ -148,11 +161,15 @@ def _run_or_reuse(name: str, cfg: PipelineConfig, store: ArtifactStore, ray_driv
         report_to=tuple(cfg.tracking.report_to),
     )
     ray_driver.ensure()
-    logger.info(f"{name}: running (cache key {key[:12]}, inputs {', '.join(a.ref for a in inputs.values()) or 'none'})")
+    log_dir = None if verbose() else worker_log_dir(ctx.work_dir)
+    ctx.logs_announced = log_dir is not None  # said once here instead of by the stage
+    logger.info(f"{name}: running (cache key {key[:12]}, inputs {', '.join(a.ref for a in inputs.values()) or 'none'})"
+                + (f"; worker output (Ray, DeepSpeed, HF) in {log_dir}/" if log_dir else ""))
     start = time.perf_counter()
     outputs = call_stage(node, cfg.stage_config(name), store=store, ctx=ctx, inputs=inputs)
     wall = time.perf_counter() - start
     store.record_cache(key, outputs)
+    assets.record(store.root, outputs.values())
     report.stage_markdown(name, "ran", outputs, inputs, wall_seconds=wall)
     check_gate(name, gate, outputs)
     return {out: art.ref for out, art in outputs.items()}
@@ -235,7 +252,8 @@ def _pipeline(preset, config_file, overrides, store, from_stage, only, inputs, f
                 runs = {}
                 for name in wave:
                     refs = _input_refs(cfg, art_store, node_named(cfg, name), inputs, produced)
-                    future = stage_task.submit(name, cfg, art_store, ray_driver, refs, force or name in forced)
+                    task_obj = _stage_task_for(node_named(cfg, name), art_store, refs)
+                    future = task_obj.submit(name, cfg, art_store, ray_driver, refs, force or name in forced)
                     runs[name] = (future, refs, time.perf_counter())
                 for future, _, _ in runs.values():
                     future.wait()
@@ -265,6 +283,12 @@ def _pipeline(preset, config_file, overrides, store, from_stage, only, inputs, f
     finally:
         tracker.end(status)
         ray_driver.close()
+
+
+def _stage_task_for(node: Node, store: ArtifactStore, input_refs: dict[str, str]):
+    """`stage_task` as the Prefect task that materializes the node's outputs from its inputs (Prefect assets)."""
+    return assets.materializing(stage_task, STAGE_TASK_OPTIONS, store.root, node.outputs,
+                                [assets.ref_name(r) for r in input_refs.values()])  # fmt: skip
 
 
 def _input_refs(cfg: PipelineConfig, store: ArtifactStore, node: Node, explicit: dict[str, str],

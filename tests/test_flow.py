@@ -53,6 +53,56 @@ def test_full_run_publishes_four_stages_with_lineage(tiny_pipeline):
     assert set(store.lineage(report.ref)["inputs"]) >= {"sft_model", "reward_model", "prompts", "policy.ppo"}
 
 
+def _asset_events(store_root: str, wanted: set[str], patience_s: float = 60.0) -> dict:
+    """The Prefect API's asset materialization events of this store, by asset name, once `wanted` have all arrived
+    (events reach the server asynchronously after the flow ends)."""
+    import asyncio
+    import time
+
+    from prefect import get_client
+    from prefect.events.filters import EventFilter, EventNameFilter, EventResourceFilter
+
+    from flows.assets import asset_key
+
+    prefix = asset_key(store_root, "")
+
+    async def read() -> dict:
+        flt = EventFilter(event=EventNameFilter(name=["prefect.asset.materialization.succeeded"]),
+                          resource=EventResourceFilter(id_prefix=[prefix]))  # fmt: skip
+        async with get_client() as client:
+            page = await client.read_events(filter=flt, limit=50)
+        return {e.resource.id.removeprefix(prefix): e for e in page.events}
+
+    deadline = time.monotonic() + patience_s
+    while True:
+        events = asyncio.run(read())
+        if wanted <= set(events) or time.monotonic() > deadline:
+            return events
+        time.sleep(1.0)
+
+
+def test_run_materializes_prefect_assets_with_upstream_lineage(tiny_pipeline):
+    """Each stage run is a Prefect asset materialization of what it published, related to the assets it read."""
+    summary, root = tiny_pipeline["summary"], str(tiny_pipeline["store"])
+    published = {ref.split("@")[0]: ref for info in summary["stages"].values() for ref in info["outputs"].values()}
+    events = _asset_events(root, set(published))
+    assert set(events) >= set(published), f"no materialization event for {set(published) - set(events)}"
+    from flows.assets import asset_key
+
+    def upstream(name):
+        return {r.id for r in events[name].related if r.role == "asset"}
+
+    # the inputs each stage read; Prefect adds what the same upstream task run also produced (the tokenizer)
+    assert upstream("sft-model") >= {asset_key(root, "base-model"), asset_key(root, "sft-data")}
+    assert upstream("policy") >= {asset_key(root, n) for n in ("sft-model", "reward-model", "prompt-data")}
+    assert asset_key(root, "policy") in upstream("eval-report")
+    assert not {asset_key(root, n) for n in ("policy", "reward-model", "eval-report")} & upstream("sft-model")
+    store = ArtifactStore(root)
+    for name, ref in published.items():
+        payload = events[name].payload
+        assert payload["ref"] == ref and payload["digest"] == store.get(ref).digest, name
+
+
 def test_second_run_is_fully_cached(tiny_pipeline, pipeline_copy):
     before = _versions(pipeline_copy["store"])
     summary = _run(pipeline_copy)

@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from stages import ppo
-from stages.common.deepspeed_config import needs_compiled_op
+from stages.common.deepspeed_config import native_cpu_bf16, needs_compiled_op
 from stages.common.errors import StageInputError
 from stages.ppo.actor_pool import actor_settings
 from stages.ppo.actors import engine_config
@@ -22,10 +22,30 @@ def test_all_roles_load_in_the_trained_roles_dtype():
         model_dtype("int8")
 
 
-def test_bf16_on_cpu_is_refused_in_one_line():
-    with pytest.raises(StageInputError, match=r"ppo.bf16: true needs a GPU") as info:
+def test_bf16_on_a_cpu_without_native_bf16_is_refused_in_one_line(monkeypatch):
+    monkeypatch.setenv("RLHF_CPU_BF16", "0")  # the detection's override: a CPU that would emulate bf16
+    with pytest.raises(StageInputError, match=r"ppo.bf16: true needs a GPU .* or a CPU with native bf16") as info:
         ppo_precision(bf16=True, use_gpu=False)
     assert "\n" not in str(info.value)
+
+
+def test_bf16_on_a_cpu_with_native_bf16_is_bf16_end_to_end(monkeypatch):
+    monkeypatch.setenv("RLHF_CPU_BF16", "1")
+    assert native_cpu_bf16() and ppo_precision(bf16=True, use_gpu=False) == "bf16"
+    cpu = engine_config(_settings(False, bf16=True))
+    assert cpu["bf16"] == {"enabled": True} and cpu["fp16"] == {"enabled": False}
+    monkeypatch.setenv("RLHF_CPU_BF16", "0")
+    with pytest.raises(ValueError, match="needs a GPU"):
+        engine_config({**_settings(False), "precision": "bf16"})
+
+
+def test_the_policy_samples_with_the_cpus_of_the_waiting_roles():
+    assert _settings(False)["generation_threads"] == 2  # 4 roles x 0.5 CPU
+    assert _settings(False, algorithm="grpo", group_size=2)["generation_threads"] == 2  # 3 x 0.5 rounds to 2
+    assert _settings(False, cpus_per_actor=2.0)["generation_threads"] == 8
+    assert _settings(False, torch_threads=4)["generation_threads"] == 4  # never fewer than the actor's own
+    assert _settings(False, generation_threads=3)["generation_threads"] == 3
+    assert _settings(True)["generation_threads"] == 1  # on a GPU the sampling threads do not matter
 
 
 def test_nccl_on_gpu_gloo_on_cpu():

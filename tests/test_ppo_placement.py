@@ -131,7 +131,7 @@ def test_strict_strategies_are_checked_against_the_nodes():
 
 
 # ---------------------------------------------------------------------------------------- the flow's pre-flight
-def test_check_fits_takes_the_stage_config():
+def test_check_fits_takes_the_stage_config(monkeypatch):
     P.check_fits(ppo.Config(), total_gpus=1, total_cpus=2, use_gpu=True)  # the default derives 0.25 per actor
     P.check_fits(ppo.Config(), total_gpus=0, total_cpus=2, use_gpu=False)
     P.check_fits(ppo.Config(actors_per_role=None), 2, 4, True, num_workers=2)
@@ -139,6 +139,7 @@ def test_check_fits_takes_the_stage_config():
         P.check_fits(ppo.Config(actors_per_role=None), 1, 4, True, num_workers=2)
     with pytest.raises(StageInputError, match=r"need 8 GPUs, the Ray cluster has 4"):
         P.check_fits(ppo.Config(actors_per_role=2, gpus_per_actor=1.0, cpus_per_actor=1.0), 4, 16, True)
+    monkeypatch.setenv("RLHF_CPU_BF16", "0")  # a CPU without native bf16
     with pytest.raises(StageInputError, match=r"ppo.bf16: true needs a GPU"):
         P.check_fits(ppo.Config(bf16=True), 0, 2, False)
 

@@ -97,8 +97,10 @@ def test_prompt_longer_than_context_minus_response_is_refused(setup, tmp_path):
                         prompts=prompts)  # fmt: skip
 
 
-def test_bf16_without_a_gpu_is_refused_before_ray_starts(setup, tmp_path):
+def test_bf16_without_a_gpu_is_refused_before_ray_starts(setup, tmp_path, monkeypatch):
     import ray
+
+    monkeypatch.setenv("RLHF_CPU_BF16", "0")  # a CPU without native bf16
 
     was_running = ray.is_initialized()
     with pytest.raises(StageInputError, match=r"ppo.bf16: true needs a GPU \(run.use_gpu=true\)"):

@@ -29,3 +29,5 @@ class StageContext:
     scaling: Scaling = field(default_factory=Scaling)
     log: Callable[[str], None] = print
     report_to: tuple[str, ...] = ()  # experiment trackers the trainers report to as well (tensorboard, wandb, ...)
+    # the runner already told the user where the workers' own output goes (the flow says it on its "running" line)
+    logs_announced: bool = False

@@ -166,7 +166,7 @@ def fit(
         ctx.log(f"{run_name}: a previous run left checkpoints; resuming from the latest ({Path(previous).name})")
     has_snapshot = previous is not None and any((Path(previous).parent).glob("checkpoint_manager_snapshot*"))
     log_dir = None if verbose() else worker_log_dir(ctx.work_dir)
-    if log_dir:
+    if log_dir and not ctx.logs_announced:
         ctx.log(f"{run_name}: worker output (Ray, DeepSpeed, HF) goes to {log_dir}/{run_name}-rank*.log")
     # The queue actor carries progress lines from rank 0 to the driver; it takes no CPU from the workers.
     queue = Queue(actor_options={"num_cpus": 0})

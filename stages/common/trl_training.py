@@ -330,8 +330,17 @@ def trainer_datasets(cfg: dict[str, Any]) -> dict[str, Any]:
     return {"train_dataset": Dataset.from_list(cfg["train_rows"]), "eval_dataset": Dataset.from_list(cfg["test_rows"])}
 
 
+def eta_text(first_step_at: float | None, step: int, max_steps: int) -> str:
+    """' eta 12s' from the mean time of the steps after the first (the first carries the start-up), else ''."""
+    if first_step_at is None or step <= 1:
+        return ""
+    per_step = (time.time() - first_step_at) / (step - 1)
+    return f" eta {per_step * (max_steps - step):.0f}s"
+
+
 def progress_callback(stage: str, max_steps: int, timing: dict[str, float], extra_keys: tuple[str, ...] = ()):
-    """A TrainerCallback that sends loss lines to the driver and records when the first step finished."""
+    """A TrainerCallback that sends loss lines (with an ETA from the steps since the first) to the driver and
+    records when the first step finished."""
     from transformers import TrainerCallback
 
     class Progress(TrainerCallback):
@@ -341,7 +350,8 @@ def progress_callback(stage: str, max_steps: int, timing: dict[str, float], extr
         def on_log(self, args, state, control, logs=None, **kwargs):
             if logs and "loss" in logs:
                 extra = "".join(f" {k} {logs[k]:.3f}" for k in extra_keys if k in logs)
-                ray_train.log(f"{stage}: step {state.global_step}/{max_steps} loss {logs['loss']:.4f}{extra}")
+                ray_train.log(f"{stage}: step {state.global_step}/{max_steps} loss {logs['loss']:.4f}{extra}"
+                              f"{eta_text(timing.get('first_step_at'), state.global_step, max_steps)}")  # fmt: skip
 
     return Progress()
 

@@ -13,7 +13,6 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-from stages.common import ray_train
 from stages.common.demo_eval import demo_metrics
 from stages.common.hf import model_load_kwargs
 from stages.common.trl_training import (
@@ -82,7 +81,6 @@ def _train(cfg: dict[str, Any], rank: int, scratch: Path) -> None:
     metrics, samples = dict(trained.metrics), []
     metrics |= implicit_reward_metrics(trained.trainer.state.log_history)  # from trainer.evaluate() in train_and_save
     if rank == 0 and cfg["demo_task"] and cfg["eval_prompts"]:
-        ray_train.log(f"dpo: answering {len(cfg['eval_prompts'])} held-out prompts (sampled and greedy)")
         gen_metrics, samples = demo_metrics(
             str(trained.out / FINAL_DIR),
             cfg["eval_prompts"],

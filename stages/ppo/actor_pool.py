@@ -116,9 +116,22 @@ def actor_settings(cfg: Config, *, seed: int, use_gpu: bool, pad_token_id: int, 
         "use_gpu": use_gpu,
         "precision": ppo_precision(cfg.bf16, use_gpu),
         "micro_batch_size": cfg.mini_batch_size // cfg.actors_per_role,
+        "generation_threads": generation_threads(cfg, use_gpu),
+        # GRPO and RLOO train the policy alone (no critic beside it): it gets the waiting roles' CPUs then too
+        "policy_train_threads": generation_threads(cfg, use_gpu) if cfg.critic_free else cfg.torch_threads,
         "pad_token_id": pad_token_id,
         "eos_token_ids": list(eos_token_ids),
     }
+
+
+def generation_threads(cfg: Config, use_gpu: bool) -> int:
+    """The policy's sampling threads: `ppo.generation_threads`, else on CPU the CPUs that one actor of each role
+    reserves (they wait while it samples), never fewer than `torch_threads`; on GPU the threads do not matter."""
+    if cfg.generation_threads is not None:
+        return cfg.generation_threads
+    if use_gpu:
+        return cfg.torch_threads
+    return max(cfg.torch_threads, round(len(placement.roles_for(cfg.algorithm)) * cfg.cpus_per_actor))
 
 
 class ActorPool:

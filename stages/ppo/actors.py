@@ -35,6 +35,17 @@ def resolve_model_dir(path: str, store_uri: str, ref: str) -> str:
     return ArtifactStore(store_uri).get(ref).path
 
 
+@contextlib.contextmanager
+def torch_threads(n: int) -> Iterator[None]:
+    """Run the block with `n` intra-op threads, then restore the actor's own count."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(n)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
+
+
 def disable_dropout(model: torch.nn.Module) -> None:
     """PPO's ratio must be exactly 1 before the first step, so no dropout in any forward pass."""
     for module in model.modules():
@@ -251,7 +262,7 @@ class PolicyActor(_Trainable):
             do_sample=True, temperature=s["temperature"], top_p=s["top_p"], top_k=0, max_new_tokens=T,
             eos_token_id=self.eos_ids, pad_token_id=self.pad_id, use_cache=True,
         )  # fmt: skip
-        with seeded(seed), self.full_params():
+        with seeded(seed), self.full_params(), torch_threads(s.get("generation_threads") or s.get("torch_threads", 1)):
             out = module.generate(input_ids=prompt_ids, attention_mask=prompt_mask, generation_config=gen_config)
         responses = torch.full((out.shape[0], T), self.pad_id, dtype=out.dtype, device=out.device)
         responses[:, : out.shape[1] - P] = out[:, P:]
@@ -300,6 +311,11 @@ class PolicyActor(_Trainable):
         P = b["prompt_len"]
         kl_in_loss = "ref_logprobs" in b
         self.engine.train()
+        with torch_threads(s.get("policy_train_threads") or s.get("torch_threads", 1)):
+            return self._train_steps(b, P, epochs, seed, kl_in_loss)
+
+    def _train_steps(self, b: dict, P: int, epochs: int, seed: int, kl_in_loss: bool) -> dict[str, float]:
+        s = self.settings
         totals: dict[str, float] = {}
         steps = 0
         for idx in self._minibatches(b["tokens"].shape[0], epochs, seed):

@@ -63,18 +63,24 @@ class Config(Section):
     # --- models and placement ---
     critic_init: Literal["reward_model", "sft_model"] = "reward_model"  # where the value model starts (ppo only)
     zero_stage: int = Field(0, ge=0, le=3)  # DeepSpeed ZeRO stage of the policy and critic engines
-    bf16: bool = False  # bf16 for all four roles (GPU only; DeepSpeed keeps fp32 master weights); CPU runs stay fp32
+    # bf16 for all four roles (DeepSpeed keeps fp32 master weights): a GPU, or a CPU with native bf16 (2x fp32 there)
+    bf16: bool = False
     actors_per_role: int | None = Field(1, ge=1)  # data-parallel actors per role; None = run.num_workers
     cpus_per_actor: float = Field(0.5, gt=0.0)  # Ray CPUs per actor (4 roles x 0.5 = the 2 cores of a laptop box)
     # GPU fraction per actor when the run uses GPUs; None derives it so the four roles share the GPUs there are
     # (1 GPU: 0.25 each). An explicit x < 1 packs 1/x actors on a GPU. See `placement.py`.
     gpus_per_actor: float | None = Field(None, gt=0.0, le=1.0)
     torch_threads: int = Field(1, ge=1)  # intra-op threads per actor (more than the CPUs you reserve oversubscribes)
+    # threads the policy samples with on CPU (and trains with under GRPO/RLOO, where no critic trains beside it).
+    # The loop is synchronous: while the policy samples, the other roles wait, so their CPUs are free.
+    # None = the CPUs of one actor of every role (4 x 0.5 = 2 on the tiny box)
+    generation_threads: int | None = Field(None, ge=1)
     placement_strategy: Literal["STRICT_PACK", "PACK", "SPREAD", "STRICT_SPREAD"] = "PACK"  # Ray placement group
     # --- evaluation and checkpoints ---
     eval_prompts: int = Field(64, ge=1)  # held-out prompts scored before and after training
     samples_shown: int = Field(8, ge=0)  # SFT vs PPO responses saved side by side in samples.json
     checkpoint_every: int = Field(10, ge=1)  # iterations between checkpoints (the last one is always saved)
+    log_interval: int | None = Field(None, ge=1)  # iterations between progress lines; None = about ten per run
     gate: PPOGate = Field(default_factory=PPOGate)  # checked by the flow; not part of the cache key
 
     @property

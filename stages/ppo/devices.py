@@ -9,14 +9,18 @@ from __future__ import annotations
 
 import torch
 
-from stages.common.deepspeed_config import Precision
+from stages.common.deepspeed_config import Precision, native_cpu_bf16
 from stages.common.errors import StageInputError
 
 
 def ppo_precision(bf16: bool, use_gpu: bool) -> Precision:
-    """'bf16' when ppo.bf16 (GPU only), else 'fp32'; bf16 on CPU is refused with one line."""
-    if bf16 and not use_gpu:
-        raise StageInputError("ppo.bf16: true needs a GPU (run.use_gpu=true); set ppo.bf16=false on CPU")
+    """'bf16' when ppo.bf16, else 'fp32'. On CPU bf16 needs native bf16 (`native_cpu_bf16`): elsewhere it is
+    emulated, slower than fp32, and refused with one line."""
+    if bf16 and not use_gpu and not native_cpu_bf16():
+        raise StageInputError(
+            "ppo.bf16: true needs a GPU (run.use_gpu=true) or a CPU with native bf16 (avx512_bf16 or AMX); "
+            "set ppo.bf16=false on this CPU"
+        )
     return "bf16" if bf16 else "fp32"
 
 

@@ -61,7 +61,7 @@ def run(
                "critic": rm_src if config.critic_init == "reward_model" else sft_src}  # fmt: skip
     algo = config.algorithm  # the log prefix
     log_dir = None if verbose() else worker_log_dir(ctx.work_dir)
-    if log_dir:
+    if log_dir and not ctx.logs_announced:
         ctx.log(f"{algo}: actor output (DeepSpeed, HF) goes to {log_dir}/<role>-rank*.log")
     pool = ActorPool(config, sources, seed=ctx.seed, use_gpu=ctx.scaling.use_gpu,
                      special_tokens=prepared.special_tokens, log=ctx.log, log_dir=log_dir)  # fmt: skip
@@ -75,19 +75,19 @@ def run(
         else:
             history, start = [], 0
             eval_before = loop.evaluate(eval_prompts, eval_seed)
-            ctx.log(
-                f"{algo}: before training (SFT policy) on {len(eval_prompts)} held-out prompts: {eval_before['summary']}"
-            )
+        every = config.log_interval or max(1, config.iterations // 10)
+        loop_start = time.perf_counter()
         for i in range(start, config.iterations):
             batch = prompts_for_iteration(prepared.train_prompts, i, config.rollout_batch_size, ctx.seed)
             metrics = loop.iteration(i, batch)
             history.append(metrics)
-            ctx.log(report.log_line(metrics, config.iterations, algo))
+            if (i + 1) % every == 0 or i + 1 == config.iterations:
+                eta = (time.perf_counter() - loop_start) / (i + 1 - start) * (config.iterations - i - 1)
+                ctx.log(report.log_line(metrics, config.iterations, algo) + f" | eta {eta:.0f}s")
             if (i + 1) % config.checkpoint_every == 0 or i + 1 == config.iterations:
                 checkpoints.save(pool, iteration=i + 1, kl_controller=loop.kl_controller, history=history,
                                  eval_before=eval_before)  # fmt: skip
-        eval_after = loop.evaluate(eval_prompts, eval_seed)
-        ctx.log(f"{algo}: after training on the same prompts: {eval_after['summary']}")
+        eval_after = loop.evaluate(eval_prompts, eval_seed)  # before/after are on the "published" line
         staging = _fresh_staging(ctx.work_dir)
         ray.get(pool["policy"].broadcast("export_to", staging))
     finally:
@@ -121,7 +121,8 @@ def run(
             cache_key=ctx.cache_key,
             code_fingerprint=code_fingerprint(NAME),
         )
-    ctx.log(f"{algo}: published {artifact.ref}: {metrics}")
+    shown = ", ".join(f"{k}={v:.4g}" if isinstance(v, int | float) else f"{k}={v}" for k, v in metrics.items())
+    ctx.log(f"{algo}: published {artifact.ref} {shown}")
     return {"policy": artifact}
 
 

@@ -13,7 +13,6 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-from stages.common import ray_train
 from stages.common.hf import model_load_kwargs
 from stages.common.trl_training import (
     FINAL_DIR,
@@ -74,7 +73,6 @@ def _train(cfg: dict[str, Any], rank: int, scratch: Path) -> None:
         return
     metrics, samples = dict(trained.metrics), []
     if rank == 0:
-        ray_train.log(f"reward: scoring {len(cfg['test_rows'])} held-out pairs")
         pair_metrics, samples = evaluate_pairs(
             str(trained.out / FINAL_DIR),
             cfg["test_rows"],

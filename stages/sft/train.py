@@ -8,7 +8,6 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-from stages.common import ray_train
 from stages.common.hf import model_load_kwargs
 from stages.common.trl_training import (
     FINAL_DIR,
@@ -61,7 +60,6 @@ def _train(cfg: dict[str, Any], rank: int, scratch: Path) -> None:
         return
     metrics, samples = dict(trained.metrics), []
     if rank == 0 and cfg["demo_task"] and cfg["eval_prompts"]:
-        ray_train.log(f"sft: answering {len(cfg['eval_prompts'])} held-out prompts (sampled and greedy)")
         gen_metrics, samples = demo_metrics(
             str(trained.out / FINAL_DIR),
             cfg["eval_prompts"],
