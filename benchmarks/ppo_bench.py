@@ -9,7 +9,7 @@ evaluation excluded on both sides) and the generation / scoring / training split
 Our GRPO samples `--batch` replies per rollout as `--batch / --group-size` prompts x `--group-size` replies.
 
     .venv/bin/python benchmarks/ppo_bench.py [--iterations 10 --batch 16 --response-length 16 --epochs 4]
-                                             [--group-size 4 --skip-grpo --skip-peer]
+                                             [--group-size 4 --bf16 --repeats 3 --skip-grpo --skip-peer]
 """
 
 from __future__ import annotations
@@ -17,6 +17,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -175,7 +176,7 @@ def run_ours(args, work: Path, sft: Path, rm: Path, prompts: list[str], algorith
     from stages.common.context import StageContext
     from stages.common.store import ArtifactStore
 
-    store = ArtifactStore(work / "store")
+    store = ArtifactStore(work / f"store-{time.time_ns()}")  # its own: an identical policy would dedup to the first run
     sft_a = store.publish(sft, name="sft-model", kind="causal-lm", stage="bench")
     rm_a = store.publish(rm, name="reward-model", kind="reward-model", stage="bench")
     with tempfile.TemporaryDirectory() as d:
@@ -194,9 +195,10 @@ def run_ours(args, work: Path, sft: Path, rm: Path, prompts: list[str], algorith
         torch_threads=args.threads, bf16=args.bf16, generation_threads=args.generation_threads,
     )  # fmt: skip
     t = time.perf_counter()
-    out = ppo.run(cfg, store=store, ctx=StageContext(work_dir=str(work / f"run-{algorithm}"), log=lambda m: None),
-                  sft_model=sft_a, reward_model=rm_a, prompts=prompts_a)["policy"]  # fmt: skip
+    ctx = StageContext(work_dir=str(work / f"run-{algorithm}-{time.time_ns()}"), log=lambda m: None)  # no resume
+    out = ppo.run(cfg, store=store, ctx=ctx, sft_model=sft_a, reward_model=rm_a, prompts=prompts_a)["policy"]
     wall = time.perf_counter() - t
+    ray.shutdown()  # Ray's own daemons stay off the CPUs while the peer runs
     history = [json.loads(x) for x in (Path(out.reports_path) / "metrics.jsonl").read_text().splitlines()]
     split = {k: sum(m[f"seconds_{k}"] for m in history) for k in ("generation", "scoring", "training")}
     return {"seconds": sum(split.values()), "samples": args.batch * len(history), "stage_wall": wall, **split}
@@ -242,6 +244,7 @@ def main() -> None:
                    help="threads our policy samples with (and trains with under GRPO); default: the pool's CPUs")
     p.add_argument("--group-size", type=int, default=4, help="GRPO replies per prompt")
     p.add_argument("--bf16", action="store_true", help="bf16 on both sides (a CPU with native bf16: avx512_bf16/AMX)")
+    p.add_argument("--repeats", type=int, default=1, help="side-by-side pairs per algorithm (order alternates)")
     p.add_argument("--skip-peer", action="store_true")
     p.add_argument("--skip-grpo", action="store_true")
     args = p.parse_args()
@@ -251,23 +254,37 @@ def main() -> None:
         print(f"model: GPT-2 {args.n_layer} layers x {args.n_embd}, batch {args.batch}, response {args.response_length} "
               f"tokens, {args.epochs} PPO epochs, {args.iterations} iterations, {os.cpu_count()} CPUs, "
               f"{'bf16' if args.bf16 else 'fp32'}, load average {os.getloadavg()[0]:.2f}")  # fmt: skip
-        ours = run_ours(args, work, sft, rm, prompts)
-        print(describe("ours PPO (Ray actors)", ours) + f"; stage wall incl. start-up {ours['stage_wall']:.1f}s")
-        if not args.skip_grpo:
-            grpo = run_ours(args, work, sft, rm, prompts, "grpo")
-            print(describe(f"ours GRPO (k={args.group_size}, no critic)", grpo)
-                  + f"; stage wall incl. start-up {grpo['stage_wall']:.1f}s")  # fmt: skip
-        if args.skip_peer:
-            return
-        peer = run_peer(args, work, sft, rm, prompts)
-        print(describe(f"trl 1.12.0 PPOTrainer ({peer['threads']} thr)", peer))
-        ratio = (ours["samples"] / ours["seconds"]) / (peer["samples"] / peer["seconds"])
-        print(f"ratio ours PPO / trl 1.12.0 PPO: {ratio:.2f}x")
-        if not args.skip_grpo:
-            peer_grpo = run_peer(args, work, sft, rm, prompts, "grpo")
-            print(describe(f"trl 1.12.0 GRPOTrainer ({peer_grpo['threads']} thr)", peer_grpo))
-            ratio = (grpo["samples"] / grpo["seconds"]) / (peer_grpo["samples"] / peer_grpo["seconds"])
-            print(f"ratio ours GRPO / trl 1.12.0 GRPO: {ratio:.2f}x")
+        algorithms = ["ppo"] + ([] if args.skip_grpo else ["grpo"])
+        ratios: dict[str, list[float]] = {a: [] for a in algorithms}
+        for r in range(args.repeats):
+            for algorithm in algorithms:
+                # alternate who goes first, so a drift in the machine's speed does not favour one side
+                sides = ["ours", "peer"] if r % 2 == 0 else ["peer", "ours"]
+                results = {}
+                for side in sides:
+                    if side == "peer" and args.skip_peer:
+                        continue
+                    if side == "ours":
+                        results[side] = run_ours(args, work, sft, rm, prompts, algorithm)
+                        label = f"ours {algorithm.upper()}" + (" (4 actors)" if algorithm == "ppo" else
+                                                                f" (k={args.group_size}, 3 actors)")  # fmt: skip
+                        print(describe(label, results[side])
+                              + f"; stage wall incl. start-up {results[side]['stage_wall']:.1f}s", flush=True)  # fmt: skip
+                    else:
+                        results[side] = run_peer(args, work, sft, rm, prompts, algorithm)
+                        trainer = "PPOTrainer" if algorithm == "ppo" else "GRPOTrainer"
+                        print(describe(f"trl 1.12.0 {trainer} ({results[side]['threads']} thr)", results[side]),
+                              flush=True)  # fmt: skip
+                if "peer" in results:
+                    ratio = (results["ours"]["samples"] / results["ours"]["seconds"]) / (
+                        results["peer"]["samples"] / results["peer"]["seconds"])
+                    ratios[algorithm].append(ratio)
+                    print(f"repeat {r + 1}: ratio ours {algorithm.upper()} / trl 1.12.0: {ratio:.2f}x "
+                          f"(load average {os.getloadavg()[0]:.2f})", flush=True)  # fmt: skip
+        for algorithm, values in ratios.items():
+            if values:
+                print(f"{algorithm.upper()} ratio ours / trl 1.12.0 over {len(values)} repeat(s): median "
+                      f"{statistics.median(values):.2f}x, range {min(values):.2f}-{max(values):.2f}x")  # fmt: skip
 
 
 if __name__ == "__main__":

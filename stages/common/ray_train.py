@@ -103,6 +103,29 @@ def redirect_output(log_file: str) -> None:
     os.close(fd)
 
 
+@contextlib.contextmanager
+def output_to(log_file: str | None) -> Iterator[None]:
+    """`redirect_output` for the length of a block, then the process's own stdout/stderr again: for a Ray task,
+    whose worker process Ray reuses for other tasks. None leaves the output where it is (`--verbose`)."""
+    if log_file is None:
+        yield
+        return
+    import sys
+
+    saved = [os.dup(1), os.dup(2)]
+    try:
+        redirect_output(log_file)
+        yield
+    finally:
+        for stream in (sys.stdout, sys.stderr):
+            with contextlib.suppress(Exception):
+                stream.flush()
+        os.dup2(saved[0], 1)
+        os.dup2(saved[1], 2)
+        for fd in saved:
+            os.close(fd)
+
+
 def storage_path(work_dir: str) -> str:
     """Ray Train storage for ctx.work_dir: an fsspec/pyarrow URI as is, a local path made absolute."""
     return work_dir if "://" in work_dir else str(Path(work_dir).resolve())

@@ -68,6 +68,13 @@ def _sample_all(model, plan: dict) -> list[dict]:
 def evaluate_models(plan: dict) -> dict[str, dict]:
     """Sample, take log-probs and score as the module docstring says; returns per model and per reply:
     {"reply_ids": [[int]], "ended": [bool], "length": [int], "kl": [float], "rm_score": [float]}."""
+    from stages.common.ray_train import output_to
+
+    with output_to(plan.get("log_file")):  # the stage run's log folder, as the other stages' workers
+        return _evaluate_models(plan)
+
+
+def _evaluate_models(plan: dict) -> dict[str, dict]:
     from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification
 
     torch.set_num_threads(max(1, int(plan["cpus"])))
