@@ -172,11 +172,20 @@ def _half_precision_keys(cfg: PipelineConfig) -> list[tuple[str, str]]:
     return keys
 
 
+def _runs_on_this_cpu(key: str) -> bool:
+    """The RL stage computes in bf16 on a CPU with native bf16 (the others stay fp32 on any CPU)."""
+    from stages.common.deepspeed_config import native_cpu_bf16
+
+    return key == "ppo.bf16" and native_cpu_bf16()
+
+
 def _check_precision_fits_device(cfg: PipelineConfig, layers, overrides: list[str]) -> None:
     """bf16/fp16 need a GPU: on CPU they are refused here, before anything starts, instead of deep in a worker."""
     if cfg.run.use_gpu:
         return
     for key, value in _half_precision_keys(cfg):
+        if _runs_on_this_cpu(key):
+            continue
         source = _source_of(key.split("."), layers, overrides)
         raise ConfigError(
             f"config error in {source}: {key}: {value} needs a GPU, but run.use_gpu is false; "

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -57,9 +58,17 @@ def test_single_gpu_preset_fits_one_gpu():
         ("ppo.bf16=true", "ppo.bf16"),
     ],
 )
-def test_half_precision_without_gpu_is_a_config_error(override, key):
+def test_half_precision_without_gpu_is_a_config_error(override, key, monkeypatch):
+    monkeypatch.setenv("RLHF_CPU_BF16", "0")  # a CPU without native bf16 (ppo.bf16 would run on one with it)
     with pytest.raises(ConfigError, match=rf"--set {override}: {key}: .* needs a GPU, but run.use_gpu is false"):
         load_config("tiny", overrides=[override])
+
+
+def test_ppo_bf16_on_a_cpu_with_native_bf16_is_accepted(monkeypatch):
+    monkeypatch.setenv("RLHF_CPU_BF16", "1")
+    assert load_config("tiny", overrides=["ppo.bf16=true"]).ppo.bf16
+    with pytest.raises(ConfigError, match=r"sft.bf16: true needs a GPU"):  # the TRL stages stay fp32 on CPU
+        load_config("tiny", overrides=["sft.bf16=true"])
 
 
 def test_half_precision_with_gpu_flag_is_accepted():
@@ -90,6 +99,7 @@ def test_cli_refuses_in_one_line_with_exit_2(tmp_path, override):
     proc = subprocess.run(
         [str(Path(sys.executable).parent / "rlhf"), "run", "--preset", "tiny", "--set", override, "--store", str(store)],
         capture_output=True, text=True, timeout=120, cwd=tmp_path,
+        env={**os.environ, "RLHF_CPU_BF16": "0"},  # a CPU without native bf16, where ppo.bf16 cannot run either
     )  # fmt: skip
     assert proc.returncode == 2, proc.stderr
     lines = [ln for ln in proc.stderr.splitlines() if ln.strip()]
