@@ -46,6 +46,9 @@ def test_the_policy_samples_with_the_cpus_of_the_waiting_roles():
     assert _settings(False, torch_threads=4)["generation_threads"] == 4  # never fewer than the actor's own
     assert _settings(False, generation_threads=3)["generation_threads"] == 3
     assert _settings(True)["generation_threads"] == 1  # on a GPU the sampling threads do not matter
+    assert _settings(False, placement_strategy="SPREAD")["generation_threads"] == 1  # the others' CPUs are elsewhere
+    assert _settings(False)["policy_train_threads"] == 1  # PPO: the critic trains beside the policy
+    assert _settings(False, algorithm="rloo", group_size=2)["policy_train_threads"] == 2
 
 
 def test_nccl_on_gpu_gloo_on_cpu():

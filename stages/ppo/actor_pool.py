@@ -126,10 +126,11 @@ def actor_settings(cfg: Config, *, seed: int, use_gpu: bool, pad_token_id: int, 
 
 def generation_threads(cfg: Config, use_gpu: bool) -> int:
     """The policy's sampling threads: `ppo.generation_threads`, else on CPU the CPUs that one actor of each role
-    reserves (they wait while it samples), never fewer than `torch_threads`; on GPU the threads do not matter."""
+    reserves (they wait while it samples), never fewer than `torch_threads`; on GPU the threads do not matter, and
+    a SPREAD placement puts the roles on other nodes, whose CPUs the policy cannot use."""
     if cfg.generation_threads is not None:
         return cfg.generation_threads
-    if use_gpu:
+    if use_gpu or cfg.placement_strategy in ("SPREAD", "STRICT_SPREAD"):
         return cfg.torch_threads
     return max(cfg.torch_threads, round(len(placement.roles_for(cfg.algorithm)) * cfg.cpus_per_actor))
 
