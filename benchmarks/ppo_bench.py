@@ -30,69 +30,13 @@ sys.path.insert(0, str(ROOT))
 PEER_VENV = Path(os.environ.get("PPO_BENCH_PEER_VENV", Path.home() / ".cache" / "rlhf-dag" / "trl112-venv"))
 PEER_PACKAGES = ["torch==2.13.0", "trl==1.12.0", "requests"]  # GRPOTrainer imports requests
 
-# The peer script: runs inside the trl 1.12 venv. Generation, no-grad scoring forwards and the rest are timed by
-# wrapping the module-level helpers PPOTrainer calls (a no-grad forward is scoring; a forward with grad is training).
-PEER_SCRIPT = textwrap.dedent(
-    """
-    import json, sys, time, torch
-    from datasets import Dataset
-    from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification, AutoTokenizer
-    import trl.experimental.ppo.ppo_trainer as T
-    from trl.experimental.ppo import PPOConfig, PPOTrainer
-
-    a = json.loads(sys.argv[1])
-    clock = {"generation": 0.0, "scoring": 0.0}
-
-    def timed(fn, kind):
-        def inner(*args, **kwargs):
-            if kind == "scoring" and torch.is_grad_enabled():
-                return fn(*args, **kwargs)
-            t = time.perf_counter()
-            try:
-                return fn(*args, **kwargs)
-            finally:
-                clock[kind] += time.perf_counter() - t
-        return inner
-
-    T.batch_generation = timed(T.batch_generation, "generation")
-    T.forward = timed(T.forward, "scoring")
-    T.get_reward = timed(T.get_reward, "scoring")
-    tok = AutoTokenizer.from_pretrained(a["sft"])
-    tok.padding_side = "left"
-    policy, ref = (AutoModelForCausalLM.from_pretrained(a["sft"]) for _ in range(2))
-    rm, vm = (AutoModelForSequenceClassification.from_pretrained(a["rm"], num_labels=1) for _ in range(2))
-    ds = Dataset.from_dict({"input_ids": [tok(p)["input_ids"] for p in a["prompts"]]})
-    args = PPOConfig(
-        output_dir=a["out"], per_device_train_batch_size=a["batch"], gradient_accumulation_steps=1,
-        num_ppo_epochs=a["epochs"], num_mini_batches=1, total_episodes=a["batch"] * a["iterations"],
-        response_length=a["response_length"], temperature=1.0, learning_rate=a["lr"], report_to=[], use_cpu=True,
-        save_strategy="no", logging_steps=10**6, missing_eos_penalty=None, stop_token="eos",
-        num_sample_generations=0, seed=0, bf16=a["bf16"],
-    )
-    trainer = PPOTrainer(args=args, processing_class=tok, model=policy, ref_model=ref, reward_model=rm,
-                         value_model=vm, train_dataset=ds, eval_dataset=ds.select(range(a["batch"])))
-    t = time.perf_counter()
-    trainer.train()
-    total = time.perf_counter() - t
-    print("PEER_RESULT " + json.dumps({
-        "seconds": total, "samples": a["batch"] * a["iterations"], "threads": torch.get_num_threads(),
-        "generation": clock["generation"], "scoring": clock["scoring"],
-        "training": total - clock["generation"] - clock["scoring"],
-    }))
-    """
-)
-
-
-# The GRPO peer: trl 1.12.0's GRPOTrainer with the reward model as its reward function, the same replies per rollout
-# (batch = prompts x num_generations), `epochs` passes over each rollout (num_iterations), one optimizer step per
-# pass, beta 0.04 (the KL as a k3 loss term, as ours), token-level loss ("dapo", as ours), group std scaling, and
-# gradient checkpointing off (GRPOConfig turns it on by default; ours does not recompute activations).
-PEER_GRPO_SCRIPT = textwrap.dedent(
+# What both peer scripts share, run inside the trl 1.12 venv: the payload, the clock, `timed` (wraps a trl helper;
+# `only_no_grad` counts only its no-grad calls, a forward with grad being training) and `train_and_report`.
+PEER_COMMON = textwrap.dedent(
     """
     import json, sys, time, torch, transformers
     from datasets import Dataset
     from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification, AutoTokenizer
-    from trl import GRPOConfig, GRPOTrainer
 
     a = json.loads(sys.argv[1])
     clock = {"generation": 0.0, "scoring": 0.0}
@@ -107,6 +51,54 @@ PEER_GRPO_SCRIPT = textwrap.dedent(
             finally:
                 clock[kind] += time.perf_counter() - t
         return inner
+
+    def train_and_report(trainer):
+        t = time.perf_counter()
+        trainer.train()
+        total = time.perf_counter() - t
+        print("PEER_RESULT " + json.dumps({
+            "seconds": total, "samples": a["batch"] * a["iterations"], "threads": torch.get_num_threads(),
+            "generation": clock["generation"], "scoring": clock["scoring"],
+            "training": total - clock["generation"] - clock["scoring"],
+        }))
+    """
+)
+
+# The PPO peer: generation, no-grad scoring forwards and the rest are timed by wrapping the module-level helpers
+# PPOTrainer calls.
+PEER_SCRIPT = PEER_COMMON + textwrap.dedent(
+    """
+    import trl.experimental.ppo.ppo_trainer as T
+    from trl.experimental.ppo import PPOConfig, PPOTrainer
+
+    T.batch_generation = timed(T.batch_generation, "generation")
+    T.forward = timed(T.forward, "scoring", only_no_grad=True)
+    T.get_reward = timed(T.get_reward, "scoring", only_no_grad=True)
+    tok = AutoTokenizer.from_pretrained(a["sft"])
+    tok.padding_side = "left"
+    policy, ref = (AutoModelForCausalLM.from_pretrained(a["sft"]) for _ in range(2))
+    rm, vm = (AutoModelForSequenceClassification.from_pretrained(a["rm"], num_labels=1) for _ in range(2))
+    ds = Dataset.from_dict({"input_ids": [tok(p)["input_ids"] for p in a["prompts"]]})
+    args = PPOConfig(
+        output_dir=a["out"], per_device_train_batch_size=a["batch"], gradient_accumulation_steps=1,
+        num_ppo_epochs=a["epochs"], num_mini_batches=1, total_episodes=a["batch"] * a["iterations"],
+        response_length=a["response_length"], temperature=1.0, learning_rate=a["lr"], report_to=[], use_cpu=True,
+        save_strategy="no", logging_steps=10**6, missing_eos_penalty=None, stop_token="eos",
+        num_sample_generations=0, seed=0, bf16=a["bf16"],
+    )
+    train_and_report(PPOTrainer(args=args, processing_class=tok, model=policy, ref_model=ref, reward_model=rm,
+                                value_model=vm, train_dataset=ds, eval_dataset=ds.select(range(a["batch"]))))
+    """
+)
+
+
+# The GRPO peer: trl 1.12.0's GRPOTrainer with the reward model as its reward function, the same replies per rollout
+# (batch = prompts x num_generations), `epochs` passes over each rollout (num_iterations), one optimizer step per
+# pass, beta 0.04 (the KL as a k3 loss term, as ours), token-level loss ("dapo", as ours), group std scaling, and
+# gradient checkpointing off (GRPOConfig turns it on by default; ours does not recompute activations).
+PEER_GRPO_SCRIPT = PEER_COMMON + textwrap.dedent(
+    """
+    from trl import GRPOConfig, GRPOTrainer
 
     transformers.GenerationMixin.generate = timed(transformers.GenerationMixin.generate, "generation")
     GRPOTrainer._calculate_rewards = timed(GRPOTrainer._calculate_rewards, "scoring")
@@ -124,16 +116,8 @@ PEER_GRPO_SCRIPT = textwrap.dedent(
         loss_type="dapo", scale_rewards="group", report_to=[], use_cpu=True, save_strategy="no",
         logging_steps=10**6, seed=0, bf16=a["bf16"], gradient_checkpointing=False,
     )
-    trainer = GRPOTrainer(model=policy, reward_funcs=rm, args=args, train_dataset=ds, processing_class=tok,
-                          reward_processing_classes=tok)
-    t = time.perf_counter()
-    trainer.train()
-    total = time.perf_counter() - t
-    print("PEER_RESULT " + json.dumps({
-        "seconds": total, "samples": a["batch"] * a["iterations"], "threads": torch.get_num_threads(),
-        "generation": clock["generation"], "scoring": clock["scoring"],
-        "training": total - clock["generation"] - clock["scoring"],
-    }))
+    train_and_report(GRPOTrainer(model=policy, reward_funcs=rm, args=args, train_dataset=ds, processing_class=tok,
+                                 reward_processing_classes=tok))
     """
 )
 

@@ -1,8 +1,8 @@
 """The store's artifacts as Prefect assets, so Prefect's event feed (and Cloud's asset graph) shows the lineage.
 
 An asset is an artifact *name* in one store: `file:///abs/store/sft-model`, `s3://bucket/prefix/sft-model`. Every
-data and stage task is a Prefect `MaterializingTask` of the names it publishes, depending on the names it reads, so
-each run that publishes emits `prefect.asset.materialization.succeeded` with the upstream assets as related
+stage task is a Prefect `MaterializingTask` of the names it publishes, depending on the names it reads (data sets
+included), so each run that publishes emits `prefect.asset.materialization.succeeded` with the upstream assets as related
 resources and the version, ref, digest and cache key as payload. A task that reused its cache emits nothing: it
 materialized no new version (Prefect skips the events of a `Cached` state). The store stays the source of truth;
 the assets are a view of it.

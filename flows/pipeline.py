@@ -43,7 +43,7 @@ from stages.common.context import StageContext  # noqa: E402
 from stages.common.data import DataError  # noqa: E402
 from stages.common.errors import StageInputError  # noqa: E402
 from stages.common.gates import GateFailed, check_gate  # noqa: E402
-from stages.common.ray_train import verbose, worker_log_dir  # noqa: E402
+from stages.common.ray_train import console_log_dir, verbose  # noqa: E402
 from stages.common.store import ArtifactError, ArtifactStore  # noqa: E402
 
 
@@ -53,7 +53,7 @@ class _QuietPrefect(logging.Filter):
     server's "how to run a dedicated server" hint and its "Stopping" line. Warnings and failures all stay."""
 
     def filter(self, record: logging.LogRecord) -> bool:
-        if os.environ.get("RLHF_VERBOSE") == "1":
+        if verbose():
             return True
         message = record.getMessage()
         if message.startswith("Finished in state Completed(") or message.startswith("Stopping temporary server"):
@@ -161,7 +161,7 @@ def _run_or_reuse(name: str, cfg: PipelineConfig, store: ArtifactStore, ray_driv
         report_to=tuple(cfg.tracking.report_to),
     )
     ray_driver.ensure()
-    log_dir = None if verbose() else worker_log_dir(ctx.work_dir)
+    log_dir = console_log_dir(ctx.work_dir)
     ctx.logs_announced = log_dir is not None  # said once here instead of by the stage
     logger.info(f"{name}: running (cache key {key[:12]}, inputs {', '.join(a.ref for a in inputs.values()) or 'none'})"
                 + (f"; worker output (Ray, DeepSpeed, HF) in {log_dir}/" if log_dir else ""))

@@ -82,6 +82,12 @@ def ensure_ray() -> bool:
     return True
 
 
+def console_log_dir(work_dir: str) -> str | None:
+    """Where a stage run's workers write their output instead of the console: None with --verbose (the console
+    keeps it) or for a remote work_dir (Ray's own logs keep it)."""
+    return None if verbose() else worker_log_dir(work_dir)
+
+
 def worker_log_dir(work_dir: str) -> str | None:
     """Where a stage run's workers write their output (None for a remote work_dir: then Ray's own logs keep it)."""
     if "://" in work_dir:
@@ -188,7 +194,7 @@ def fit(
     if previous:
         ctx.log(f"{run_name}: a previous run left checkpoints; resuming from the latest ({Path(previous).name})")
     has_snapshot = previous is not None and any((Path(previous).parent).glob("checkpoint_manager_snapshot*"))
-    log_dir = None if verbose() else worker_log_dir(ctx.work_dir)
+    log_dir = console_log_dir(ctx.work_dir)
     if log_dir and not ctx.logs_announced:
         ctx.log(f"{run_name}: worker output (Ray, DeepSpeed, HF) goes to {log_dir}/{run_name}-rank*.log")
     # The queue actor carries progress lines from rank 0 to the driver; it takes no CPU from the workers.

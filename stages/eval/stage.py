@@ -8,7 +8,7 @@ from pathlib import Path
 
 from stages.common.context import StageContext
 from stages.common.fingerprint import code_fingerprint
-from stages.common.ray_train import verbose, worker_log_dir
+from stages.common.ray_train import console_log_dir
 from stages.common.store import Artifact
 from stages.eval import report
 from stages.eval.config import Config
@@ -28,7 +28,7 @@ def _plan(config: Config, prepared: PreparedInputs, *, store, ctx: StageContext,
           policies: dict[str, Artifact]) -> dict:  # fmt: skip
     """What the evaluation task needs: model sources (never weights), token ids, sampling settings."""
     k = config.samples_per_prompt
-    log_dir = None if verbose() else worker_log_dir(ctx.work_dir)
+    log_dir = console_log_dir(ctx.work_dir)
     return {
         "sft_model": _source(sft_model, store),
         "reward_model": _source(reward_model, store),

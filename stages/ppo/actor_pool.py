@@ -110,15 +110,16 @@ def actor_settings(cfg: Config, *, seed: int, use_gpu: bool, pad_token_id: int, 
     The special token ids come from the driver's tokenizer: a model config may have no pad id (Llama) or
     several eos ids, and the policy's response mask must agree with the driver's decoding.
     """
+    sampling_threads = generation_threads(cfg, use_gpu)
     return {
         **cfg.to_dict(),
         "seed": seed,
         "use_gpu": use_gpu,
         "precision": ppo_precision(cfg.bf16, use_gpu),
         "micro_batch_size": cfg.mini_batch_size // cfg.actors_per_role,
-        "generation_threads": generation_threads(cfg, use_gpu),
+        "generation_threads": sampling_threads,
         # GRPO and RLOO train the policy alone (no critic beside it): it gets the waiting roles' CPUs then too
-        "policy_train_threads": generation_threads(cfg, use_gpu) if cfg.critic_free else cfg.torch_threads,
+        "policy_train_threads": sampling_threads if cfg.critic_free else cfg.torch_threads,
         "pad_token_id": pad_token_id,
         "eos_token_ids": list(eos_token_ids),
     }

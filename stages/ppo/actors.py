@@ -262,7 +262,7 @@ class PolicyActor(_Trainable):
             do_sample=True, temperature=s["temperature"], top_p=s["top_p"], top_k=0, max_new_tokens=T,
             eos_token_id=self.eos_ids, pad_token_id=self.pad_id, use_cache=True,
         )  # fmt: skip
-        with seeded(seed), self.full_params(), torch_threads(s.get("generation_threads") or s.get("torch_threads", 1)):
+        with seeded(seed), self.full_params(), torch_threads(s["generation_threads"]):
             out = module.generate(input_ids=prompt_ids, attention_mask=prompt_mask, generation_config=gen_config)
         responses = torch.full((out.shape[0], T), self.pad_id, dtype=out.dtype, device=out.device)
         responses[:, : out.shape[1] - P] = out[:, P:]
@@ -311,30 +311,26 @@ class PolicyActor(_Trainable):
         P = b["prompt_len"]
         kl_in_loss = "ref_logprobs" in b
         self.engine.train()
-        with torch_threads(s.get("policy_train_threads") or s.get("torch_threads", 1)):
-            return self._train_steps(b, P, epochs, seed, kl_in_loss)
-
-    def _train_steps(self, b: dict, P: int, epochs: int, seed: int, kl_in_loss: bool) -> dict[str, float]:
-        s = self.settings
         totals: dict[str, float] = {}
         steps = 0
-        for idx in self._minibatches(b["tokens"].shape[0], epochs, seed):
-            mask = b["response_mask"][idx]
-            logits = response_logits(self.engine, b["tokens"][idx], b["attention_mask"][idx], P) / s["temperature"]
-            logprobs = A.logprobs_from_logits(logits, b["tokens"][idx, P:])
-            loss, stats = A.policy_loss(logprobs, b["logprobs"][idx], b["advantages"][idx], mask, s["clip_ratio"])
-            entropy = A.masked_mean(A.entropy_from_logits(logits), mask)
-            if s["entropy_coef"] > 0:
-                loss = loss - s["entropy_coef"] * entropy
-            if kl_in_loss:
-                kl_term = A.kl_loss(logprobs, b["ref_logprobs"][idx], mask)
-                loss = loss + s["loss_kl_coef"] * kl_term
-                stats = {**stats, "kl_loss": kl_term}
-            self.engine.backward(loss)
-            self.engine.step()
-            for k, v in {"policy_loss": loss, "entropy": entropy, **stats}.items():
-                totals[k] = totals.get(k, 0.0) + float(v.detach())
-            steps += 1
+        with torch_threads(s["policy_train_threads"]):
+            for idx in self._minibatches(b["tokens"].shape[0], epochs, seed):
+                mask = b["response_mask"][idx]
+                logits = response_logits(self.engine, b["tokens"][idx], b["attention_mask"][idx], P) / s["temperature"]
+                logprobs = A.logprobs_from_logits(logits, b["tokens"][idx, P:])
+                loss, stats = A.policy_loss(logprobs, b["logprobs"][idx], b["advantages"][idx], mask, s["clip_ratio"])
+                entropy = A.masked_mean(A.entropy_from_logits(logits), mask)
+                if s["entropy_coef"] > 0:
+                    loss = loss - s["entropy_coef"] * entropy
+                if kl_in_loss:
+                    kl_term = A.kl_loss(logprobs, b["ref_logprobs"][idx], mask)
+                    loss = loss + s["loss_kl_coef"] * kl_term
+                    stats = {**stats, "kl_loss": kl_term}
+                self.engine.backward(loss)
+                self.engine.step()
+                for k, v in {"policy_loss": loss, "entropy": entropy, **stats}.items():
+                    totals[k] = totals.get(k, 0.0) + float(v.detach())
+                steps += 1
         return {k: v / max(steps, 1) for k, v in totals.items()}
 
     def export_to(self, staging: str) -> list[str]:

@@ -35,7 +35,7 @@ def run(
     """
     import ray
 
-    from stages.common.ray_train import ensure_ray, verbose, worker_log_dir
+    from stages.common.ray_train import console_log_dir, ensure_ray
 
     started = time.perf_counter()
     try:
@@ -60,7 +60,7 @@ def run(
     sources = {"policy": sft_src, "reference": sft_src, "reward": rm_src,
                "critic": rm_src if config.critic_init == "reward_model" else sft_src}  # fmt: skip
     algo = config.algorithm  # the log prefix
-    log_dir = None if verbose() else worker_log_dir(ctx.work_dir)
+    log_dir = console_log_dir(ctx.work_dir)
     if log_dir and not ctx.logs_announced:
         ctx.log(f"{algo}: actor output (DeepSpeed, HF) goes to {log_dir}/<role>-rank*.log")
     pool = ActorPool(config, sources, seed=ctx.seed, use_gpu=ctx.scaling.use_gpu,
