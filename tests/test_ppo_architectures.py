@@ -133,3 +133,43 @@ def test_a_missing_pad_token_matches_a_reward_model_padded_with_eos():
     rm.pad_token = "<|pad|>"
     with pytest.raises(StageInputError, match=r"reward_model rm@v1: tokenizer pad_token is '<\|pad\|>', expected"):
         _check_same_tokenizer(policy, rm, "reward_model rm@v1")
+
+
+def _sample(lm, tokenizer, ids, mask, seed, T=8, temperature=0.7):
+    from stages.common.sampling import sampling_config
+    from stages.common.sequences import seeded
+
+    config = sampling_config(temperature=temperature, top_p=1.0, max_new_tokens=T, eos_ids=[tokenizer.eos_token_id],
+                             pad_id=tokenizer.pad_token_id)  # fmt: skip
+    with torch.no_grad(), seeded(seed):
+        return lm.generate(input_ids=ids, attention_mask=mask, generation_config=config)
+
+
+@pytest.mark.parametrize("arch", sorted(TINY_ARCHS))
+def test_log_probs_read_from_sampling_match_a_full_sequence_forward(arch, tokenizer):
+    from stages.common.sampling import SampledLogprobs
+
+    lm = build_tiny_model(arch, tokenizer).eval()
+    prompts = [tokenizer.encode(t) for t in ("User: Describe the red cat.\nAssistant:", "User: Hi\nAssistant:")]
+    ids, mask = left_padded(prompts, tokenizer.pad_token_id)
+    P, temperature = ids.shape[1], 0.7
+    with SampledLogprobs(lm, temperature) as recorder:
+        out = _sample(lm, tokenizer, ids, mask, seed=3, temperature=temperature)
+    sampled = recorder.result(out)
+    assert sampled.shape == (2, out.shape[1] - P) and sampled.dtype == torch.float32
+    full_mask = torch.cat([mask, torch.ones_like(out[:, P:])], dim=1)
+    with torch.no_grad():
+        logits = response_logits(lm, out, full_mask, P) / temperature
+    expected = torch.log_softmax(logits, -1).gather(-1, out[:, P:, None]).squeeze(-1)
+    # each column is the log-prob of the token sampled there (an off-by-one would compare unrelated numbers)
+    torch.testing.assert_close(sampled, expected, atol=1e-4, rtol=1e-4)
+    assert not lm._forward_hooks  # the recorder took its hook off again
+
+
+def test_sampling_ignores_the_checkpoints_generation_defaults(tokenizer):
+    lm = build_tiny_model("llama", tokenizer).eval()
+    ids, mask = left_padded([tokenizer.encode("User: Describe the red cat.\nAssistant:")] * 3, tokenizer.pad_token_id)
+    plain = _sample(lm, tokenizer, ids, mask, seed=5, T=12)
+    # what a hub generation_config.json may carry; unpinned, no_repeat_ngram_size or typical_p alone changes the draws
+    lm.generation_config.update(repetition_penalty=5.0, no_repeat_ngram_size=1, typical_p=0.2, top_k=3)
+    assert torch.equal(_sample(lm, tokenizer, ids, mask, seed=5, T=12), plain)

@@ -19,6 +19,7 @@ from pathlib import Path
 
 import torch
 
+from stages.common.sampling import SampledLogprobs, sampling_config
 from stages.common.sequences import position_ids, seeded
 from stages.common.sequences import reply_mask_from_eos as response_mask_from_eos
 from stages.ppo import algorithm as A
@@ -243,45 +244,44 @@ class PolicyActor(_Trainable):
         self.eos_ids = [int(i) for i in settings["eos_token_ids"]]
 
     @torch.no_grad()
-    def generate(self, prompts: dict, seed: int | None = None, with_logprobs: bool = True) -> dict:
-        """Sample one response per left-padded prompt; returns the rollout layout plus the sampling log-probs.
+    def generate(self, prompts: dict, seed: int | None = None, record_logprobs: bool = False) -> dict:
+        """Sample one response per left-padded prompt; returns the rollout layout.
 
         prompts: {"prompt_ids", "prompt_mask"} [B, P]; `seed` makes the samples reproducible (offset per rank).
-        `with_logprobs=False` leaves "logprobs" out: the loop then asks `logprobs` for them while the reference and
-        reward model score the batch, so the full-sequence forward overlaps their work instead of following sampling.
+        `record_logprobs` adds "logprobs" [B, T], read from the sampling pass's own logits (`SampledLogprobs`,
+        `ppo.old_logprobs: sampling`); without it the loop asks `logprobs` for them while the reference and reward
+        model score the batch.
         """
-        from transformers import GenerationConfig
-
         s = self.settings
         module = self.engine.module
         module.eval()
         prompt_ids, prompt_mask = prompts["prompt_ids"].to(self.device), prompts["prompt_mask"].to(self.device)
         seed = None if seed is None else seed + 7919 * self.rank
         P, T = prompt_ids.shape[1], s["max_new_tokens"]
-        gen_config = GenerationConfig(
-            do_sample=True, temperature=s["temperature"], top_p=s["top_p"], top_k=0, max_new_tokens=T,
-            eos_token_id=self.eos_ids, pad_token_id=self.pad_id, use_cache=True,
-        )  # fmt: skip
-        with seeded(seed), self.full_params(), torch_threads(s["generation_threads"]):
+        gen_config = sampling_config(temperature=s["temperature"], top_p=s["top_p"], max_new_tokens=T,
+                                     eos_ids=self.eos_ids, pad_id=self.pad_id)  # fmt: skip
+        recorder = SampledLogprobs(module, s["temperature"]) if record_logprobs else contextlib.nullcontext()
+        with seeded(seed), self.full_params(), torch_threads(s["generation_threads"]), recorder:
             out = module.generate(input_ids=prompt_ids, attention_mask=prompt_mask, generation_config=gen_config)
+        generated = out.shape[1] - P
         responses = torch.full((out.shape[0], T), self.pad_id, dtype=out.dtype, device=out.device)
-        responses[:, : out.shape[1] - P] = out[:, P:]
+        responses[:, :generated] = out[:, P:]
         # keep everything up to and including the first eos; what follows (and what was never generated) is padding
         eos_ids = torch.tensor(self.eos_ids, dtype=responses.dtype, device=responses.device)
-        response_mask = response_mask_from_eos(responses, eos_ids, generated=out.shape[1] - P)
+        response_mask = response_mask_from_eos(responses, eos_ids, generated=generated)
         ended = (torch.isin(responses, eos_ids) & (response_mask > 0)).any(-1)
         responses = responses.masked_fill(response_mask == 0, self.pad_id)
-        tokens = torch.cat([prompt_ids, responses], dim=1)
-        attention_mask = torch.cat([prompt_mask.long(), response_mask], dim=1)
-        out = {
-            "tokens": tokens.cpu(),
-            "attention_mask": attention_mask.cpu(),
+        result = {
+            "tokens": torch.cat([prompt_ids, responses], dim=1).cpu(),
+            "attention_mask": torch.cat([prompt_mask.long(), response_mask], dim=1).cpu(),
             "response_mask": response_mask.float().cpu(),
             "ended": ended.cpu(),
         }
-        if with_logprobs:
-            out["logprobs"] = self._logprobs(tokens, attention_mask, response_mask, P).cpu()
-        return out
+        if record_logprobs:
+            logprobs = torch.zeros((out.shape[0], T), dtype=torch.float32, device=out.device)
+            logprobs[:, :generated] = recorder.result(out)
+            result["logprobs"] = (logprobs * response_mask).cpu()
+        return result
 
     @torch.no_grad()
     def logprobs(self, batch: dict) -> torch.Tensor:

@@ -40,6 +40,11 @@ class Config(Section):
     max_new_tokens: int = Field(20, ge=1)  # response budget; demo replies are ~12 tokens with eos
     temperature: float = Field(1.0, gt=0.0)  # sampling temperature; log-probs are taken at the same temperature
     top_p: float = Field(1.0, gt=0.0, le=1.0)  # nucleus sampling (1.0 = off, keeps PPO's log-probs exact)
+    # where PPO's old log-probs (the ratio's denominator) come from: "sampling" reads them from the sampling pass's
+    # logits (no extra forward; the first ratio is 1 to ~1e-6 in fp32), "recompute" takes a full-sequence forward
+    # (the first ratio is exactly 1). "auto": sampling in fp32, recompute under bf16, whose KV-cache and
+    # full-sequence logits can differ by ~1e-2 nats
+    old_logprobs: Literal["auto", "sampling", "recompute"] = "auto"
     missing_eos_penalty: float | None = Field(1.0, ge=0.0)  # subtracted from the RM score of replies cut before eos
     # --- PPO update ---
     ppo_epochs: int = Field(4, ge=1)  # passes over each rollout batch
@@ -87,6 +92,13 @@ class Config(Section):
     def critic_free(self) -> bool:
         """GRPO and RLOO: no critic actor, no GAE, no value loss."""
         return self.algorithm in CRITIC_FREE
+
+    @property
+    def logprobs_from_sampling(self) -> bool:
+        """`old_logprobs` resolved: True = read from the sampling pass, False = a recomputing forward."""
+        if self.old_logprobs == "auto":
+            return not self.bf16
+        return self.old_logprobs == "sampling"
 
     @property
     def replies_per_prompt(self) -> int:

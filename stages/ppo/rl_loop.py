@@ -62,23 +62,26 @@ class PPOLoop:
         return {"prompt_ids": enc["input_ids"], "prompt_mask": enc["attention_mask"]}
 
     def _generate(self, prompts: list[str], seed: int) -> dict:
-        """Sample responses on the policy actors; returns the rollout batch (its log-probs come with `_score`)."""
-        out = gather(self.pool["policy"].submit("generate", self._encode(prompts), seed, False), "concat")
+        """Sample responses on the policy actors; returns the rollout batch (with its log-probs when they are read
+        from the sampling pass, else `_score` adds them)."""
+        record = self.cfg.logprobs_from_sampling
+        out = gather(self.pool["policy"].submit("generate", self._encode(prompts), seed, record), "concat")
         out["prompt_len"] = out["tokens"].shape[1] - self.cfg.max_new_tokens
         return out
 
     def _score(self, batch: dict, with_values: bool = True) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
         """Reference log-probs, reward-model scores and critic values, computed concurrently by their actors.
 
-        The policy's own log-probs of the batch are taken in the same round (into batch["logprobs"]): after
-        sampling the policy actor is free, and its forward runs alongside the other roles' instead of after sampling.
+        When sampling did not record the policy's own log-probs, they are taken in the same round (into
+        batch["logprobs"]): after sampling the policy actor is free, and its forward runs alongside the other roles'.
         """
         view = {k: batch[k] for k in ("tokens", "attention_mask", "response_mask", "prompt_len")}
-        policy = self.pool["policy"].submit("logprobs", view)
+        policy = None if "logprobs" in batch else self.pool["policy"].submit("logprobs", view)
         ref = self.pool["reference"].submit("logprobs", view)
         rm = self.pool["reward"].submit("scores", view)
         values = self.pool["critic"].submit("values", view) if with_values else None
-        batch["logprobs"] = gather(policy, "concat")
+        if policy is not None:
+            batch["logprobs"] = gather(policy, "concat")
         return gather(ref, "concat"), gather(rm, "concat"), gather(values, "concat") if values else None
 
     def _texts_and_gold(self, prompts: list[str], batch: dict) -> tuple[list[str], list[float] | None]:
