@@ -177,6 +177,7 @@ def run_ours(args, work: Path, sft: Path, rm: Path, prompts: list[str], algorith
         mini_batch_size=args.batch, ppo_epochs=args.epochs, max_new_tokens=args.response_length, temperature=1.0,
         learning_rate=args.lr, missing_eos_penalty=None, eval_prompts=args.batch, checkpoint_every=10**6,
         torch_threads=args.threads, bf16=args.bf16, generation_threads=args.generation_threads,
+        old_logprobs=args.old_logprobs,
     )  # fmt: skip
     t = time.perf_counter()
     ctx = StageContext(work_dir=str(work / f"run-{algorithm}-{time.time_ns()}"), log=lambda m: None)  # no resume
@@ -228,6 +229,8 @@ def main() -> None:
                    help="threads our policy samples with (and trains with under GRPO); default: the pool's CPUs")
     p.add_argument("--group-size", type=int, default=4, help="GRPO replies per prompt")
     p.add_argument("--bf16", action="store_true", help="bf16 on both sides (a CPU with native bf16: avx512_bf16/AMX)")
+    p.add_argument("--old-logprobs", choices=["auto", "sampling", "recompute"], default="auto",
+                   help="our ppo.old_logprobs: read from the sampling pass or recomputed by a forward")
     p.add_argument("--repeats", type=int, default=1, help="side-by-side pairs per algorithm (order alternates)")
     p.add_argument("--skip-peer", action="store_true")
     p.add_argument("--skip-grpo", action="store_true")

@@ -51,6 +51,9 @@ def test_left_padding_does_not_move_logits_or_values(arch, tokenizer):
     with torch.no_grad():
         batch_logits = response_logits(lm, ids, mask, P)
         batch_values = values(ids, mask)
+        # only the response positions are projected onto the vocabulary; they are the full pass's logits there
+        full = lm(input_ids=ids, attention_mask=mask, position_ids=position_ids(mask)).logits
+        torch.testing.assert_close(batch_logits, full[:, P - 1 : -1])
         for row, p in enumerate(prompts):
             alone = torch.tensor([p + response])
             ones = torch.ones_like(alone)
@@ -173,3 +176,23 @@ def test_sampling_ignores_the_checkpoints_generation_defaults(tokenizer):
     # what a hub generation_config.json may carry; unpinned, no_repeat_ngram_size or typical_p alone changes the draws
     lm.generation_config.update(repetition_penalty=5.0, no_repeat_ngram_size=1, typical_p=0.2, top_k=3)
     assert torch.equal(_sample(lm, tokenizer, ids, mask, seed=5, T=12), plain)
+
+
+def test_gpt2s_python_gelu_is_swapped_for_the_one_kernel_gelu_without_changing_the_model(tokenizer, tmp_path):
+    from transformers import AutoModelForCausalLM
+    from transformers.activations import GELUTanh, NewGELUActivation
+
+    from stages.common.hf import fuse_gelu_tanh
+
+    build_tiny_model("gpt2", tokenizer).save_pretrained(tmp_path)
+    plain = AutoModelForCausalLM.from_pretrained(tmp_path).eval()
+    fused = AutoModelForCausalLM.from_pretrained(tmp_path).eval()
+    assert fuse_gelu_tanh(fused) == plain.config.n_layer  # one per MLP
+    assert not any(isinstance(m, NewGELUActivation) for m in fused.modules())
+    assert sum(isinstance(m, GELUTanh) for m in fused.modules()) == plain.config.n_layer
+    ids = torch.tensor([tokenizer.encode("User: Describe the red cat.\nAssistant: The red cat")])
+    with torch.no_grad():
+        torch.testing.assert_close(fused(input_ids=ids).logits, plain(input_ids=ids).logits, atol=1e-5, rtol=1e-5)
+    fused.save_pretrained(tmp_path / "saved")  # what a stage publishes: the architecture's own config, same weights
+    assert json.loads((tmp_path / "saved" / "config.json").read_text())["activation_function"] == "gelu_new"
+    assert fuse_gelu_tanh(build_tiny_model("llama", tokenizer)) == 0  # SiLU models have nothing to swap

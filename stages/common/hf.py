@@ -136,6 +136,25 @@ def model_load_kwargs(bf16: bool) -> dict[str, Any]:
     return {"attn_implementation": "sdpa", "dtype": torch.bfloat16 if bf16 else torch.float32}
 
 
+def fuse_gelu_tanh(model) -> int:
+    """Swap the Python-written tanh-GELU modules (GPT-2's "gelu_new", "gelu_fast") for torch's one-kernel
+    `gelu(approximate="tanh")`, in place; returns how many were swapped.
+
+    The same function (outputs differ by float rounding, ~1e-6), but one kernel instead of seven elementwise ops
+    and their saved activations: 10-15% of a small GPT-2's training step on CPU. config.json is untouched, so
+    what a stage saves still loads as the architecture it was.
+    """
+    from transformers.activations import FastGELUActivation, GELUTanh, NewGELUActivation
+
+    swapped = 0
+    for module in model.modules():
+        for name, child in module.named_children():
+            if type(child) in (NewGELUActivation, FastGELUActivation):
+                setattr(module, name, GELUTanh())
+                swapped += 1
+    return swapped
+
+
 def check_vocab_matches(tokenizer_len: int, embedding_rows: int, what: str) -> None:
     """The classic `size mismatch` between stages, caught early with both sizes named."""
     if tokenizer_len > embedding_rows:

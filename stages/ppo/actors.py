@@ -19,6 +19,7 @@ from pathlib import Path
 
 import torch
 
+from stages.common.hf import fuse_gelu_tanh
 from stages.common.sampling import SampledLogprobs, sampling_config
 from stages.common.sequences import position_ids, seeded
 from stages.common.sequences import reply_mask_from_eos as response_mask_from_eos
@@ -54,17 +55,31 @@ def disable_dropout(model: torch.nn.Module) -> None:
             module.p = 0.0
 
 
+def load_role_model(auto_class: str, model_dir: str, dtype: torch.dtype, **kwargs) -> torch.nn.Module:
+    """`transformers.<auto_class>.from_pretrained` as every role runs it: no dropout, one-kernel tanh-GELU."""
+    import transformers
+
+    model = getattr(transformers, auto_class).from_pretrained(model_dir, dtype=dtype, **kwargs)
+    disable_dropout(model)
+    fuse_gelu_tanh(model)
+    return model
+
+
 def response_logits(model, tokens: torch.Tensor, attention_mask: torch.Tensor, prompt_len: int) -> torch.Tensor:
     """fp32 logits predicting each response token: [B, P + T] -> [B, T, V] (position t predicts token t + 1).
 
     Upcast before any temperature or log_softmax: bf16 keeps 8 bits of mantissa, so the policy's and the
     reference's log-probs (and the KL between them) would otherwise carry rounding of the order of 0.01 nats.
     """
-    # use_cache=False: a full-sequence pass needs no KV cache, and keeping one costs memory on every role
+    # use_cache=False: a full-sequence pass needs no KV cache, and keeping one costs memory on every role;
+    # logits_to_keep: the vocabulary projection only where a response token is predicted (not over the prompt),
+    # which on a 128k-vocabulary model with long prompts is most of the logits' memory
+    T = tokens.shape[1] - prompt_len
     out = model(
-        input_ids=tokens, attention_mask=attention_mask, position_ids=position_ids(attention_mask), use_cache=False
-    )
-    return out.logits[:, prompt_len - 1 : -1].float()
+        input_ids=tokens, attention_mask=attention_mask, position_ids=position_ids(attention_mask), use_cache=False,
+        logits_to_keep=T + 1,
+    )  # fmt: skip
+    return out.logits[:, :-1].float()
 
 
 def reward_read_positions(tokens: torch.Tensor, attention_mask: torch.Tensor, pad_token_id: int) -> torch.Tensor:
@@ -235,11 +250,7 @@ class PolicyActor(_Trainable):
 
     def __init__(self, source: dict, settings: dict):
         super().__init__(settings)
-        model_dir = resolve_model_dir(**source)
-        from transformers import AutoModelForCausalLM
-
-        self.model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=self.dtype).to(self.device)
-        disable_dropout(self.model)
+        self.model = load_role_model("AutoModelForCausalLM", resolve_model_dir(**source), self.dtype).to(self.device)
         self.pad_id = int(settings["pad_token_id"])
         self.eos_ids = [int(i) for i in settings["eos_token_ids"]]
 
@@ -358,11 +369,8 @@ class CriticActor(_Trainable):
 
     def __init__(self, source: dict, settings: dict):
         super().__init__(settings)
-        model_dir = resolve_model_dir(**source)
-        from transformers import AutoModelForSequenceClassification
-
-        base = AutoModelForSequenceClassification.from_pretrained(model_dir, num_labels=1, dtype=self.dtype)
-        disable_dropout(base)
+        base = load_role_model("AutoModelForSequenceClassification", resolve_model_dir(**source), self.dtype,
+                               num_labels=1)  # fmt: skip
         self.model = TokenValueModel(base).to(self.device)
 
     @torch.no_grad()
@@ -398,10 +406,8 @@ class ReferenceActor(_Role):
 
     def __init__(self, source: dict, settings: dict):
         super().__init__(settings)
-        model_dir = resolve_model_dir(**source)
-        from transformers import AutoModelForCausalLM
-
-        self.model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=self.dtype).to(self.device).eval()
+        model = load_role_model("AutoModelForCausalLM", resolve_model_dir(**source), self.dtype)
+        self.model = model.to(self.device).eval()
         self.model.requires_grad_(False)
 
     @torch.no_grad()
@@ -418,10 +424,7 @@ class RewardActor(_Role):
 
     def __init__(self, source: dict, settings: dict):
         super().__init__(settings)
-        model_dir = resolve_model_dir(**source)
-        from transformers import AutoModelForSequenceClassification
-
-        base = AutoModelForSequenceClassification.from_pretrained(model_dir, dtype=self.dtype)
+        base = load_role_model("AutoModelForSequenceClassification", resolve_model_dir(**source), self.dtype)
         # the pad id the reward stage trained (and evaluated) the classifier with; the tokenizer's when unset
         rm_pad = base.config.pad_token_id
         self.pad_id = int(settings["pad_token_id"] if rm_pad is None else rm_pad)
