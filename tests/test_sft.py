@@ -243,7 +243,7 @@ def test_sft_resumes_after_a_crash(setup, ray_session):
     sft = _sft()
     store, base, data = setup["store"], setup["base"], setup["data"]
     work = setup["root"] / "work-resume"
-    config = sft.Config(max_steps=100, save_steps=10, logging_steps=10, eval_prompts=0)
+    config = sft.Config(max_steps=40, save_steps=10, logging_steps=10, eval_prompts=0)
     import ray
 
     # The crashing driver joins this test's Ray cluster, so killing it is a driver crash: Ray tears down its trainer.
