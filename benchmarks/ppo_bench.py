@@ -177,7 +177,7 @@ def run_ours(args, work: Path, sft: Path, rm: Path, prompts: list[str], algorith
         mini_batch_size=args.batch, ppo_epochs=args.epochs, max_new_tokens=args.response_length, temperature=1.0,
         learning_rate=args.lr, missing_eos_penalty=None, eval_prompts=args.batch, checkpoint_every=10**6,
         torch_threads=args.threads, bf16=args.bf16, generation_threads=args.generation_threads,
-        old_logprobs=args.old_logprobs,
+        old_logprobs=args.old_logprobs, loss_kl_coef=0.04,  # GRPO: the peer's beta (no effect on the work done)
     )  # fmt: skip
     t = time.perf_counter()
     ctx = StageContext(work_dir=str(work / f"run-{algorithm}-{time.time_ns()}"), log=lambda m: None)  # no resume
