@@ -245,7 +245,9 @@ def _publisher(args: tuple[str, str, int]) -> list[tuple[str, int, str]]:
 
 def test_concurrent_publishers_leave_consistent_store(tmp_path):
     root = str(tmp_path / "store")
-    with mp.get_context("fork").Pool(4) as pool:
+    # spawn, not fork: the test process may hold Ray's and gRPC's threads (session fixtures), and a forked child can
+    # inherit one of their locks held, which hung this test once in a full-suite run
+    with mp.get_context("spawn").Pool(4) as pool:
         results = [r for rs in pool.map(_publisher, [(root, str(tmp_path), p) for p in range(4)]) for r in rs]
     store = ArtifactStore(root)
     for name in ["shared"] + [f"own-{p}" for p in range(4)]:
