@@ -62,8 +62,9 @@ class SampledLogprobs:
         self._handle.remove()
 
     def result(self, sequences: torch.Tensor) -> torch.Tensor:
-        """[B, generated] log-probs of sequences[:, P:] (generate's output; the final step's token is its last column)."""
+        """[B, generated] log-probs of sequences[:, P:] (generate's output; the final step's token is its last column).
+
+        generate always takes at least one step (max_new_tokens >= 1), so there is always a column.
+        """
         self._take(sequences[:, -1])
-        if not self._taken:
-            return torch.zeros((sequences.shape[0], 0), dtype=torch.float32, device=sequences.device)
         return torch.stack(self._taken, dim=1)

@@ -301,15 +301,12 @@ class PolicyActor(_Trainable):
         The same full-sequence forward the PPO ratio's numerator takes, so the ratio is 1 before the first step.
         """
         b = self._to(batch)
+        P = b["prompt_len"]
         self.engine.module.eval()
-        return self._logprobs(b["tokens"], b["attention_mask"], b["response_mask"], b["prompt_len"]).cpu()
-
-    def _logprobs(self, tokens, attention_mask, response_mask, prompt_len: int) -> torch.Tensor:
         with self.full_params():
-            logits = (
-                response_logits(self.engine.module, tokens, attention_mask, prompt_len) / self.settings["temperature"]
-            )
-        return A.logprobs_from_logits(logits, tokens[:, prompt_len:]) * response_mask
+            logits = response_logits(self.engine.module, b["tokens"], b["attention_mask"], P)
+        lp = A.logprobs_from_logits(logits / self.settings["temperature"], b["tokens"][:, P:])
+        return (lp * b["response_mask"]).cpu()
 
     def train(self, batch: dict, epochs: int, seed: int) -> dict[str, float]:
         """`epochs` passes of clipped-surrogate minibatch steps over this actor's shard; returns mean statistics.
