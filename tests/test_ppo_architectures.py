@@ -13,17 +13,26 @@ import torch
 from tiny_models import TINY_ARCHS, build_tiny_model, build_tiny_tokenizer
 
 from stages.ppo.actors import (
+    RewardActor,
     TokenValueModel,
+    last_logits,
+    per_reply_token,
     position_ids,
-    response_logits,
     response_mask_from_eos,
     reward_read_positions,
+    token_logprobs,
+    token_values,
 )
 from stages.ppo.devices import model_dtype
 from stages.ppo.inputs import special_token_ids
 
 TEXTS = [f"User: Describe the {a} {b}.\nAssistant: The {a} {b} is here." for a in ("red", "big", "old", "shy")
          for b in ("cat", "dog", "fox", "owl", "hen")] * 4  # fmt: skip
+
+
+def response_logits(lm, ids: torch.Tensor, mask: torch.Tensor, P: int) -> torch.Tensor:
+    """The logits predicting each reply token [B, T, V]: the last T positions of a forward without the last column."""
+    return last_logits(lm, ids[:, :-1], mask[:, :-1], ids.shape[1] - P)
 
 
 @pytest.fixture(scope="module")
@@ -196,3 +205,98 @@ def test_gpt2s_python_gelu_is_swapped_for_the_one_kernel_gelu_without_changing_t
     fused.save_pretrained(tmp_path / "saved")  # what a stage publishes: the architecture's own config, same weights
     assert json.loads((tmp_path / "saved" / "config.json").read_text())["activation_function"] == "gelu_new"
     assert fuse_gelu_tanh(build_tiny_model("llama", tokenizer)) == 0  # SiLU models have nothing to swap
+
+
+def _ragged_rollout(tokenizer, replies: list[list[int]], T: int) -> tuple[torch.Tensor, torch.Tensor, int]:
+    """Rollout layout of prompts of different lengths (left-padded to P) and replies padded to T: tokens, mask, P."""
+    texts = ("User: Describe the red cat.\nAssistant:", "User: Hi\nAssistant:", "User: Describe it.\nAssistant:")
+    prompts = [tokenizer.encode(texts[i % len(texts)]) for i in range(len(replies))]
+    ids, mask = left_padded(prompts, tokenizer.pad_token_id)
+    pad = tokenizer.pad_token_id
+    tail = torch.tensor([r + [pad] * (T - len(r)) for r in replies])
+    tail_mask = torch.tensor([[1] * len(r) + [0] * (T - len(r)) for r in replies])
+    return torch.cat([ids, tail], 1), torch.cat([mask, tail_mask], 1), ids.shape[1]
+
+
+@pytest.mark.parametrize("arch", sorted(TINY_ARCHS))
+def test_length_bucketed_forwards_match_one_forward_over_the_padded_batch(arch, tokenizer):
+    from stages.common.sequences import length_buckets
+
+    torch.manual_seed(0)
+    lm = build_tiny_model(arch, tokenizer).eval()
+    values = TokenValueModel(build_tiny_model(arch, tokenizer, head="reward-model")).eval()
+    lengths = [1, 7, 3, 7, 2, 5, 6, 1]  # reply tokens per row; no row reaches T, so every window drops columns
+    replies = [torch.randint(5, 200, (n,)).tolist() for n in lengths]
+    ids, mask, P = _ragged_rollout(tokenizer, replies, T=9)
+    reply_mask = mask[:, P:].float()
+    buckets = length_buckets(mask, max_buckets=4, min_saving=0.0)
+    assert len(buckets) == 4 and max(end for _, _, end in buckets) < ids.shape[1]
+    # the padded reference: one forward over every column
+    full = lm(input_ids=ids, attention_mask=mask, position_ids=position_ids(mask)).logits[:, P - 1 : -1].float()
+    expected_lp = torch.log_softmax(full, -1).gather(-1, ids[:, P:, None]).squeeze(-1)
+    lp, entropy = per_reply_token(token_logprobs(lm, 1.0, with_entropy=True), ids, mask, P, buckets)
+    torch.testing.assert_close(lp * reply_mask, expected_lp * reply_mask, atol=1e-5, rtol=1e-5)
+    expected_entropy = -(torch.softmax(full, -1) * torch.log_softmax(full, -1)).sum(-1)
+    torch.testing.assert_close(entropy * reply_mask, expected_entropy * reply_mask, atol=1e-5, rtol=1e-5)
+    (v,) = per_reply_token(token_values(values), ids, mask, P, buckets)
+    torch.testing.assert_close(v * reply_mask, values(ids, mask)[:, P - 1 : -1] * reply_mask, atol=1e-5, rtol=1e-5)
+    # the gradient of a loss over the reply tokens is the padded batch's, bucket by bucket or not
+    grads = []
+    for bucketed in (True, False):
+        lm.zero_grad()
+        if bucketed:
+            (lp,) = per_reply_token(token_logprobs(lm, 1.0), ids, mask, P, buckets)
+        else:
+            logits = lm(input_ids=ids, attention_mask=mask, position_ids=position_ids(mask)).logits[:, P - 1 : -1]
+            lp = torch.log_softmax(logits.float(), -1).gather(-1, ids[:, P:, None]).squeeze(-1)
+        ((lp * reply_mask).sum() / reply_mask.sum()).backward()
+        grads.append(torch.cat([p.grad.flatten() for p in lm.parameters() if p.grad is not None]))
+    torch.testing.assert_close(grads[0], grads[1], atol=1e-5, rtol=1e-4)
+
+
+@pytest.mark.parametrize("pad_is_eos", [False, True])
+def test_reward_scores_by_length_bucket_match_the_classifier(pad_is_eos, tmp_path):
+    tok = build_tiny_tokenizer(TEXTS, vocab_size=300)
+    if pad_is_eos:
+        tok.pad_token = tok.eos_token
+    build_tiny_model("llama", tok, head="reward-model").save_pretrained(tmp_path)
+    eos = tok.eos_token_id
+    replies = [[11, 12, eos], [11, 12, 13, 14, 15, 16], [eos], [20, 21, 22, 23, eos], [30], [31, 32, eos]]
+    ids, mask, P = _ragged_rollout(tok, replies, T=8)
+    ids = ids.masked_fill(mask == 0, tok.pad_token_id)
+    actor = RewardActor({"path": str(tmp_path), "store_uri": "", "ref": ""},
+                        {"pad_token_id": tok.pad_token_id, "torch_threads": torch.get_num_threads()})  # fmt: skip
+    assert len(actor._buckets(mask)) > 1  # the rows' lengths differ enough to split the batch
+    with torch.no_grad():
+        scores = actor.scores({"tokens": ids, "attention_mask": mask})
+        from transformers import AutoModelForSequenceClassification
+
+        # the same weights, read by HF's own classifier over the padded batch
+        rm = AutoModelForSequenceClassification.from_pretrained(tmp_path).eval()
+        expected = rm(input_ids=ids, attention_mask=mask, position_ids=position_ids(mask)).logits[:, 0]
+    torch.testing.assert_close(scores, expected, atol=1e-5, rtol=1e-5)
+
+
+def test_length_buckets_by_hand():
+    from stages.common.sequences import length_buckets
+
+    mask = torch.tensor([
+        [0, 0, 1, 1, 1, 0, 0, 0],  # real columns [2, 5): 3
+        [1, 1, 1, 1, 1, 1, 1, 0],  # [0, 7): 7
+        [0, 1, 1, 1, 0, 0, 0, 0],  # [1, 4): 3
+        [0, 0, 0, 1, 1, 1, 1, 1],  # [3, 8): 5
+    ])  # fmt: skip
+
+    def windows(**kw):
+        return [(rows.tolist(), start, end) for rows, start, end in length_buckets(mask, **kw)]
+
+    # one bucket: 4 x 8 columns; two (rows 0, 2 | 3, 1): 2 x 4 + 2 x 8 = 24; four: 3 + 3 + 5 + 7 = 18
+    assert windows(max_buckets=1) == [([0, 2, 3, 1], 0, 8)]
+    assert windows(max_buckets=2) == [([0, 2], 1, 5), ([3, 1], 0, 8)]
+    assert windows(max_buckets=4) == [([0], 2, 5), ([2], 1, 4), ([3], 3, 8), ([1], 0, 7)]
+    # 24 is not 30% below 32, 18 is: the split into two is skipped, the one into four taken
+    assert windows(max_buckets=4, min_saving=0.3) == windows(max_buckets=4)
+    assert windows(max_buckets=2, min_saving=0.3) == [([0, 2, 3, 1], 0, 8)]
+    # a batch with padding on both edges is trimmed even in one bucket
+    edges = torch.tensor([[0, 1, 1, 0, 0], [0, 0, 1, 1, 0]])
+    assert [(r.tolist(), s, e) for r, s, e in length_buckets(edges, max_buckets=1)] == [([0, 1], 1, 4)]

@@ -44,3 +44,39 @@ def seeded(seed: int | None) -> Iterator[None]:
         torch.set_rng_state(cpu_state)
         if cuda_states is not None:
             torch.cuda.set_rng_state_all(cuda_states)
+
+
+def length_buckets(
+    attention_mask: torch.Tensor, max_buckets: int = 4, min_saving: float = 0.05
+) -> list[tuple[torch.Tensor, int, int]]:
+    """Groups of rows and the column window [start, end) that holds every real token of the group's rows.
+
+    A full-sequence forward costs in proportion to the columns it is given, and a rollout batch is mostly padding
+    at its edges: prompts are left-padded to the longest, replies right-padded to max_new_tokens although most end
+    early. Running each group on its own window skips those columns, and is exact: left-pad columns are masked
+    keys, and a causal model never reads the columns after a row's last real token.
+
+    Rows are sorted by their real length and cut into k equal groups for k = 1, 2, 4, ... up to `max_buckets`;
+    a larger k is taken only when it pads at least `min_saving` fewer columns than the best before it (each group
+    is one more forward, and smaller matrices run less efficiently). Returns [(rows, start, end)], rows an index
+    tensor on the mask's device; max_buckets=1 gives one group (the whole batch, its outer padding trimmed).
+    """
+    real = attention_mask > 0
+    length = real.shape[1]
+    cols = torch.arange(length, device=attention_mask.device)
+    first = torch.where(real, cols, length).min(-1).values  # a row without real tokens gets an empty window
+    end = torch.where(real, cols + 1, 0).max(-1).values
+    order = torch.argsort(end - first, stable=True)
+    best: list[tuple[torch.Tensor, int, int]] = []
+    best_cost = None
+    k = 1
+    while k <= min(max_buckets, len(order)):
+        windows = []
+        for rows in torch.tensor_split(order, k):
+            start = int(first[rows].min())
+            windows.append((rows, min(start, int(end[rows].max())), int(end[rows].max())))
+        cost = sum(len(rows) * (e - s) for rows, s, e in windows)
+        if best_cost is None or cost <= (1 - min_saving) * best_cost:
+            best, best_cost = windows, cost
+        k *= 2
+    return best

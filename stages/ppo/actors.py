@@ -21,7 +21,7 @@ import torch
 
 from stages.common.hf import fuse_gelu_tanh
 from stages.common.sampling import SampledLogprobs, sampling_config
-from stages.common.sequences import position_ids, seeded
+from stages.common.sequences import length_buckets, position_ids, seeded
 from stages.common.sequences import reply_mask_from_eos as response_mask_from_eos
 from stages.ppo import algorithm as A
 from stages.ppo.devices import dist_backend, model_dtype
@@ -65,21 +65,54 @@ def load_role_model(auto_class: str, model_dir: str, dtype: torch.dtype, **kwarg
     return model
 
 
-def response_logits(model, tokens: torch.Tensor, attention_mask: torch.Tensor, prompt_len: int) -> torch.Tensor:
-    """fp32 logits predicting each response token: [B, P + T] -> [B, T, V] (position t predicts token t + 1).
+def last_logits(model, input_ids: torch.Tensor, attention_mask: torch.Tensor, n: int) -> torch.Tensor:
+    """fp32 logits at the last `n` positions of a full-sequence forward: [B, L] -> [B, n, V].
 
     Upcast before any temperature or log_softmax: bf16 keeps 8 bits of mantissa, so the policy's and the
     reference's log-probs (and the KL between them) would otherwise carry rounding of the order of 0.01 nats.
     """
     # use_cache=False: a full-sequence pass needs no KV cache, and keeping one costs memory on every role;
-    # logits_to_keep: the vocabulary projection only where a response token is predicted (not over the prompt),
+    # logits_to_keep: the vocabulary projection only where a reply token is predicted (not over the prompt),
     # which on a 128k-vocabulary model with long prompts is most of the logits' memory
-    T = tokens.shape[1] - prompt_len
     out = model(
-        input_ids=tokens, attention_mask=attention_mask, position_ids=position_ids(attention_mask), use_cache=False,
-        logits_to_keep=T + 1,
+        input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids(attention_mask),
+        use_cache=False, logits_to_keep=n,
     )  # fmt: skip
-    return out.logits[:, :-1].float()
+    return out.logits.float()
+
+
+def per_reply_token(fn, tokens: torch.Tensor, attention_mask: torch.Tensor, prompt_len: int, buckets) -> tuple:
+    """Per-reply-token outputs of full-sequence forwards, one per bucket of rows (`length_buckets`): [B, T] each.
+
+    fn(input_ids, attention_mask, targets) -> tuple of [b, n] tensors, the model's outputs at the last n positions
+    of the window it is given (n = targets' columns). Those are the positions predicting the window's n reply
+    tokens: the window ends one column before its last reply token, which predicts nothing we read. Columns past
+    a bucket's window come back as zeros (every row's reply mask is 0 there). Differentiable.
+    """
+    T = tokens.shape[1] - prompt_len
+    parts, order = [], []
+    for rows, start, end in buckets:
+        outs = fn(tokens[rows, start : end - 1], attention_mask[rows, start : end - 1], tokens[rows, prompt_len:end])
+        parts.append([torch.nn.functional.pad(o, (0, T - o.shape[1])) for o in outs])
+        order.append(rows)
+    inverse = torch.argsort(torch.cat(order))
+    return tuple(torch.cat(column)[inverse] for column in zip(*parts, strict=True))
+
+
+def token_logprobs(model, temperature: float, with_entropy: bool = False):
+    """A `per_reply_token` fn: log p(target) at `temperature` (and the entropy of that distribution) under `model`."""
+
+    def fn(input_ids: torch.Tensor, attention_mask: torch.Tensor, targets: torch.Tensor) -> tuple:
+        logits = last_logits(model, input_ids, attention_mask, targets.shape[1]) / temperature
+        logprobs = A.logprobs_from_logits(logits, targets)
+        return (logprobs, A.entropy_from_logits(logits)) if with_entropy else (logprobs,)
+
+    return fn
+
+
+def token_values(model):
+    """A `per_reply_token` fn: a `TokenValueModel`'s values at the positions before each target token."""
+    return lambda input_ids, attention_mask, targets: (model(input_ids, attention_mask)[:, -targets.shape[1] :],)
 
 
 def reward_read_positions(tokens: torch.Tensor, attention_mask: torch.Tensor, pad_token_id: int) -> torch.Tensor:
@@ -166,6 +199,12 @@ class _Role:
     def _to(self, batch: dict) -> dict:
         return {k: v.to(self.device) if isinstance(v, torch.Tensor) else v for k, v in batch.items()}
 
+    # up to this many length buckets per full-sequence forward (`length_buckets`)
+    max_buckets = 4
+
+    def _buckets(self, attention_mask: torch.Tensor) -> list:
+        return length_buckets(attention_mask, self.max_buckets)
+
 
 class _Trainable(_Role):
     """A DeepSpeed engine over `self.model`, data parallel over the actors of the role."""
@@ -185,6 +224,8 @@ class _Trainable(_Role):
         deepspeed.init_distributed(dist_backend=dist_backend(self.device), verbose=False)
         ds_config = engine_config(self.settings)
         self.zero3 = self.settings["zero_stage"] == 3
+        if self.zero3:  # every forward gathers the sharded weights with the other ranks: all must run as many
+            self.max_buckets = 1
         # torch's AdamW as the client optimizer (DeepSpeed wraps it for ZeRO and keeps fp32 masters under bf16):
         # nothing to compile on any node
         params = [p for p in self.model.parameters() if p.requires_grad]
@@ -303,9 +344,9 @@ class PolicyActor(_Trainable):
         b = self._to(batch)
         P = b["prompt_len"]
         self.engine.module.eval()
+        fn = token_logprobs(self.engine.module, self.settings["temperature"])
         with self.full_params():
-            logits = response_logits(self.engine.module, b["tokens"], b["attention_mask"], P)
-        lp = A.logprobs_from_logits(logits / self.settings["temperature"], b["tokens"][:, P:])
+            (lp,) = per_reply_token(fn, b["tokens"], b["attention_mask"], P, self._buckets(b["attention_mask"]))
         return (lp * b["response_mask"]).cpu()
 
     def train(self, batch: dict, epochs: int, seed: int) -> dict[str, float]:
@@ -321,13 +362,14 @@ class PolicyActor(_Trainable):
         self.engine.train()
         totals: dict[str, float] = {}
         steps = 0
+        fn = token_logprobs(self.engine, s["temperature"], with_entropy=True)
         with torch_threads(s["policy_train_threads"]):
             for idx in self._minibatches(b["tokens"].shape[0], epochs, seed):
                 mask = b["response_mask"][idx]
-                logits = response_logits(self.engine, b["tokens"][idx], b["attention_mask"][idx], P) / s["temperature"]
-                logprobs = A.logprobs_from_logits(logits, b["tokens"][idx, P:])
+                tokens, attention = b["tokens"][idx], b["attention_mask"][idx]
+                logprobs, entropies = per_reply_token(fn, tokens, attention, P, self._buckets(attention))
                 loss, stats = A.policy_loss(logprobs, b["logprobs"][idx], b["advantages"][idx], mask, s["clip_ratio"])
-                entropy = A.masked_mean(A.entropy_from_logits(logits), mask)
+                entropy = A.masked_mean(entropies, mask)
                 if s["entropy_coef"] > 0:
                     loss = loss - s["entropy_coef"] * entropy
                 if kl_in_loss:
@@ -375,8 +417,8 @@ class CriticActor(_Trainable):
         """V(state before each response token): [B, T], zero on padding."""
         b = self._to(batch)
         self.engine.eval()
-        P = b["prompt_len"]
-        v = self.engine(b["tokens"], b["attention_mask"])[:, P - 1 : -1]
+        buckets = self._buckets(b["attention_mask"])
+        (v,) = per_reply_token(token_values(self.engine), b["tokens"], b["attention_mask"], b["prompt_len"], buckets)
         return (v * b["response_mask"]).cpu()
 
     def train(self, batch: dict, epochs: int, seed: int) -> dict[str, float]:
@@ -387,8 +429,10 @@ class CriticActor(_Trainable):
         self.engine.train()
         totals = {"value_loss": 0.0, "value_clip_frac": 0.0}
         steps = 0
+        fn = token_values(self.engine)
         for idx in self._minibatches(b["tokens"].shape[0], epochs, seed):
-            v = self.engine(b["tokens"][idx], b["attention_mask"][idx])[:, P - 1 : -1]
+            tokens, attention = b["tokens"][idx], b["attention_mask"][idx]
+            (v,) = per_reply_token(fn, tokens, attention, P, self._buckets(attention))
             loss, stats = A.value_loss(v, b["values"][idx], b["returns"][idx], b["response_mask"][idx], s["value_clip"])
             self.engine.backward(loss)
             self.engine.step()
@@ -411,8 +455,9 @@ class ReferenceActor(_Role):
     def logprobs(self, batch: dict) -> torch.Tensor:
         """log p_ref(response token): [B, T], zero on padding."""
         b = self._to(batch)
-        logits = response_logits(self.model, b["tokens"], b["attention_mask"], b["prompt_len"])
-        lp = A.logprobs_from_logits(logits / self.settings["temperature"], b["tokens"][:, b["prompt_len"] :])
+        fn = token_logprobs(self.model, self.settings["temperature"])
+        buckets = self._buckets(b["attention_mask"])
+        (lp,) = per_reply_token(fn, b["tokens"], b["attention_mask"], b["prompt_len"], buckets)
         return (lp * b["response_mask"]).cpu()
 
 
@@ -432,6 +477,9 @@ class RewardActor(_Role):
     def scores(self, batch: dict) -> torch.Tensor:
         """Reward-model score of each sequence: [B]."""
         b = self._to(batch)
-        per_token = self.model(b["tokens"], b["attention_mask"])
-        rows = torch.arange(per_token.shape[0], device=per_token.device)
-        return per_token[rows, reward_read_positions(b["tokens"], b["attention_mask"], self.pad_id)].cpu()
+        read = reward_read_positions(b["tokens"], b["attention_mask"], self.pad_id)
+        scores = torch.zeros(read.shape[0], dtype=torch.float32, device=read.device)
+        for rows, start, end in self._buckets(b["attention_mask"]):  # a bucket's window holds its read positions
+            per_token = self.model(b["tokens"][rows, start:end], b["attention_mask"][rows, start:end])
+            scores[rows] = per_token[torch.arange(len(rows), device=read.device), read[rows] - start]
+        return scores.cpu()
