@@ -14,14 +14,14 @@ from tiny_models import TINY_ARCHS, build_tiny_model, build_tiny_tokenizer
 
 from stages.ppo.actors import (
     RewardActor,
+    TokenLogprobs,
     TokenValueModel,
-    last_logits,
+    TokenValues,
     per_reply_token,
     position_ids,
     response_mask_from_eos,
     reward_read_positions,
-    token_logprobs,
-    token_values,
+    shared_prompts,
 )
 from stages.ppo.devices import model_dtype
 from stages.ppo.inputs import special_token_ids
@@ -32,7 +32,8 @@ TEXTS = [f"User: Describe the {a} {b}.\nAssistant: The {a} {b} is here." for a i
 
 def response_logits(lm, ids: torch.Tensor, mask: torch.Tensor, P: int) -> torch.Tensor:
     """The logits predicting each reply token [B, T, V]: the last T positions of a forward without the last column."""
-    return last_logits(lm, ids[:, :-1], mask[:, :-1], ids.shape[1] - P)
+    ids, mask = ids[:, :-1], mask[:, :-1]
+    return TokenLogprobs(lm, 1.0).forward(ids, mask, position_ids(mask), None, ids.shape[1] + 1 - P)
 
 
 @pytest.fixture(scope="module")
@@ -207,10 +208,11 @@ def test_gpt2s_python_gelu_is_swapped_for_the_one_kernel_gelu_without_changing_t
     assert fuse_gelu_tanh(build_tiny_model("llama", tokenizer)) == 0  # SiLU models have nothing to swap
 
 
-def _ragged_rollout(tokenizer, replies: list[list[int]], T: int) -> tuple[torch.Tensor, torch.Tensor, int]:
-    """Rollout layout of prompts of different lengths (left-padded to P) and replies padded to T: tokens, mask, P."""
-    texts = ("User: Describe the red cat.\nAssistant:", "User: Hi\nAssistant:", "User: Describe it.\nAssistant:")
-    prompts = [tokenizer.encode(texts[i % len(texts)]) for i in range(len(replies))]
+def _ragged_rollout(tokenizer, replies: list[list[int]], T: int, group: int = 1):
+    """Rollout layout: prompts of different lengths (each repeated for `group` consecutive rows), left-padded to P,
+    and the replies right-padded to T. Returns tokens, mask, P."""
+    texts = [f"User: Describe {'the red ' * (i % 3)}thing {i}.\nAssistant:" for i in range(len(replies) // group)]
+    prompts = [tokenizer.encode(texts[i // group]) for i in range(len(replies))]
     ids, mask = left_padded(prompts, tokenizer.pad_token_id)
     pad = tokenizer.pad_token_id
     tail = torch.tensor([r + [pad] * (T - len(r)) for r in replies])
@@ -218,34 +220,41 @@ def _ragged_rollout(tokenizer, replies: list[list[int]], T: int) -> tuple[torch.
     return torch.cat([ids, tail], 1), torch.cat([mask, tail_mask], 1), ids.shape[1]
 
 
+@pytest.mark.parametrize("group", [1, 3], ids=["distinct-prompts", "shared-prompts"])
 @pytest.mark.parametrize("arch", sorted(TINY_ARCHS))
-def test_length_bucketed_forwards_match_one_forward_over_the_padded_batch(arch, tokenizer):
+def test_bucketed_or_prompt_shared_forwards_match_one_forward_over_the_padded_batch(arch, group, tokenizer):
     from stages.common.sequences import length_buckets
 
     torch.manual_seed(0)
     lm = build_tiny_model(arch, tokenizer).eval()
     values = TokenValueModel(build_tiny_model(arch, tokenizer, head="reward-model")).eval()
-    lengths = [1, 7, 3, 7, 2, 5, 6, 1]  # reply tokens per row; no row reaches T, so every window drops columns
+    lengths = [1, 7, 3, 7, 2, 5, 6, 1, 4]  # reply tokens per row; no row reaches T, so every window drops columns
     replies = [torch.randint(5, 200, (n,)).tolist() for n in lengths]
-    ids, mask, P = _ragged_rollout(tokenizer, replies, T=9)
+    ids, mask, P = _ragged_rollout(tokenizer, replies, T=9, group=group)
+    # distinct prompts go by length bucket, groups of replies to one prompt run it once
+    if group == 1:
+        assert shared_prompts(ids, mask, P) is None and len(length_buckets(mask, 4)) > 1
+    else:
+        first, inverse = shared_prompts(ids, mask, P)
+        assert len(first) == len(lengths) // group  # one row per distinct prompt, and each row's prompt is its
+        assert torch.equal(ids[first][inverse][:, :P], ids[:, :P])
+        assert torch.equal(inverse[::group], inverse[group - 1 :: group])  # rows of a group share an entry
     reply_mask = mask[:, P:].float()
-    buckets = length_buckets(mask, max_buckets=4, min_saving=0.0)
-    assert len(buckets) == 4 and max(end for _, _, end in buckets) < ids.shape[1]
     # the padded reference: one forward over every column
     full = lm(input_ids=ids, attention_mask=mask, position_ids=position_ids(mask)).logits[:, P - 1 : -1].float()
     expected_lp = torch.log_softmax(full, -1).gather(-1, ids[:, P:, None]).squeeze(-1)
-    lp, entropy = per_reply_token(token_logprobs(lm, 1.0, with_entropy=True), ids, mask, P, buckets)
+    lp, entropy = per_reply_token(TokenLogprobs(lm, 1.0, with_entropy=True), ids, mask, P)
     torch.testing.assert_close(lp * reply_mask, expected_lp * reply_mask, atol=1e-5, rtol=1e-5)
     expected_entropy = -(torch.softmax(full, -1) * torch.log_softmax(full, -1)).sum(-1)
     torch.testing.assert_close(entropy * reply_mask, expected_entropy * reply_mask, atol=1e-5, rtol=1e-5)
-    (v,) = per_reply_token(token_values(values), ids, mask, P, buckets)
+    (v,) = per_reply_token(TokenValues(values), ids, mask, P)
     torch.testing.assert_close(v * reply_mask, values(ids, mask)[:, P - 1 : -1] * reply_mask, atol=1e-5, rtol=1e-5)
-    # the gradient of a loss over the reply tokens is the padded batch's, bucket by bucket or not
+    # the gradient of a loss over the reply tokens is the padded batch's
     grads = []
-    for bucketed in (True, False):
+    for cut in (True, False):
         lm.zero_grad()
-        if bucketed:
-            (lp,) = per_reply_token(token_logprobs(lm, 1.0), ids, mask, P, buckets)
+        if cut:
+            (lp,) = per_reply_token(TokenLogprobs(lm, 1.0), ids, mask, P)
         else:
             logits = lm(input_ids=ids, attention_mask=mask, position_ids=position_ids(mask)).logits[:, P - 1 : -1]
             lp = torch.log_softmax(logits.float(), -1).gather(-1, ids[:, P:, None]).squeeze(-1)
@@ -256,6 +265,8 @@ def test_length_bucketed_forwards_match_one_forward_over_the_padded_batch(arch, 
 
 @pytest.mark.parametrize("pad_is_eos", [False, True])
 def test_reward_scores_by_length_bucket_match_the_classifier(pad_is_eos, tmp_path):
+    from stages.common.sequences import length_buckets
+
     tok = build_tiny_tokenizer(TEXTS, vocab_size=300)
     if pad_is_eos:
         tok.pad_token = tok.eos_token
@@ -266,7 +277,7 @@ def test_reward_scores_by_length_bucket_match_the_classifier(pad_is_eos, tmp_pat
     ids = ids.masked_fill(mask == 0, tok.pad_token_id)
     actor = RewardActor({"path": str(tmp_path), "store_uri": "", "ref": ""},
                         {"pad_token_id": tok.pad_token_id, "torch_threads": torch.get_num_threads()})  # fmt: skip
-    assert len(actor._buckets(mask)) > 1  # the rows' lengths differ enough to split the batch
+    assert len(length_buckets(mask, actor.max_buckets)) > 1  # the rows' lengths differ enough to split the batch
     with torch.no_grad():
         scores = actor.scores({"tokens": ids, "attention_mask": mask})
         from transformers import AutoModelForSequenceClassification

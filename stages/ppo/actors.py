@@ -65,54 +65,113 @@ def load_role_model(auto_class: str, model_dir: str, dtype: torch.dtype, **kwarg
     return model
 
 
-def last_logits(model, input_ids: torch.Tensor, attention_mask: torch.Tensor, n: int) -> torch.Tensor:
-    """fp32 logits at the last `n` positions of a full-sequence forward: [B, L] -> [B, n, V].
+class TokenLogprobs:
+    """What `per_reply_token` reads from a causal LM: log p(token) at `temperature` (and the entropy there)."""
 
-    Upcast before any temperature or log_softmax: bf16 keeps 8 bits of mantissa, so the policy's and the
-    reference's log-probs (and the KL between them) would otherwise carry rounding of the order of 0.01 nats.
+    def __init__(self, model, temperature: float, with_entropy: bool = False):
+        self.model, self.temperature, self.with_entropy = model, temperature, with_entropy
+
+    def forward(self, input_ids, attention_mask, positions, cache, keep: int) -> torch.Tensor:
+        """fp32 logits at the last `keep` positions: [b, L] -> [b, keep, V].
+
+        Upcast before any temperature or log_softmax: bf16 keeps 8 bits of mantissa, so the policy's and the
+        reference's log-probs (and the KL between them) would otherwise carry rounding of the order of 0.01 nats.
+        """
+        # logits_to_keep: the vocabulary projection only where a reply token is predicted (not over the prompt),
+        # which on a 128k-vocabulary model with long prompts is most of the logits' memory; no KV cache is kept
+        # unless `cache` is given (prompt sharing), as keeping one costs memory on every role
+        out = self.model(
+            input_ids=input_ids, attention_mask=attention_mask, position_ids=positions, past_key_values=cache,
+            use_cache=cache is not None, logits_to_keep=keep,
+        )  # fmt: skip
+        return out.logits.float()
+
+    def finish(self, logits: torch.Tensor, targets: torch.Tensor) -> tuple:
+        logits = logits / self.temperature
+        logprobs = A.logprobs_from_logits(logits, targets)
+        return (logprobs, A.entropy_from_logits(logits)) if self.with_entropy else (logprobs,)
+
+
+class TokenValues:
+    """What `per_reply_token` reads from a `TokenValueModel`: the value before each reply token."""
+
+    def __init__(self, model):
+        self.model = model
+
+    def forward(self, input_ids, attention_mask, positions, cache, keep: int) -> torch.Tensor:
+        return self.model(input_ids, attention_mask, positions, cache)[:, -keep:]
+
+    def finish(self, values: torch.Tensor, targets: torch.Tensor) -> tuple:
+        return (values,)
+
+
+def shared_prompts(tokens: torch.Tensor, attention_mask: torch.Tensor, prompt_len: int):
+    """(one row per distinct prompt, each row's index into them) when at most half the rows have a prompt of
+    their own, as in GRPO/RLOO's groups of replies; else None."""
+    P = prompt_len
+    key = torch.cat([tokens[:, :P] * attention_mask[:, :P], attention_mask[:, :P]], dim=1)
+    distinct, inverse = torch.unique(key, dim=0, return_inverse=True)
+    if 2 * len(distinct) > len(key):
+        return None
+    rows = torch.arange(len(key), device=key.device)
+    first = torch.full((len(distinct),), len(key), device=key.device).scatter_reduce(0, inverse, rows, "amin")
+    return first, inverse
+
+
+def _prompt_shared_forward(reader, tokens, attention_mask, positions, prompt_len, start, end, shared):
+    """The reader's outputs at positions P-1 .. end-2 with each distinct prompt run once: [B, end - P, ...].
+
+    The prompt pass fills a KV cache for the distinct prompts, which is then gathered to one entry per row (an
+    index_select, so gradients reach the prompt's weights through every reply), and the replies run on it.
     """
-    # use_cache=False: a full-sequence pass needs no KV cache, and keeping one costs memory on every role;
-    # logits_to_keep: the vocabulary projection only where a reply token is predicted (not over the prompt),
-    # which on a 128k-vocabulary model with long prompts is most of the logits' memory
-    out = model(
-        input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids(attention_mask),
-        use_cache=False, logits_to_keep=n,
+    from transformers import DynamicCache
+
+    first, inverse = shared
+    P = prompt_len
+    cache = DynamicCache()
+    at_prompt_end = reader.forward(
+        tokens[first, start:P], attention_mask[first, start:P], positions[first, start:P], cache, 1
+    )[inverse]  # fmt: skip
+    if end - 1 == P:  # every reply is one token: the last prompt position predicts all there is
+        return at_prompt_end
+    cache.reorder_cache(inverse)
+    replies = reader.forward(
+        tokens[:, P : end - 1], attention_mask[:, start : end - 1], positions[:, P : end - 1], cache, end - 1 - P
     )  # fmt: skip
-    return out.logits.float()
+    return torch.cat([at_prompt_end, replies], dim=1)
 
 
-def per_reply_token(fn, tokens: torch.Tensor, attention_mask: torch.Tensor, prompt_len: int, buckets) -> tuple:
-    """Per-reply-token outputs of full-sequence forwards, one per bucket of rows (`length_buckets`): [B, T] each.
+def per_reply_token(
+    reader, tokens: torch.Tensor, attention_mask: torch.Tensor, prompt_len: int, *, max_buckets: int = 4,
+    share_prompts: bool = True,
+) -> tuple:  # fmt: skip
+    """A reader's per-reply-token outputs (`TokenLogprobs`, `TokenValues`) over a rollout batch: [B, T] each.
 
-    fn(input_ids, attention_mask, targets) -> tuple of [b, n] tensors, the model's outputs at the last n positions
-    of the window it is given (n = targets' columns). Those are the positions predicting the window's n reply
-    tokens: the window ends one column before its last reply token, which predicts nothing we read. Columns past
-    a bucket's window come back as zeros (every row's reply mask is 0 there). Differentiable.
+    Rows sharing a prompt (GRPO/RLOO) run it once (`share_prompts`); otherwise each bucket of rows of similar
+    length (`length_buckets`) runs on its own column window. A window ends one column before its last reply
+    token, which predicts nothing read. Columns past a window come back as zeros (every row's reply mask is 0
+    there). Exact up to float rounding, and differentiable.
     """
-    T = tokens.shape[1] - prompt_len
+    P, T = prompt_len, tokens.shape[1] - prompt_len
+    positions = position_ids(attention_mask)
+
+    def padded(outs: tuple) -> list:  # [b, n] -> [b, T]
+        return [torch.nn.functional.pad(o, (0, T - o.shape[1])) for o in outs]
+
+    shared = shared_prompts(tokens, attention_mask, P) if share_prompts else None
+    if shared is not None:
+        ((_, start, end),) = length_buckets(attention_mask, max_buckets=1)
+        out = _prompt_shared_forward(reader, tokens, attention_mask, positions, P, start, end, shared)
+        return tuple(padded(reader.finish(out, tokens[:, P:end])))
     parts, order = [], []
-    for rows, start, end in buckets:
-        outs = fn(tokens[rows, start : end - 1], attention_mask[rows, start : end - 1], tokens[rows, prompt_len:end])
-        parts.append([torch.nn.functional.pad(o, (0, T - o.shape[1])) for o in outs])
+    for rows, start, end in length_buckets(attention_mask, max_buckets):
+        window = slice(start, end - 1)
+        out = reader.forward(tokens[rows, window], attention_mask[rows, window], positions[rows, window], None,
+                             end - P)  # fmt: skip
+        parts.append(padded(reader.finish(out, tokens[rows, P:end])))
         order.append(rows)
     inverse = torch.argsort(torch.cat(order))
     return tuple(torch.cat(column)[inverse] for column in zip(*parts, strict=True))
-
-
-def token_logprobs(model, temperature: float, with_entropy: bool = False):
-    """A `per_reply_token` fn: log p(target) at `temperature` (and the entropy of that distribution) under `model`."""
-
-    def fn(input_ids: torch.Tensor, attention_mask: torch.Tensor, targets: torch.Tensor) -> tuple:
-        logits = last_logits(model, input_ids, attention_mask, targets.shape[1]) / temperature
-        logprobs = A.logprobs_from_logits(logits, targets)
-        return (logprobs, A.entropy_from_logits(logits)) if with_entropy else (logprobs,)
-
-    return fn
-
-
-def token_values(model):
-    """A `per_reply_token` fn: a `TokenValueModel`'s values at the positions before each target token."""
-    return lambda input_ids, attention_mask, targets: (model(input_ids, attention_mask)[:, -targets.shape[1] :],)
 
 
 def reward_read_positions(tokens: torch.Tensor, attention_mask: torch.Tensor, pad_token_id: int) -> torch.Tensor:
@@ -156,10 +215,13 @@ class TokenValueModel(torch.nn.Module):
         self.backbone = getattr(model, model.base_model_prefix)
         self.head = first_head(model)
 
-    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, positions: torch.Tensor | None = None,
+                cache=None) -> torch.Tensor:  # fmt: skip
+        """[B, L] -> [B, L] fp32; `cache` (a transformers Cache) is read and extended when given (prompt sharing)."""
         hidden = self.backbone(
-            input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids(attention_mask),
-            use_cache=False,
+            input_ids=input_ids, attention_mask=attention_mask,
+            position_ids=position_ids(attention_mask) if positions is None else positions,
+            past_key_values=cache, use_cache=cache is not None,
         ).last_hidden_state  # fmt: skip
         return self.head(hidden).squeeze(-1).float()
 
@@ -199,11 +261,16 @@ class _Role:
     def _to(self, batch: dict) -> dict:
         return {k: v.to(self.device) if isinstance(v, torch.Tensor) else v for k, v in batch.items()}
 
-    # up to this many length buckets per full-sequence forward (`length_buckets`)
+    # how a full-sequence forward over a rollout batch is cut (`per_reply_token`)
     max_buckets = 4
+    share_prompts = True
 
-    def _buckets(self, attention_mask: torch.Tensor) -> list:
-        return length_buckets(attention_mask, self.max_buckets)
+    def _per_token(self, reader, batch: dict, rows: torch.Tensor | None = None) -> tuple:
+        tokens, attention = batch["tokens"], batch["attention_mask"]
+        if rows is not None:
+            tokens, attention = tokens[rows], attention[rows]
+        return per_reply_token(reader, tokens, attention, batch["prompt_len"], max_buckets=self.max_buckets,
+                               share_prompts=self.share_prompts)  # fmt: skip
 
 
 class _Trainable(_Role):
@@ -225,7 +292,7 @@ class _Trainable(_Role):
         ds_config = engine_config(self.settings)
         self.zero3 = self.settings["zero_stage"] == 3
         if self.zero3:  # every forward gathers the sharded weights with the other ranks: all must run as many
-            self.max_buckets = 1
+            self.max_buckets, self.share_prompts = 1, False
         # torch's AdamW as the client optimizer (DeepSpeed wraps it for ZeRO and keeps fp32 masters under bf16):
         # nothing to compile on any node
         params = [p for p in self.model.parameters() if p.requires_grad]
@@ -342,11 +409,9 @@ class PolicyActor(_Trainable):
         The same full-sequence forward the PPO ratio's numerator takes, so the ratio is 1 before the first step.
         """
         b = self._to(batch)
-        P = b["prompt_len"]
         self.engine.module.eval()
-        fn = token_logprobs(self.engine.module, self.settings["temperature"])
         with self.full_params():
-            (lp,) = per_reply_token(fn, b["tokens"], b["attention_mask"], P, self._buckets(b["attention_mask"]))
+            (lp,) = self._per_token(TokenLogprobs(self.engine.module, self.settings["temperature"]), b)
         return (lp * b["response_mask"]).cpu()
 
     def train(self, batch: dict, epochs: int, seed: int) -> dict[str, float]:
@@ -357,17 +422,15 @@ class PolicyActor(_Trainable):
         """
         s = self.settings
         b = self._to(batch)
-        P = b["prompt_len"]
         kl_in_loss = "ref_logprobs" in b
         self.engine.train()
         totals: dict[str, float] = {}
         steps = 0
-        fn = token_logprobs(self.engine, s["temperature"], with_entropy=True)
+        reader = TokenLogprobs(self.engine, s["temperature"], with_entropy=True)
         with torch_threads(s["policy_train_threads"]):
             for idx in self._minibatches(b["tokens"].shape[0], epochs, seed):
                 mask = b["response_mask"][idx]
-                tokens, attention = b["tokens"][idx], b["attention_mask"][idx]
-                logprobs, entropies = per_reply_token(fn, tokens, attention, P, self._buckets(attention))
+                logprobs, entropies = self._per_token(reader, b, idx)
                 loss, stats = A.policy_loss(logprobs, b["logprobs"][idx], b["advantages"][idx], mask, s["clip_ratio"])
                 entropy = A.masked_mean(entropies, mask)
                 if s["entropy_coef"] > 0:
@@ -417,22 +480,19 @@ class CriticActor(_Trainable):
         """V(state before each response token): [B, T], zero on padding."""
         b = self._to(batch)
         self.engine.eval()
-        buckets = self._buckets(b["attention_mask"])
-        (v,) = per_reply_token(token_values(self.engine), b["tokens"], b["attention_mask"], b["prompt_len"], buckets)
+        (v,) = self._per_token(TokenValues(self.engine), b)
         return (v * b["response_mask"]).cpu()
 
     def train(self, batch: dict, epochs: int, seed: int) -> dict[str, float]:
         """`epochs` passes of clipped value-loss minibatch steps over this actor's shard; returns mean statistics."""
         s = self.settings
         b = self._to(batch)
-        P = b["prompt_len"]
         self.engine.train()
         totals = {"value_loss": 0.0, "value_clip_frac": 0.0}
         steps = 0
-        fn = token_values(self.engine)
+        reader = TokenValues(self.engine)
         for idx in self._minibatches(b["tokens"].shape[0], epochs, seed):
-            tokens, attention = b["tokens"][idx], b["attention_mask"][idx]
-            (v,) = per_reply_token(fn, tokens, attention, P, self._buckets(attention))
+            (v,) = self._per_token(reader, b, idx)
             loss, stats = A.value_loss(v, b["values"][idx], b["returns"][idx], b["response_mask"][idx], s["value_clip"])
             self.engine.backward(loss)
             self.engine.step()
@@ -455,9 +515,7 @@ class ReferenceActor(_Role):
     def logprobs(self, batch: dict) -> torch.Tensor:
         """log p_ref(response token): [B, T], zero on padding."""
         b = self._to(batch)
-        fn = token_logprobs(self.model, self.settings["temperature"])
-        buckets = self._buckets(b["attention_mask"])
-        (lp,) = per_reply_token(fn, b["tokens"], b["attention_mask"], b["prompt_len"], buckets)
+        (lp,) = self._per_token(TokenLogprobs(self.model, self.settings["temperature"]), b)
         return (lp * b["response_mask"]).cpu()
 
 
@@ -479,7 +537,7 @@ class RewardActor(_Role):
         b = self._to(batch)
         read = reward_read_positions(b["tokens"], b["attention_mask"], self.pad_id)
         scores = torch.zeros(read.shape[0], dtype=torch.float32, device=read.device)
-        for rows, start, end in self._buckets(b["attention_mask"]):  # a bucket's window holds its read positions
+        for rows, start, end in length_buckets(b["attention_mask"], self.max_buckets):  # a bucket's window holds its read positions
             per_token = self.model(b["tokens"][rows, start:end], b["attention_mask"][rows, start:end])
             scores[rows] = per_token[torch.arange(len(rows), device=read.device), read[rows] - start]
         return scores.cpu()
