@@ -228,7 +228,8 @@ def test_bucketed_or_prompt_shared_forwards_match_one_forward_over_the_padded_ba
     torch.manual_seed(0)
     lm = build_tiny_model(arch, tokenizer).eval()
     values = TokenValueModel(build_tiny_model(arch, tokenizer, head="reward-model")).eval()
-    lengths = [1, 7, 3, 7, 2, 5, 6, 1, 4]  # reply tokens per row; no row reaches T, so every window drops columns
+    # reply tokens per row; no row reaches T, so every window drops columns
+    lengths = [1, 7, 3, 7, 2, 5, 6, 1, 4, 8, 2, 3, 6, 1, 7, 2, 5, 8]
     replies = [torch.randint(5, 200, (n,)).tolist() for n in lengths]
     ids, mask, P = _ragged_rollout(tokenizer, replies, T=9, group=group)
     # distinct prompts go by length bucket, groups of replies to one prompt run it once
@@ -272,7 +273,7 @@ def test_reward_scores_by_length_bucket_match_the_classifier(pad_is_eos, tmp_pat
         tok.pad_token = tok.eos_token
     build_tiny_model("llama", tok, head="reward-model").save_pretrained(tmp_path)
     eos = tok.eos_token_id
-    replies = [[11, 12, eos], [11, 12, 13, 14, 15, 16], [eos], [20, 21, 22, 23, eos], [30], [31, 32, eos]]
+    replies = [[11, 12, eos], [11, 12, 13, 14, 15, 16], [eos], [20, 21, 22, 23, eos], [30], [31, 32, eos]] * 3
     ids, mask, P = _ragged_rollout(tok, replies, T=8)
     ids = ids.masked_fill(mask == 0, tok.pad_token_id)
     actor = RewardActor({"path": str(tmp_path), "store_uri": "", "ref": ""},
@@ -299,15 +300,18 @@ def test_length_buckets_by_hand():
     ])  # fmt: skip
 
     def windows(**kw):
-        return [(rows.tolist(), start, end) for rows, start, end in length_buckets(mask, **kw)]
+        return [(rows.tolist(), start, end) for rows, start, end in length_buckets(mask, min_rows=1, **kw)]
 
-    # one bucket: 4 x 8 columns; two (rows 0, 2 | 3, 1): 2 x 4 + 2 x 8 = 24; four: 3 + 3 + 5 + 7 = 18
-    assert windows(max_buckets=1) == [([0, 2, 3, 1], 0, 8)]
-    assert windows(max_buckets=2) == [([0, 2], 1, 5), ([3, 1], 0, 8)]
-    assert windows(max_buckets=4) == [([0], 2, 5), ([2], 1, 4), ([3], 3, 8), ([1], 0, 7)]
+    # one bucket: 4 x 8 columns. Two: by reply end (rows 2, 0 | 1, 3) 2 x 4 + 2 x 8 = 24, by length (0, 2 | 3, 1)
+    # also 24, by prompt start (3, 0 | 2, 1) 2 x 6 + 2 x 7 = 26; the first cheapest is kept. Four: 3 + 3 + 5 + 7 = 18
+    assert windows(max_buckets=1) == [([2, 0, 1, 3], 0, 8)]
+    assert windows(max_buckets=2) == [([2, 0], 1, 5), ([1, 3], 0, 8)]
+    assert windows(max_buckets=4) == [([2], 1, 4), ([0], 2, 5), ([1], 0, 7), ([3], 3, 8)]
     # 24 is not 30% below 32, 18 is: the split into two is skipped, the one into four taken
     assert windows(max_buckets=4, min_saving=0.3) == windows(max_buckets=4)
-    assert windows(max_buckets=2, min_saving=0.3) == [([0, 2, 3, 1], 0, 8)]
+    assert windows(max_buckets=2, min_saving=0.3) == [([2, 0, 1, 3], 0, 8)]
+    # groups smaller than min_rows are not cut: 4 rows, at least 2 a group
+    assert [(r.tolist(), s, e) for r, s, e in length_buckets(mask, min_rows=2)] == windows(max_buckets=2)
     # a batch with padding on both edges is trimmed even in one bucket
     edges = torch.tensor([[0, 1, 1, 0, 0], [0, 0, 1, 1, 0]])
     assert [(r.tolist(), s, e) for r, s, e in length_buckets(edges, max_buckets=1)] == [([0, 1], 1, 4)]

@@ -47,7 +47,7 @@ def seeded(seed: int | None) -> Iterator[None]:
 
 
 def length_buckets(
-    attention_mask: torch.Tensor, max_buckets: int = 4, min_saving: float = 0.05
+    attention_mask: torch.Tensor, max_buckets: int = 4, min_saving: float = 0.05, min_rows: int = 8
 ) -> list[tuple[torch.Tensor, int, int]]:
     """Groups of rows and the column window [start, end) that holds every real token of the group's rows.
 
@@ -56,27 +56,36 @@ def length_buckets(
     early. Running each group on its own window skips those columns, and is exact: left-pad columns are masked
     keys, and a causal model never reads the columns after a row's last real token.
 
-    Rows are sorted by their real length and cut into k equal groups for k = 1, 2, 4, ... up to `max_buckets`;
-    a larger k is taken only when it pads at least `min_saving` fewer columns than the best before it (each group
-    is one more forward, and smaller matrices run less efficiently). Returns [(rows, start, end)], rows an index
-    tensor on the mask's device; max_buckets=1 gives one group (the whole batch, its outer padding trimmed).
+    Rows are sorted (by reply end, prompt start or real length, whichever cuts cheapest) and cut into k equal
+    groups of at least `min_rows` rows for k = 1, 2, 4, ... up to `max_buckets`; a larger k is taken only when
+    it pads at least `min_saving` fewer columns than the best before it. Each group is one more forward, and
+    smaller matrices run less efficiently: on the 2-core box 16 rows cut in 4 trained 3-4% slower than one
+    trimmed group. Returns [(rows, start, end)], rows an index tensor on the mask's device; max_buckets=1 gives
+    one group (the whole batch, its outer padding trimmed).
     """
     real = attention_mask > 0
     length = real.shape[1]
     cols = torch.arange(length, device=attention_mask.device)
     first = torch.where(real, cols, length).min(-1).values  # a row without real tokens gets an empty window
     end = torch.where(real, cols + 1, 0).max(-1).values
-    order = torch.argsort(end - first, stable=True)
+    # rows sorted by where their replies end, by where their prompts start, or by their real length: the
+    # cheapest cut of any of the three orders is kept
+    orders = [torch.argsort(key, stable=True) for key in (end, -first, end - first)]
     best: list[tuple[torch.Tensor, int, int]] = []
     best_cost = None
     k = 1
-    while k <= min(max_buckets, len(order)):
-        windows = []
-        for rows in torch.tensor_split(order, k):
-            start = int(first[rows].min())
-            windows.append((rows, min(start, int(end[rows].max())), int(end[rows].max())))
-        cost = sum(len(rows) * (e - s) for rows, s, e in windows)
+    while k <= min(max_buckets, max(len(first) // min_rows, 1)):
+        cost, windows = min((_cut(order, k, first, end) for order in orders), key=lambda c: c[0])
         if best_cost is None or cost <= (1 - min_saving) * best_cost:
             best, best_cost = windows, cost
         k *= 2
     return best
+
+
+def _cut(order: torch.Tensor, k: int, first: torch.Tensor, end: torch.Tensor) -> tuple[int, list]:
+    """`order` cut into k equal groups: (columns the groups' windows hold, [(rows, start, end)])."""
+    windows = []
+    for rows in torch.tensor_split(order, k):
+        stop = int(end[rows].max())
+        windows.append((rows, min(int(first[rows].min()), stop), stop))
+    return sum(len(rows) * (e - s) for rows, s, e in windows), windows
