@@ -5,6 +5,9 @@ tensors, log-probs, values, scores and metrics with the driver. A rollout batch 
     tokens [B, P + T]: prompt left-padded to P, response right-padded to T = max_new_tokens;
     attention_mask [B, P + T]; response_mask [B, T] (1 up to and including eos).
 The trainable roles (policy, critic) are DeepSpeed engines; several actors of a role form one torch.distributed group.
+Full-sequence forwards compute only what the RL math reads (`per_reply_token`; the reward model's `scores`): rows of
+similar length on their own column window (`length_buckets`: the batch's edge padding skipped), a prompt that
+several rows share (GRPO/RLOO's groups) run once, no column past the last reply token.
 All four roles hold their weights in the run's precision (`devices.py`); log-probs are always taken in fp32.
 """
 
