@@ -22,20 +22,18 @@ def generate_text(
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
+    from stages.common.sampling import decoding_config
+
     torch.manual_seed(seed)
     tokenizer = AutoTokenizer.from_pretrained(artifact.path)
     model = AutoModelForCausalLM.from_pretrained(artifact.path).eval()
     enc = tokenizer([prompt] * num_samples, return_tensors="pt")
+    # every artifact decodes the same way, whatever its generation_config.json asks for (a hub model's
+    # repetition_penalty or top_k), so the outputs of two stages differ only by their weights
+    config = decoding_config(temperature=temperature if temperature > 0 else None, top_p=1.0,
+                             max_new_tokens=max_new_tokens, eos_ids=[tokenizer.eos_token_id],
+                             pad_id=tokenizer.pad_token_id)  # fmt: skip
     with torch.no_grad():
-        out = model.generate(
-            **enc,
-            max_new_tokens=max_new_tokens,
-            do_sample=temperature > 0,
-            temperature=temperature if temperature > 0 else None,
-            top_p=None,
-            top_k=None,
-            pad_token_id=tokenizer.pad_token_id,
-            eos_token_id=tokenizer.eos_token_id,
-        )
+        out = model.generate(**enc, generation_config=config)
     new_tokens = out[:, enc["input_ids"].shape[1] :]
     return [tokenizer.decode(row, skip_special_tokens=True) for row in new_tokens]

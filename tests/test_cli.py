@@ -127,3 +127,25 @@ def test_generate_rejects_non_causal_lm(tmp_path, capsys):
     _publish_chain(tmp_path / "store")
     assert main(["generate", "corpus@v1", "--prompt", "hi", "--store", str(tmp_path / "store")]) == 2
     assert "not a causal-lm" in capsys.readouterr().err
+
+
+def test_generate_decodes_every_artifact_alike_whatever_its_generation_config(tmp_path):
+    sys.path.insert(0, str(Path(__file__).parent))
+    from tiny_models import build_tiny_model, build_tiny_tokenizer
+
+    from flows.generate import generate_text
+    from stages.common.hf import save_model_dir
+
+    tok = build_tiny_tokenizer(["User: Describe the red cat.\nAssistant: The red cat is calm."] * 20, vocab_size=300)
+    lm = build_tiny_model("llama", tok)
+    store = ArtifactStore(str(tmp_path / "store"))
+    save_model_dir(lm, tok, tmp_path / "plain")
+    # a hub chat model's defaults (Qwen2.5-instruct style, exaggerated)
+    lm.generation_config.update(do_sample=True, temperature=0.7, top_p=0.8, top_k=3, repetition_penalty=5.0,
+                                no_repeat_ngram_size=1)
+    save_model_dir(lm, tok, tmp_path / "hub")
+    plain, hub = (store.publish(tmp_path / d, name=d, kind="causal-lm", stage="test") for d in ("plain", "hub"))
+    for temperature in (0.0, 1.0):
+        kw = {"prompt": "User: Describe the red cat.\nAssistant:", "max_new_tokens": 10, "temperature": temperature,
+              "num_samples": 2, "seed": 3}  # fmt: skip
+        assert generate_text(hub, **kw) == generate_text(plain, **kw)

@@ -188,6 +188,23 @@ def test_sampling_ignores_the_checkpoints_generation_defaults(tokenizer):
     assert torch.equal(_sample(lm, tokenizer, ids, mask, seed=5, T=12), plain)
 
 
+@pytest.mark.parametrize("temperature", [None, 1.0], ids=["greedy", "sampled"])
+def test_the_sft_and_dpo_held_out_replies_ignore_the_checkpoints_generation_defaults(temperature, tokenizer):
+    from stages.common.demo_eval import generate_replies
+    from stages.common.sequences import seeded
+
+    lm = build_tiny_model("llama", tokenizer).eval()
+    prompts = ["User: Describe the red cat.\nAssistant:", "User: Hi\nAssistant:"] * 2
+
+    def replies():
+        with seeded(11):
+            return generate_replies(lm, tokenizer, prompts, max_new_tokens=12, batch_size=2, temperature=temperature)
+
+    plain = replies()
+    lm.generation_config.update(repetition_penalty=5.0, no_repeat_ngram_size=1, typical_p=0.2, top_k=3)
+    assert replies() == plain
+
+
 def test_gpt2s_python_gelu_is_swapped_for_the_one_kernel_gelu_without_changing_the_model(tokenizer, tmp_path):
     from transformers import AutoModelForCausalLM
     from transformers.activations import GELUTanh, NewGELUActivation

@@ -20,7 +20,12 @@ def generate_replies(
     """Replies to `prompts` (greedy, or sampled when `temperature` is set), batched with left padding, cut at eos."""
     import torch
 
+    from stages.common.sampling import decoding_config
+
     tokenizer.padding_side = "left"  # decoder-only: new tokens must follow the prompt directly
+    # the checkpoint's generation_config.json (a hub model's repetition_penalty, top_k) does not apply
+    config = decoding_config(temperature=temperature, top_p=1.0, max_new_tokens=max_new_tokens,
+                             eos_ids=[tokenizer.eos_token_id], pad_id=tokenizer.pad_token_id)  # fmt: skip
     device = next(model.parameters()).device
     replies: list[str] = []
     model.eval()
@@ -29,14 +34,7 @@ def generate_replies(
         # Plain-text prompts, tokenized as TRL tokenized them in training (a Llama tokenizer adds bos here).
         enc = tokenizer(batch, return_tensors="pt", padding=True).to(device)
         with torch.no_grad():
-            out = model.generate(
-                **enc,
-                max_new_tokens=max_new_tokens,
-                do_sample=temperature is not None,
-                **({"temperature": temperature, "top_k": 0, "top_p": 1.0} if temperature is not None else {}),
-                eos_token_id=tokenizer.eos_token_id,
-                pad_token_id=tokenizer.pad_token_id,
-            )
+            out = model.generate(**enc, generation_config=config)
         for row in out[:, enc["input_ids"].shape[1] :].tolist():
             if tokenizer.eos_token_id in row:
                 row = row[: row.index(tokenizer.eos_token_id)]

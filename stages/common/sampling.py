@@ -17,14 +17,23 @@ import torch
 
 def sampling_config(*, temperature: float, top_p: float, max_new_tokens: int, eos_ids: list[int], pad_id: int):
     """GenerationConfig for plain temperature (and optional nucleus) sampling, immune to the checkpoint's defaults."""
+    return decoding_config(temperature=temperature, top_p=top_p, max_new_tokens=max_new_tokens, eos_ids=eos_ids,
+                           pad_id=pad_id)  # fmt: skip
+
+
+def decoding_config(*, temperature: float | None, top_p: float, max_new_tokens: int, eos_ids: list[int], pad_id: int):
+    """Sampling at `temperature` (greedy when None), with every logits processor a hub generation_config.json may
+    switch on pinned to "off" (greedy decoding runs no sampling-only warper, so only the penalties need pinning)."""
     from transformers import GenerationConfig
 
-    return GenerationConfig(
-        do_sample=True, temperature=temperature, top_p=top_p, max_new_tokens=max_new_tokens,
-        eos_token_id=eos_ids, pad_token_id=pad_id, use_cache=True,
-        # the logits processors a hub generation_config.json may switch on, pinned to "off"
-        top_k=0, repetition_penalty=1.0, no_repeat_ngram_size=0, typical_p=1.0, epsilon_cutoff=0.0, eta_cutoff=0.0,
-    )  # fmt: skip
+    pinned = {"repetition_penalty": 1.0, "no_repeat_ngram_size": 0}
+    if temperature is not None:
+        pinned.update(do_sample=True, temperature=temperature, top_p=top_p, top_k=0, typical_p=1.0,
+                      epsilon_cutoff=0.0, eta_cutoff=0.0)  # fmt: skip
+    else:
+        pinned.update(do_sample=False)
+    return GenerationConfig(**pinned, max_new_tokens=max_new_tokens, eos_token_id=eos_ids, pad_token_id=pad_id,
+                            use_cache=True)  # fmt: skip
 
 
 class SampledLogprobs:
