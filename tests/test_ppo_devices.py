@@ -75,3 +75,12 @@ def test_engine_config_comes_from_the_shared_builder():
     assert "optimizer" not in gpu and not needs_compiled_op(gpu)  # the client torch AdamW: nothing to compile
     cpu = engine_config(_settings(False))
     assert cpu["bf16"] == {"enabled": False} and cpu["zero_optimization"] == {"stage": 0}
+
+
+def test_deepspeed_builds_no_shared_memory_op_on_a_cpu_node():
+    from deepspeed.comm.torch import build_shm_op
+
+    from stages.common.deepspeed_config import forbid_cpu_shm_build
+
+    forbid_cpu_shm_build()
+    assert build_shm_op() is None  # DeepSpeed's own check: no JIT build, the gloo allreduce instead

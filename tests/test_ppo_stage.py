@@ -197,6 +197,10 @@ def test_tiny_ppo_publishes_a_policy_that_loads_with_transformers(setup, local_r
     assert all(torch.equal(staged[k], after[k]) for k in after)
     assert {p.name for p in (tmp_path / "work" / "logs").glob("*-rank0.log")} == {
         "policy-rank0.log", "critic-rank0.log", "reference-rank0.log", "reward-rank0.log"}
+    # DeepSpeed's engines started without compiling an op on the node (its CPU shared-memory allreduce)
+    for role in ("policy", "critic"):
+        log = (tmp_path / "work" / "logs" / f"{role}-rank0.log").read_text()
+        assert "Setting accelerator to CPU" in log and "built successfully" not in log
 
 
 @pytest.mark.slow

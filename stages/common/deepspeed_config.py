@@ -36,6 +36,21 @@ def native_cpu_bf16() -> bool:
     return "avx512_bf16" in flags or "amx_bf16" in flags
 
 
+def forbid_cpu_shm_build() -> None:
+    """Keep DeepSpeed from compiling its shared-memory CPU allreduce (`deepspeed_shm_comm`) on this node.
+
+    On CPU, DeepSpeed's comm backend JIT-builds that op with the node's C++ compiler when a process group starts
+    (pretrain workers, PPO's trainable roles). A node without a compiler cannot start. A build killed midway also
+    leaves a lock in ~/.cache/torch_extensions, and every later process then waits on it forever without a word:
+    a killed test run hung the next run's PPO actors in `init_engine` that way. gloo does the same allreduce
+    without it. DeepSpeed keeps this table in one dict for edits like this one. Call before DeepSpeed starts its
+    process group. Nothing changes on GPU, where the op is not built.
+    """
+    import deepspeed.ops
+
+    deepspeed.ops.__compatible_ops__["deepspeed_shm_comm"] = False
+
+
 def resolve_precision(precision: str, use_gpu: bool, where: str = "precision") -> Precision:
     """'auto' means bf16 on GPU and fp32 on CPU; half precision without a GPU is refused (ValueError naming `where`)."""
     if precision == "auto":

@@ -63,6 +63,9 @@ def _join_deepspeed_comm() -> None:
     import deepspeed
     import torch.distributed as dist
 
+    from stages.common.deepspeed_config import forbid_cpu_shm_build
+
+    forbid_cpu_shm_build()
     deepspeed.init_distributed(dist_backend=dist.get_backend(), verbose=False)
 
 

@@ -291,6 +291,9 @@ class _Trainable(_Role):
 
         if self.device.type == "cuda":
             torch.cuda.set_device(self.device)
+        from stages.common.deepspeed_config import forbid_cpu_shm_build
+
+        forbid_cpu_shm_build()
         deepspeed.init_distributed(dist_backend=dist_backend(self.device), verbose=False)
         ds_config = engine_config(self.settings)
         self.zero3 = self.settings["zero_stage"] == 3

@@ -101,6 +101,7 @@ def train_loop(cfg: dict[str, Any]) -> dict[str, Any]:
     import torch
 
     from stages.common.collectives import all_reduce_floats
+    from stages.common.deepspeed_config import forbid_cpu_shm_build
     from stages.pretrain.deepspeed_setup import param_groups
     from stages.pretrain.metrics import mfu, model_flops_per_token, peak_flops
     from stages.pretrain.model import build_model
@@ -114,6 +115,7 @@ def train_loop(cfg: dict[str, Any]) -> dict[str, Any]:
     model_config = model.config
     n_params = sum(p.numel() for p in model.parameters())
     marks["build_model"] = time.time()
+    forbid_cpu_shm_build()
     engine, _, _, scheduler = deepspeed.initialize(
         model=model, model_parameters=param_groups(model, cfg["weight_decay"]), config=ds_config
     )
