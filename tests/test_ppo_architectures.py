@@ -149,10 +149,10 @@ def test_a_missing_pad_token_matches_a_reward_model_padded_with_eos():
 
 
 def _sample(lm, tokenizer, ids, mask, seed, T=8, temperature=0.7):
-    from stages.common.sampling import sampling_config
+    from stages.common.sampling import decoding_config
     from stages.common.sequences import seeded
 
-    config = sampling_config(temperature=temperature, top_p=1.0, max_new_tokens=T, eos_ids=[tokenizer.eos_token_id],
+    config = decoding_config(temperature=temperature, top_p=1.0, max_new_tokens=T, eos_ids=[tokenizer.eos_token_id],
                              pad_id=tokenizer.pad_token_id)  # fmt: skip
     with torch.no_grad(), seeded(seed):
         return lm.generate(input_ids=ids, attention_mask=mask, generation_config=config)
@@ -254,7 +254,7 @@ def test_bucketed_or_prompt_shared_forwards_match_one_forward_over_the_padded_ba
         assert shared_prompts(ids, mask, P) is None and len(length_buckets(mask, 4)) > 1
     else:
         first, inverse = shared_prompts(ids, mask, P)
-        assert len(first) == len(lengths) // group  # one row per distinct prompt, and each row's prompt is its
+        assert len(first) == len(lengths) // group  # one row per distinct prompt, gathered back to every row
         assert torch.equal(ids[first][inverse][:, :P], ids[:, :P])
         assert torch.equal(inverse[::group], inverse[group - 1 :: group])  # rows of a group share an entry
     reply_mask = mask[:, P:].float()

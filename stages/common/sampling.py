@@ -1,13 +1,15 @@
 """Sampling replies from the policy as the RL math assumes: from the model's own distribution at a temperature.
 
 Two things HF generate does not give us directly:
-- `sampling_config`: a GenerationConfig that samples from softmax(logits / temperature) and nothing else. Generate
-  fills every field left unset from the checkpoint's generation_config.json, so a Qwen2.5 instruct model would
-  otherwise sample with its repetition_penalty 1.05: draws from a distribution the policy-gradient never sees.
+- `decoding_config`: a GenerationConfig that samples from softmax(logits / temperature) (or decodes greedily)
+  and nothing else. Generate fills every field left unset from the checkpoint's generation_config.json, so a
+  Qwen2.5 instruct model would otherwise sample with its repetition_penalty 1.05: draws from a distribution the
+  policy-gradient never sees.
 - `SampledLogprobs`: log p(sampled token) read from the sampling pass's own logits, so the RL stage needs no second
   forward over the whole sequence for them. A forward hook on the model sees the raw logits of every decoding step
-  (before any logits processor), the same quantity `response_logits` computes; the token each step drew is the
-  input of the next step (and the last column of the output for the final step). Only one step's [B, V] is held.
+  (before any logits processor), the same quantity `TokenLogprobs` reads in a full forward; the token each step
+  drew is the input of the next step (and the last column of the output for the final step). Only one step's
+  [B, V] is held.
 """
 
 from __future__ import annotations
@@ -15,15 +17,10 @@ from __future__ import annotations
 import torch
 
 
-def sampling_config(*, temperature: float, top_p: float, max_new_tokens: int, eos_ids: list[int], pad_id: int):
-    """GenerationConfig for plain temperature (and optional nucleus) sampling, immune to the checkpoint's defaults."""
-    return decoding_config(temperature=temperature, top_p=top_p, max_new_tokens=max_new_tokens, eos_ids=eos_ids,
-                           pad_id=pad_id)  # fmt: skip
-
-
 def decoding_config(*, temperature: float | None, top_p: float, max_new_tokens: int, eos_ids: list[int], pad_id: int):
-    """Sampling at `temperature` (greedy when None), with every logits processor a hub generation_config.json may
-    switch on pinned to "off" (greedy decoding runs no sampling-only warper, so only the penalties need pinning)."""
+    """GenerationConfig for plain temperature (and optional nucleus) sampling, or greedy decoding when `temperature`
+    is None, immune to the checkpoint's defaults: every logits processor a hub generation_config.json may switch on
+    is pinned to "off" (greedy decoding runs no sampling-only warper, so only the penalties need pinning)."""
     from transformers import GenerationConfig
 
     pinned = {"repetition_penalty": 1.0, "no_repeat_ngram_size": 0}
@@ -60,7 +57,7 @@ class SampledLogprobs:
     def _hook(self, module, args, kwargs, output) -> None:
         input_ids = kwargs.get("input_ids", args[0] if args else None)
         self._take(input_ids[:, -1])  # the token the previous step sampled is this step's input
-        # fp32 before the temperature, as response_logits does: bf16 logits would round the log-probs by ~0.01
+        # fp32 before the temperature, as TokenLogprobs does: bf16 logits would round the log-probs by ~0.01
         self._pending = torch.log_softmax(output.logits[:, -1].float() / self.temperature, dim=-1)
 
     def __enter__(self) -> SampledLogprobs:

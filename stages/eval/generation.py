@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import torch
 
-from stages.common.sampling import sampling_config
+from stages.common.sampling import decoding_config
 from stages.common.sequences import position_ids, reply_mask_from_eos, seeded
 
 
@@ -44,7 +44,7 @@ def sample_batch(
     device = model_device(model)
     ids, mask = left_pad(prompt_ids, pad_id, device)
     P, T = ids.shape[1], max_new_tokens
-    config = sampling_config(temperature=temperature, top_p=1.0, max_new_tokens=T, eos_ids=eos_ids, pad_id=pad_id)
+    config = decoding_config(temperature=temperature, top_p=1.0, max_new_tokens=T, eos_ids=eos_ids, pad_id=pad_id)
     with seeded(seed):
         out = model.generate(input_ids=ids, attention_mask=mask, generation_config=config)
     replies = torch.full((out.shape[0], T), pad_id, dtype=torch.long, device=device)

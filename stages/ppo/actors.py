@@ -23,7 +23,7 @@ from pathlib import Path
 import torch
 
 from stages.common.hf import fuse_gelu_tanh
-from stages.common.sampling import SampledLogprobs, sampling_config
+from stages.common.sampling import SampledLogprobs, decoding_config
 from stages.common.sequences import length_buckets, position_ids, seeded
 from stages.common.sequences import reply_mask_from_eos as response_mask_from_eos
 from stages.ppo import algorithm as A
@@ -383,7 +383,7 @@ class PolicyActor(_Trainable):
         prompt_ids, prompt_mask = prompts["prompt_ids"].to(self.device), prompts["prompt_mask"].to(self.device)
         seed = None if seed is None else seed + 7919 * self.rank
         P, T = prompt_ids.shape[1], s["max_new_tokens"]
-        gen_config = sampling_config(temperature=s["temperature"], top_p=s["top_p"], max_new_tokens=T,
+        gen_config = decoding_config(temperature=s["temperature"], top_p=s["top_p"], max_new_tokens=T,
                                      eos_ids=self.eos_ids, pad_id=self.pad_id)  # fmt: skip
         recorder = SampledLogprobs(module, s["temperature"]) if record_logprobs else contextlib.nullcontext()
         with seeded(seed), self.full_params(), torch_threads(s["generation_threads"]), recorder:
