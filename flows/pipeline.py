@@ -13,16 +13,14 @@ import os
 import time
 from typing import Any
 
-os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
+from prefect import flow, get_run_logger, task
+from prefect.cache_policies import NO_CACHE
+from prefect.states import Completed, Failed
 
-from prefect import flow, get_run_logger, task  # noqa: E402
-from prefect.cache_policies import NO_CACHE  # noqa: E402
-from prefect.states import Completed, Failed  # noqa: E402
-
-from flows import assets, report  # noqa: E402
-from flows.config import STAGES, PipelineConfig, load_config  # noqa: E402
-from flows.dag import POLICY_ROLE_PREFIX, Node, branch_waves  # noqa: E402
-from flows.plan import (  # noqa: E402
+from flows import assets, report
+from flows.config import STAGES, PipelineConfig, load_config
+from flows.dag import POLICY_ROLE_PREFIX, Node, branch_waves
+from flows.plan import (
     check_only_inputs,
     config_model_kind,
     data_check,
@@ -35,16 +33,16 @@ from flows.plan import (  # noqa: E402
     stage_cache_key,
     validate_run,
 )
-from flows.preflight import check_fits  # noqa: E402
-from flows.ray_driver import RayDriver  # noqa: E402
-from flows.tracking import Tracker  # noqa: E402
-from stages.common.config import ConfigError  # noqa: E402
-from stages.common.context import StageContext  # noqa: E402
-from stages.common.data import DataError  # noqa: E402
-from stages.common.errors import StageInputError  # noqa: E402
-from stages.common.gates import GateFailed, check_gate  # noqa: E402
-from stages.common.ray_train import console_log_dir, verbose  # noqa: E402
-from stages.common.store import ArtifactError, ArtifactStore  # noqa: E402
+from flows.preflight import check_fits
+from flows.ray_driver import RayDriver
+from flows.tracking import Tracker
+from stages.common.config import ConfigError
+from stages.common.context import StageContext
+from stages.common.data import DataError
+from stages.common.errors import StageInputError
+from stages.common.gates import GateFailed, check_gate
+from stages.common.ray_train import console_log_dir, verbose
+from stages.common.store import ArtifactError, ArtifactStore
 
 
 class _QuietPrefect(logging.Filter):

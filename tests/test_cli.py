@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -149,3 +150,19 @@ def test_generate_decodes_every_artifact_alike_whatever_its_generation_config(tm
         kw = {"prompt": "User: Describe the red cat.\nAssistant:", "max_new_tokens": 10, "temperature": temperature,
               "num_samples": 2, "seed": 3}  # fmt: skip
         assert generate_text(hub, **kw) == generate_text(plain, **kw)
+
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def test_a_fresh_install_waits_for_prefects_first_server_start():
+    """`import flows` gives Prefect's temporary server time to build its database on a slow machine's first run
+    (Prefect's own default, 20 s, failed a fresh clone's first `rlhf run`); a user's own setting is kept."""
+    code = ("import flows; from prefect.settings import get_current_settings; "
+            "print(get_current_settings().server.ephemeral.startup_timeout_seconds)")  # fmt: skip
+    env = {k: v for k, v in os.environ.items() if k != "PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS"}
+    out = subprocess.run([sys.executable, "-c", code], env=env, cwd=ROOT, capture_output=True, text=True, check=True)
+    assert int(out.stdout.strip()) == 120
+    env["PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS"] = "45"
+    out = subprocess.run([sys.executable, "-c", code], env=env, cwd=ROOT, capture_output=True, text=True, check=True)
+    assert int(out.stdout.strip()) == 45
