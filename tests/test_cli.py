@@ -163,7 +163,8 @@ def test_a_fresh_install_waits_for_prefects_first_server_start():
     env = {k: v for k, v in os.environ.items() if k != "PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS"}
 
     def timeout_seen() -> int:
-        out = subprocess.run([sys.executable, "-c", code], env=env, cwd=REPO, capture_output=True, text=True, check=True)
+        out = subprocess.run([sys.executable, "-c", code], env=env, cwd=REPO, capture_output=True, text=True,
+                             check=True)  # fmt: skip
         return int(out.stdout.strip())
 
     assert timeout_seen() == 120
