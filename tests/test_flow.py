@@ -121,12 +121,6 @@ def test_reward_config_change_reruns_reward_and_ppo_only(pipeline_copy):
     assert names.count("base-model") == 1 and names.count("sft-model") == 1
 
 
-def test_from_ppo_forces_only_ppo(pipeline_copy):
-    summary = _run(pipeline_copy, from_stage="ppo")
-    assert _states(summary) == {"pretrain": "Cached", "sft": "Cached", "reward": "Cached", "ppo": "Completed",
-                                "eval": "Completed"}
-
-
 def test_only_uses_explicit_inputs(pipeline_copy):
     summary = _run(pipeline_copy, only="reward", inputs={"sft_model": "sft-model@v1"})
     assert list(summary["stages"]) == ["reward"]
@@ -141,7 +135,10 @@ def test_only_rejects_missing_and_wrong_kind_refs(pipeline_copy):
         _run(pipeline_copy, only="reward", inputs={"sft_model": "reward-model@v1"})
 
 
-def test_retryable_failure_succeeds_on_retry(pipeline_copy, monkeypatch):
+def test_from_ppo_forces_only_ppo_and_a_retryable_failure_succeeds_on_retry(pipeline_copy, monkeypatch):
+    """One forced ppo run shows both: `--from ppo` reruns ppo and what is downstream of it, and a lost node is retried.
+
+    (Two tests once, each paying for a ppo run.)"""
     real_run, calls = pipeline.STAGES["ppo"].run, []
 
     def flaky_run(*args, **kwargs):
@@ -152,7 +149,9 @@ def test_retryable_failure_succeeds_on_retry(pipeline_copy, monkeypatch):
 
     monkeypatch.setattr(pipeline.STAGES["ppo"], "run", flaky_run)
     summary = _run(pipeline_copy, from_stage="ppo")
-    assert len(calls) == 2 and summary["stages"]["ppo"]["state"] == "Completed"
+    assert len(calls) == 2
+    assert _states(summary) == {"pretrain": "Cached", "sft": "Cached", "reward": "Cached", "ppo": "Completed",
+                                "eval": "Completed"}
 
 
 def test_user_error_is_not_retried(pipeline_copy, monkeypatch):

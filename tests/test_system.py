@@ -30,8 +30,8 @@ from stages.common.store import ArtifactStore
 
 REPO = Path(__file__).resolve().parents[1]
 BIN = Path(sys.executable).parent  # .venv/bin when pytest runs from the venv
-STAGES = ("pretrain", "sft", "reward", "ppo")
-UPSTREAM_OF_PPO = ("tokenizer", "base-model", "sft-model", "reward-model")
+STAGES = ("pretrain", "sft", "reward", "ppo", "eval")
+UPSTREAM_OF_EVAL = ("tokenizer", "base-model", "sft-model", "reward-model", "policy")
 
 needs_cli = pytest.mark.skipif(not (BIN / "prefect").exists() or not (BIN / "rlhf").exists(),
                                reason=f"prefect/rlhf executables not found next to {sys.executable}")
@@ -168,10 +168,11 @@ def versions(store: ArtifactStore, names: tuple[str, ...]) -> dict[str, list[int
 @pytest.mark.timeout(1200)
 @needs_cli
 def test_prefect_deployment_run_then_stage_rerun(tmp_path, pipeline_copy):
-    """A deployment run over the store of the session's tiny pipeline (all cached), then a rerun from ppo.
+    """A deployment run over the store of the session's tiny pipeline (all cached), then a rerun from eval.
 
-    From ppo, not an earlier stage: the rerun only has to show a forced stage running through the deployment and
-    nothing upstream republished; rerunning reward too would add a minute (test_flow covers a reward rerun)."""
+    From eval, the last stage: the rerun only has to show a forced stage running (its Ray task included) through the
+    deployment and nothing upstream republished; each earlier stage would add a minute or more (test_flow covers
+    reruns from ppo and from a reward change)."""
     home = Path(tempfile.mkdtemp(prefix="rlhf-prefect-home-"))
     (port,) = free_ports(1)
     api = f"http://127.0.0.1:{port}/api"
@@ -205,17 +206,17 @@ def test_prefect_deployment_run_then_stage_rerun(tmp_path, pipeline_copy):
         policy = store.get("policy@latest", kind="causal-lm")  # verifies every file
         assert policy.manifest["stage"] == "ppo"
         assert stage_states(api, out) == {s: "Cached" for s in STAGES}
-        upstream = versions(store, UPSTREAM_OF_PPO)
+        upstream = versions(store, UPSTREAM_OF_EVAL)
 
         start = time.perf_counter()
-        out = run_ok([prefect, "deployment", "run", "rlhf/local", *params, "-p", "from_stage=ppo", "--watch"],
+        out = run_ok([prefect, "deployment", "run", "rlhf/local", *params, "-p", "from_stage=eval", "--watch"],
                      env, timeout=900)
-        print(f"prefect deployment run rlhf/local -p from_stage=ppo: {time.perf_counter() - start:.1f}s")
+        print(f"prefect deployment run rlhf/local -p from_stage=eval: {time.perf_counter() - start:.1f}s")
         states = stage_states(api, out)
-        assert states == {"pretrain": "Cached", "sft": "Cached", "reward": "Cached", "ppo": "Completed"}, states
-        assert versions(store, UPSTREAM_OF_PPO) == upstream  # nothing upstream of ppo was republished
-        rerun = store.get("policy@latest")  # the same version when the rerun reproduced the weights bit for bit
-        for role, name in (("sft_model", "sft-model"), ("reward_model", "reward-model")):
+        assert states == {**{s: "Cached" for s in STAGES[:-1]}, "eval": "Completed"}, states
+        assert versions(store, UPSTREAM_OF_EVAL) == upstream  # nothing upstream of eval was republished
+        rerun = store.get("eval-report@latest", kind="eval-report")  # the same version if reproduced bit for bit
+        for role, name in (("sft_model", "sft-model"), ("reward_model", "reward-model"), ("policy.ppo", "policy")):
             assert rerun.manifest["inputs"][role]["digest"] == store.get(f"{name}@latest").digest
 
 
@@ -227,7 +228,8 @@ def test_prefect_deployment_run_then_stage_rerun(tmp_path, pipeline_copy):
 @pytest.mark.timeout(1200)
 @needs_cli
 def test_ray_job_submit_runs_the_pipeline(tmp_path, pipeline_copy):
-    """`ray job submit -- rlhf run --from ppo` over the session's tiny store: PPO's actors run on the job's cluster."""
+    """`ray job submit -- rlhf run --from eval` over the session's tiny store: the stage's Ray task runs on the job's
+    cluster. Eval, the last stage, is the cheapest forced run; PPO's actors on a cluster are test_ppo_stage's."""
     # Short and unique: Ray's socket paths live under the temp dir and must stay under 108 characters.
     ray_tmp = Path(tempfile.mkdtemp(prefix="rlhf-ray-", dir="/tmp"))
     token = secrets.token_hex(32)
@@ -259,12 +261,14 @@ def test_ray_job_submit_runs_the_pipeline(tmp_path, pipeline_copy):
         start = time.perf_counter()
         out = run_ok([BIN / "ray", "job", "submit", "--address", address, "--runtime-env", "cluster/runtime_env.yaml",
                       "--working-dir", ".", "--", "rlhf", "run", "--preset", "tiny", "--store", store_root,
-                      "--from", "ppo", "--set", f"run.work_dir={pipeline_copy['work_dir']}"], env, cwd=REPO, timeout=900)
-        print(f"ray job submit -- rlhf run --preset tiny --from ppo: {time.perf_counter() - start:.1f}s")
+                      "--from", "eval", "--set", f"run.work_dir={pipeline_copy['work_dir']}"], env, cwd=REPO, timeout=900)
+        print(f"ray job submit -- rlhf run --preset tiny --from eval: {time.perf_counter() - start:.1f}s")
         assert re.search(r"Job '\S+' succeeded", out), out[-3000:]
-        assert "pretrain=Cached, sft=Cached, reward=Cached, ppo=Completed" in out, out[-3000:]
-        policy = ArtifactStore(str(store_root)).get("policy@latest", kind="causal-lm")
-        assert policy.manifest["stage"] == "ppo"
+        assert "pretrain=Cached, sft=Cached, reward=Cached, ppo=Cached, eval=Completed" in out, out[-3000:]
+        store = ArtifactStore(str(store_root))
+        policy = store.get("policy@latest", kind="causal-lm")
+        report = store.get("eval-report@latest", kind="eval-report")  # the same version if reproduced bit for bit
+        assert report.manifest["inputs"]["policy.ppo"]["digest"] == policy.digest
 
         # The submission helper on the same cluster: it finds the token itself, uploads the checkout without the
         # excluded folders, and its exit code follows the job's.
