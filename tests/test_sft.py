@@ -277,10 +277,12 @@ def test_sft_resumes_after_a_crash(setup, ray_session):
     steps = [e["step"] for e in history if "loss" in e]
     assert steps == list(range(10, config.max_steps + 1, 10))  # the crashed run's entries, then the rest, no gap
 
-    # A rerun after success finds the final checkpoint and hands back the same model without training.
+    # A rerun after success finds the final checkpoint and hands back the same model without training, on the
+    # driver: no Ray Train run starts (fit would say it resumes from the latest checkpoint).
     lines.clear()
     again = sft.run(config, base_model=base, data=data, store=store, ctx=ctx)["sft-model"]
     assert any("already finished" in line for line in lines)
+    assert not any("resuming from the latest" in line for line in lines), lines
     assert _tensors(again.path).keys() == _tensors(model.path).keys()
     assert all((_tensors(again.path)[k] == _tensors(model.path)[k]).all() for k in _tensors(model.path))
 

@@ -11,11 +11,13 @@ last checkpoint.
 Checkpoints: the HF Trainer saves every `save_steps` into a local scratch dir and `RayTrainReportCallback` uploads
 each one into the Ray run storage (ctx.work_dir); a rerun resumes the Trainer (weights, optimizer, scheduler, step)
 from the latest. When training is done, rank 0 reports one last checkpoint holding `final/` (the trained model) and
-`result.json` (metrics, loss history); a rerun that finds it skips training and hands the same result back.
+`result.json` (metrics, loss history); a rerun that finds it skips training and hands the same result back (on
+local storage without starting workers at all).
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import shutil
@@ -223,6 +225,13 @@ def _whole_safetensors(model_dir: Path) -> bool:
 # ------------------------------------------------------------------------------------------ driver: train, publish
 
 
+def _finished_checkpoint(work_dir: str, stage: str) -> Path | None:
+    """The latest whole checkpoint of the stage's run storage if it holds a finished result (local storage only;
+    on remote storage the workers find it themselves, see `train_and_save`)."""
+    latest = ray_train.latest_checkpoint_dir(work_dir, stage, checkpoint_complete)
+    return Path(latest) if latest and (Path(latest) / RESULT_FILE).is_file() else None
+
+
 def train_and_publish(train_loop: Callable, loop_config: dict, *, stage: str, output: str, kind: str, title: str,
                       started: float, config, inputs: dict, store, ctx) -> Any:
     """Run `train_loop` on Ray Train, then publish its final checkpoint as `output` (the model; curves in its reports)."""
@@ -238,8 +247,14 @@ def train_and_publish(train_loop: Callable, loop_config: dict, *, stage: str, ou
     if ctx.report_to:  # the HF Trainer's own integrations; their logs live beside the stage's checkpoints
         loop_config = {**loop_config, "report_to": list(ctx.report_to),
                        "logging_dir": f"{ray_train.storage_path(ctx.work_dir).rstrip('/')}/tracking"}  # fmt: skip
-    result = ray_train.fit(train_loop, loop_config, ctx=ctx, run_name=stage, checkpoint_complete=checkpoint_complete)
-    with tempfile.TemporaryDirectory(prefix=f"rlhf-{stage}-out-") as tmp, result.checkpoint.as_directory() as ckpt:
+    finished = _finished_checkpoint(ctx.work_dir, stage)
+    if finished is not None:  # e.g. the publish failed after training: the result is there, no workers needed
+        ctx.log(f"{stage}: training already finished in an earlier attempt ({finished.name}); reusing its result")
+        checkpoint = contextlib.nullcontext(str(finished))
+    else:
+        checkpoint = ray_train.fit(train_loop, loop_config, ctx=ctx, run_name=stage,
+                                   checkpoint_complete=checkpoint_complete).checkpoint.as_directory()  # fmt: skip
+    with tempfile.TemporaryDirectory(prefix=f"rlhf-{stage}-out-") as tmp, checkpoint as ckpt:
         out, reports = Path(tmp) / "model", Path(tmp) / "reports"  # reports: outside the artifact's digest
         shutil.copytree(Path(ckpt) / FINAL_DIR, out)
         reports.mkdir()
@@ -253,7 +268,8 @@ def train_and_publish(train_loop: Callable, loop_config: dict, *, stage: str, ou
         if logged:  # for the quality gate: did the training loss fall?
             metrics["first_logged_loss"], metrics["last_logged_loss"] = float(logged[0]), float(logged[-1])
         first_step = outcome.get("first_step_at")
-        timings = {"startup_seconds": round(first_step - started, 2)} if first_step else {}
+        # A reused result's first step is an earlier attempt's: this run had no start-up to speak of.
+        timings = {"startup_seconds": round(first_step - started, 2)} if first_step and first_step > started else {}
         metrics["wall_seconds"] = round(time.time() - started, 2)
         timings["wall_seconds"] = metrics["wall_seconds"]
         artifact = store.publish(
