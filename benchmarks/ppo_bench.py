@@ -156,7 +156,7 @@ def run_ours(args, work: Path, sft: Path, rm: Path, prompts: list[str], algorith
     """Our stage on the same models (`algorithm` ppo or grpo); the split comes from its per-iteration metrics."""
     import ray
 
-    from stages import ppo
+    from stages import rl
     from stages.common.context import StageContext
     from stages.common.store import ArtifactStore
 
@@ -172,8 +172,8 @@ def run_ours(args, work: Path, sft: Path, rm: Path, prompts: list[str], algorith
     group = args.group_size if algorithm == "grpo" else 1  # replies per prompt; the rollout holds args.batch replies
     if args.batch % group:
         raise SystemExit(f"--batch {args.batch} must be a multiple of --group-size {group}")
-    cfg = ppo.Config(
-        algorithm=algorithm, group_size=max(group, 2), iterations=args.iterations, rollout_batch_size=args.batch // group,
+    cfg = rl.CONFIGS[algorithm](
+        **({"group_size": group} if algorithm == "grpo" else {}), iterations=args.iterations, rollout_batch_size=args.batch // group,
         mini_batch_size=args.batch, ppo_epochs=args.epochs, max_new_tokens=args.response_length, temperature=1.0,
         learning_rate=args.lr, missing_eos_penalty=None, eval_prompts=args.batch, checkpoint_every=10**6,
         torch_threads=args.threads, bf16=args.bf16, generation_threads=args.generation_threads,
@@ -181,7 +181,7 @@ def run_ours(args, work: Path, sft: Path, rm: Path, prompts: list[str], algorith
     )  # fmt: skip
     t = time.perf_counter()
     ctx = StageContext(work_dir=str(work / f"run-{algorithm}-{time.time_ns()}"), log=lambda m: None)  # no resume
-    out = ppo.run(cfg, store=store, ctx=ctx, sft_model=sft_a, reward_model=rm_a, prompts=prompts_a)["policy"]
+    out = rl.run(cfg, store=store, ctx=ctx, sft_model=sft_a, reward_model=rm_a, prompts=prompts_a)["policy"]
     wall = time.perf_counter() - t
     ray.shutdown()  # Ray's own daemons stay off the CPUs while the peer runs
     history = [json.loads(x) for x in (Path(out.reports_path) / "metrics.jsonl").read_text().splitlines()]

@@ -1,4 +1,4 @@
-"""The pipeline config: shared `run` and `data` sections plus the four stages' own config classes.
+"""The pipeline config: shared `run` and `data` sections plus each stage's (and each RL method's) own config class.
 
 Resolution order (later wins): preset file (flows/presets/<name>.yaml) -> the user's --config file -> --set overrides.
 Validation is strict and happens on the merged whole, before anything runs; an error names the source that set the
@@ -14,7 +14,7 @@ from typing import Any, Literal
 from pydantic import Field, ValidationError, model_validator
 
 from flows.tracking import TrackingSection
-from stages import dpo, eval, ppo, pretrain, reward, sft  # noqa: A004 - the eval stage package
+from stages import dpo, eval, pretrain, reward, rl, sft  # noqa: A004 - the eval stage package
 from stages.common.config import (
     ConfigError,
     Section,
@@ -28,13 +28,13 @@ from stages.common.context import Scaling
 from stages.common.demo import DemoConfig
 from stages.dpo import Config as DPOConfig
 from stages.eval import Config as EvalConfig
-from stages.ppo import Config as PPOConfig
 from stages.pretrain import Config as PretrainConfig
 from stages.reward import Config as RewardConfig
+from stages.rl import GRPOConfig, PPOConfig, RLOOConfig
 from stages.sft import Config as SFTConfig
 
 # stage package name -> module; the DAG (flows/dag.py) says which node runs which
-STAGES = {m.NAME: m for m in (pretrain, sft, reward, ppo, dpo, eval)}
+STAGES = {m.NAME: m for m in (pretrain, sft, reward, rl, dpo, eval)}
 PRESETS = ("tiny", "demo", "single-gpu", "gpu-cluster")
 
 
@@ -97,6 +97,8 @@ class PipelineConfig(Section):
     sft: SFTConfig = Field(default_factory=SFTConfig)
     reward: RewardConfig = Field(default_factory=RewardConfig)
     ppo: PPOConfig = Field(default_factory=PPOConfig)
+    grpo: GRPOConfig = Field(default_factory=GRPOConfig)
+    rloo: RLOOConfig = Field(default_factory=RLOOConfig)
     dpo: DPOConfig = Field(default_factory=DPOConfig)
     eval: EvalConfig = Field(default_factory=EvalConfig)
     align: AlignSection = Field(default_factory=AlignSection)
@@ -109,9 +111,7 @@ class PipelineConfig(Section):
         return self
 
     def stage_config(self, name: str) -> Section:
-        """The config a DAG node runs with: its stage's section (grpo and rloo: the RL section, that algorithm)."""
-        if name in ("grpo", "rloo"):
-            return type(self.ppo).model_validate({**self.ppo.model_dump(), "algorithm": name})
+        """The config a DAG node runs with: the section of the same name (each RL method has its own)."""
         return getattr(self, name)
 
 
@@ -152,6 +152,7 @@ def load_config(preset: str = "demo", config_file: str | None = None, overrides:
     for _, data in layers:
         merged = deep_merge(merged, data)
     merged = apply_overrides(merged, overrides)
+    _refuse_moved_keys(merged, layers, overrides)
     try:
         cfg = PipelineConfig.model_validate(merged)
     except ValidationError as exc:
@@ -161,12 +162,28 @@ def load_config(preset: str = "demo", config_file: str | None = None, overrides:
     return cfg
 
 
+# Keys of earlier releases, and what replaced them: refused with one line naming the new key.
+MOVED_KEYS = {
+    "ppo.algorithm": "align.methods (each RL method has its own section: ppo, grpo, rloo)",
+    "ppo.group_size": "grpo.group_size or rloo.group_size",
+    "ppo.grpo_scale_rewards": "grpo.scale_rewards",
+    "grpo.grpo_scale_rewards": "grpo.scale_rewards",
+}
+
+
+def _refuse_moved_keys(merged: dict[str, Any], layers, overrides: list[str]) -> None:
+    for key, new in MOVED_KEYS.items():
+        if _has_key(merged, key.split(".")):
+            source = _source_of(key.split("."), layers, overrides)
+            raise ConfigError(f"config error in {source}: {key} is no longer a key; use {new}")
+
+
 def _half_precision_keys(cfg: PipelineConfig) -> list[tuple[str, str]]:
     """(key path, value) of every stage setting that asks for bf16/fp16 compute."""
     keys = []
     if cfg.pretrain.precision in ("bf16", "fp16"):
         keys.append(("pretrain.precision", repr(cfg.pretrain.precision)))
-    for section in ("sft", "reward", "ppo"):
+    for section in ("sft", "reward", *rl.METHODS):
         if getattr(cfg, section).bf16:
             keys.append((f"{section}.bf16", "true"))
     return keys
@@ -176,7 +193,7 @@ def _runs_on_this_cpu(key: str) -> bool:
     """The RL stage computes in bf16 on a CPU with native bf16 (the others stay fp32 on any CPU)."""
     from stages.common.deepspeed_config import native_cpu_bf16
 
-    return key == "ppo.bf16" and native_cpu_bf16()
+    return key.split(".")[0] in rl.METHODS and native_cpu_bf16()
 
 
 def _check_precision_fits_device(cfg: PipelineConfig, layers, overrides: list[str]) -> None:

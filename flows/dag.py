@@ -8,16 +8,18 @@
 ```
 The alignment methods are sibling branches: each depends only on sft (and reward for the RL ones), so they run
 concurrently when the cluster has room for them, and each is cached and rerun on its own. GRPO and RLOO are the
-RL stage (stages/ppo) with another `algorithm`; DPO is its own stage.
+RL stage (stages/rl), each node with its own config section; DPO is its own stage.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-ALIGN_METHODS = ("ppo", "grpo", "rloo", "dpo")
-RL_ALGORITHMS = ("ppo", "grpo", "rloo")  # run by the RL stage, stages/ppo
-POLICY_NAMES = {"ppo": "policy", "grpo": "policy-grpo", "rloo": "policy-rloo", "dpo": "policy-dpo"}
+from stages.rl.config import METHODS as RL_METHODS  # run by the RL stage, stages/rl
+from stages.rl.stage import POLICY_NAMES as RL_POLICY_NAMES
+
+ALIGN_METHODS = (*RL_METHODS, "dpo")
+POLICY_NAMES = {**RL_POLICY_NAMES, "dpo": "policy-dpo"}
 POLICY_ROLE_PREFIX = "policy_"  # the eval node's inputs: policy_ppo, policy_dpo, ...
 
 
@@ -26,7 +28,7 @@ class Node:
     """One node of the DAG. `inputs` maps the stage's input role to ("data", format) or ("output", artifact name)."""
 
     name: str  # the node's name: a Prefect task, a cache-key namespace, the value of --from / --only
-    stage: str  # the stage package that runs it (grpo and rloo run stages/ppo)
+    stage: str  # the stage package that runs it (grpo and rloo run stages/rl)
     inputs: dict[str, tuple[str, str]] = field(default_factory=dict)
     outputs: tuple[str, ...] = ()  # artifact names it publishes
 
@@ -37,7 +39,7 @@ class Node:
 
 
 def _rl_node(method: str) -> Node:
-    return Node(method, "ppo", {"sft_model": ("output", "sft-model"), "reward_model": ("output", "reward-model"),
+    return Node(method, "rl", {"sft_model": ("output", "sft-model"), "reward_model": ("output", "reward-model"),
                                 "prompts": ("data", "prompts")}, (POLICY_NAMES[method],))  # fmt: skip
 
 
@@ -62,7 +64,7 @@ def eval_node(methods: list[str]) -> Node:
 def build(methods: list[str], *, pretrain: bool, evaluate: bool) -> list[Node]:
     """The nodes of one pipeline, in an order where every node comes after what feeds it."""
     nodes = ([PRETRAIN] if pretrain else []) + [SFT, REWARD]
-    nodes += [DPO if m == "dpo" else _rl_node(m) for m in methods]
+    nodes += [_rl_node(m) if m in RL_METHODS else DPO for m in methods]
     if evaluate:
         nodes.append(eval_node(methods))
     return nodes

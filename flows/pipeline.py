@@ -174,14 +174,12 @@ def _run_or_reuse(name: str, cfg: PipelineConfig, store: ArtifactStore, ray_driv
 
 
 def call_stage(node: Node, config, *, store: ArtifactStore, ctx: StageContext, inputs: dict[str, Any]) -> dict:
-    """Call the node's stage: the eval stage takes its policies as one dict; grpo/rloo publish under their own name."""
+    """Call the node's stage: the eval stage takes its policies as one dict."""
     module = STAGES[node.stage]
     kwargs = dict(inputs)
     if node.stage == "eval":
         kwargs["policies"] = {role.removeprefix(POLICY_ROLE_PREFIX): kwargs.pop(role)
                               for role in list(kwargs) if role.startswith(POLICY_ROLE_PREFIX)}  # fmt: skip
-    if node.stage == "ppo" and node.name != "ppo":
-        kwargs["output_name"] = node.outputs[0]
     return module.run(config, store=store, ctx=ctx, **kwargs)
 
 

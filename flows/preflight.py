@@ -11,6 +11,7 @@ import os
 from dataclasses import dataclass
 
 from stages.common.config import ConfigError
+from stages.rl.config import METHODS as RL_METHODS
 
 TRAINING_STAGES = ("pretrain", "sft", "reward", "dpo")
 
@@ -77,14 +78,14 @@ def check_fits(cfg, resources: Resources, stages: list[str]) -> None:
                 f"run.num_workers = {run.num_workers} training workers need one GPU each, but {resources.where} "
                 f"has {resources.gpus:g}; set run.num_workers to at most {int(resources.gpus)}"
             )
-    for name in (s for s in stages if s in ("ppo", "grpo", "rloo")):
+    for name in (s for s in stages if s in RL_METHODS):
         _check_rl_fits(cfg, name, resources)
 
 
 def _check_rl_fits(cfg, name: str, resources: Resources) -> None:
-    """The RL node's roles (four for ppo, three for the critic-free ones) must be placeable (stages/ppo/placement.py)."""
+    """The RL node's roles (four for ppo, three for the critic-free ones) must be placeable (stages/rl/placement.py)."""
     from stages.common.errors import StageInputError
-    from stages.ppo import placement
+    from stages.rl import placement
 
     try:
         placement.check_fits(
@@ -94,5 +95,4 @@ def _check_rl_fits(cfg, name: str, resources: Resources) -> None:
             use_gpu=cfg.run.use_gpu,
         )
     except StageInputError as e:
-        prefix = "" if name == "ppo" else f"{name} (the ppo section, algorithm {name}): "
-        raise ConfigError(f"{prefix}{e} ({resources.where})") from None
+        raise ConfigError(f"{e} ({resources.where})") from None

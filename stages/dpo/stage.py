@@ -4,13 +4,13 @@ from __future__ import annotations
 
 import time
 
-from stages.common import trl_training
 from stages.common.context import Scaling, StageContext
-from stages.common.preference_pairs import check_lengths, check_pairs
-from stages.common.trl_training import check_kind, load_rows, model_context, token_limit, tokenizer_plan
 from stages.dpo.config import Config
 from stages.dpo.metrics import demo_eval_prompts
 from stages.dpo.train import train_loop
+from stages.trl import training as trl_training
+from stages.trl.preference_pairs import check_lengths, check_pairs
+from stages.trl.training import check_kind, load_rows, model_context, token_limit, tokenizer_plan
 
 NAME = "dpo"
 INPUTS = {"sft_model": "causal-lm", "preferences": "dataset"}

@@ -4,7 +4,7 @@ The policy starts as the SFT model; the reference is a frozen copy of it that TR
 `ref_model=None` (under DeepSpeed TRL wraps it in an inference engine, sharded like the policy under ZeRO-3 and
 whole on each rank otherwise). The loss is TRL's, `-log sigmoid(beta * margin)` for the default "sigmoid" type, on
 the summed log-probabilities of the reply tokens. Checkpoints, resume and the final `final/` + `result.json`
-checkpoint follow `stages.common.trl_training`; a resumed run reloads the reference from the SFT model again, so it
+checkpoint follow `stages.trl.training`; a resumed run reloads the reference from the SFT model again, so it
 stays the model DPO started from.
 """
 
@@ -13,9 +13,10 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-from stages.common.demo_eval import demo_metrics
 from stages.common.hf import model_load_kwargs
-from stages.common.trl_training import (
+from stages.dpo.metrics import implicit_reward_metrics
+from stages.trl.demo_eval import demo_metrics
+from stages.trl.training import (
     FINAL_DIR,
     RESULT_FILE,
     deepspeed_config,
@@ -27,7 +28,6 @@ from stages.common.trl_training import (
     trainer_datasets,
     training_args,
 )
-from stages.dpo.metrics import implicit_reward_metrics
 
 __all__ = ["FINAL_DIR", "RESULT_FILE", "build_trainer", "deepspeed_config", "train_loop"]
 

@@ -3,8 +3,8 @@
 from __future__ import annotations
 
 from stages.common import demo
-from stages.common.trl_training import load_tokenizer, token_ids_as_trl
 from stages.reward.metrics import mean_margin, pairwise_accuracy, pearson
+from stages.trl.training import load_tokenizer, token_ids_as_trl
 
 
 def score_sequences(model, pad_token_id: int, sequences: list[list[int]], *, batch_size: int) -> list[float]:

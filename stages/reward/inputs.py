@@ -13,6 +13,6 @@ from __future__ import annotations
 
 # The pair checks live in stages/common/preference_pairs.py (the DPO stage uses them too); re-exported here so
 # `from stages.reward.inputs import check_pairs` keeps working.
-from stages.common.preference_pairs import COLUMNS, check_lengths, check_pairs
+from stages.trl.preference_pairs import COLUMNS, check_lengths, check_pairs
 
 __all__ = ["COLUMNS", "check_lengths", "check_pairs"]

@@ -4,12 +4,12 @@ from __future__ import annotations
 
 import time
 
-from stages.common import trl_training
 from stages.common.context import Scaling, StageContext
-from stages.common.trl_training import check_kind, load_rows, model_context, token_limit, tokenizer_plan
 from stages.reward.config import Config
 from stages.reward.inputs import check_lengths, check_pairs
 from stages.reward.train import train_loop
+from stages.trl import training as trl_training
+from stages.trl.training import check_kind, load_rows, model_context, token_limit, tokenizer_plan
 
 NAME = "reward"
 INPUTS = {"sft_model": "causal-lm", "preferences": "dataset"}

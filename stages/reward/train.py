@@ -5,7 +5,7 @@ the LM head is dropped (tied or not, transformers only reports it as unused) and
 non-pad token. Works for every architecture transformers has a sequence-classification class for (GPT-2, GPT-NeoX,
 Llama, Qwen2, ...). The loss is Bradley-Terry,
 -log sigmoid(r_chosen - r_rejected). Checkpoints, resume and the final `final/` + `result.json` checkpoint follow
-`stages.common.trl_training`.
+`stages.trl.training`.
 """
 
 from __future__ import annotations
@@ -14,7 +14,8 @@ from pathlib import Path
 from typing import Any
 
 from stages.common.hf import model_load_kwargs
-from stages.common.trl_training import (
+from stages.reward.evaluate import evaluate_pairs
+from stages.trl.training import (
     FINAL_DIR,
     RESULT_FILE,
     deepspeed_config,
@@ -26,7 +27,6 @@ from stages.common.trl_training import (
     trainer_datasets,
     training_args,
 )
-from stages.reward.evaluate import evaluate_pairs
 
 __all__ = ["FINAL_DIR", "RESULT_FILE", "build_trainer", "deepspeed_config", "load_reward_model", "train_loop"]
 

@@ -12,6 +12,6 @@ from __future__ import annotations
 
 # The evaluation lives in stages/common/demo_eval.py (the DPO stage uses it too); re-exported here so
 # `from stages.sft.evaluate import demo_metrics` keeps working.
-from stages.common.demo_eval import demo_metrics, generate_replies, score_replies
+from stages.trl.demo_eval import demo_metrics, generate_replies, score_replies
 
 __all__ = ["demo_metrics", "generate_replies", "score_replies"]

@@ -17,7 +17,7 @@ from typing import Any
 
 from stages.common.errors import StageInputError
 from stages.common.hf import plain_chat_pair
-from stages.common.trl_training import check_turns, token_ids_as_trl
+from stages.trl.training import check_turns, token_ids_as_trl
 
 
 def split_chat(messages: Any, where: str) -> tuple[list[dict], list[dict]]:

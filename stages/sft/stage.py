@@ -4,12 +4,12 @@ from __future__ import annotations
 
 import time
 
-from stages.common import trl_training
 from stages.common.context import Scaling, StageContext
-from stages.common.trl_training import check_kind, load_rows, model_context, token_limit, tokenizer_plan
 from stages.sft.config import Config
 from stages.sft.inputs import check_lengths, to_prompt_completion
 from stages.sft.train import train_loop
+from stages.trl import training as trl_training
+from stages.trl.training import check_kind, load_rows, model_context, token_limit, tokenizer_plan
 
 NAME = "sft"
 INPUTS = {"base_model": "causal-lm", "data": "dataset"}

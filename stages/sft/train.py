@@ -1,6 +1,6 @@
 """The SFT training loop that runs on every Ray Train worker: TRL's SFTTrainer, then held-out generation metrics.
 
-Checkpoints, resume and the final `final/` + `result.json` checkpoint follow `stages.common.trl_training`.
+Checkpoints, resume and the final `final/` + `result.json` checkpoint follow `stages.trl.training`.
 """
 
 from __future__ import annotations
@@ -9,7 +9,8 @@ from pathlib import Path
 from typing import Any
 
 from stages.common.hf import model_load_kwargs
-from stages.common.trl_training import (
+from stages.sft.evaluate import demo_metrics
+from stages.trl.training import (
     FINAL_DIR,
     RESULT_FILE,
     deepspeed_config,
@@ -21,7 +22,6 @@ from stages.common.trl_training import (
     trainer_datasets,
     training_args,
 )
-from stages.sft.evaluate import demo_metrics
 
 __all__ = ["FINAL_DIR", "RESULT_FILE", "build_trainer", "deepspeed_config", "train_loop"]
 

@@ -1,0 +1,138 @@
+"""Checks of the PPO inputs on the driver, before any actor starts; each problem is one `StageInputError` line."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+from stages.common.errors import StageInputError
+from stages.rl.config import RLConfig
+
+
+@dataclass
+class PreparedInputs:
+    """What the loop needs from the inputs: the policy's tokenizer (left padding), the prompt lists, and the
+    special token ids the actors use (`{"pad_token_id": int, "eos_token_ids": [int, ...]}`)."""
+
+    tokenizer: Any
+    train_prompts: list[str]
+    test_prompts: list[str]
+    is_demo: bool
+    special_tokens: dict
+
+
+def _context_length(model_config, where: str) -> int:
+    for key in ("n_positions", "max_position_embeddings"):
+        value = getattr(model_config, key, None)
+        if isinstance(value, int):
+            return value
+    raise StageInputError(f"{where}: config.json: expected n_positions or max_position_embeddings, found neither")
+
+
+def _load_prompts(artifact, split: str) -> list[str]:
+    from stages.common.data import DataError, load_dataset_artifact
+
+    where = f"prompts {artifact.ref} [{split}.jsonl]"
+    try:
+        ds = load_dataset_artifact(artifact, split)
+    except DataError as e:
+        raise StageInputError(f"prompts: {e}") from None
+    if "prompt" not in ds.column_names:
+        raise StageInputError(f"{where}: expected a 'prompt' column, found columns {ds.column_names}")
+    prompts = list(ds["prompt"])
+    for i, p in enumerate(prompts):
+        if not isinstance(p, str) or not p:
+            raise StageInputError(f"{where}: row {i}: column 'prompt': expected a non-empty string, found {p!r:.60}")
+    if not prompts:
+        raise StageInputError(f"{where}: no rows (expected at least one prompt)")
+    return prompts
+
+
+def _check_same_tokenizer(policy_tok, other_tok, what: str) -> None:
+    a, b = policy_tok.get_vocab(), other_tok.get_vocab()
+    if a != b:
+        differing = sorted(set(a.items()) ^ set(b.items()), key=lambda kv: kv[1])[:1]
+        raise StageInputError(
+            f"{what}: its tokenizer differs from the SFT policy's ({len(b)} vs {len(a)} tokens; first difference "
+            f"{differing[0] if differing else '?'}); train the reward model from the same SFT model"
+        )
+    # a missing pad token counts as eos, as both the reward stage and PPO fill it in
+    for special, (mine, theirs) in {
+        "eos_token": (policy_tok.eos_token, other_tok.eos_token),
+        "pad_token": (policy_tok.pad_token or policy_tok.eos_token, other_tok.pad_token or other_tok.eos_token),
+    }.items():
+        if mine != theirs:
+            raise StageInputError(f"{what}: tokenizer {special} is {theirs!r}, expected the policy's {mine!r}")
+
+
+def check_inputs(cfg: RLConfig, *, sft_model, reward_model, prompts) -> PreparedInputs:
+    """Tokenizers match, the reward model has one output, every prompt leaves room for max_new_tokens."""
+    from transformers import AutoConfig, AutoTokenizer
+
+    for role, artifact, kind in (("sft_model", sft_model, "causal-lm"), ("reward_model", reward_model, "reward-model"),
+                                 ("prompts", prompts, "dataset")):  # fmt: skip
+        if artifact.kind != kind:
+            raise StageInputError(f"ppo input {role}: {artifact.ref} is a {artifact.kind!r}, expected a {kind!r}")
+    sft_where, rm_where = f"sft_model {sft_model.ref}", f"reward_model {reward_model.ref}"
+    policy_tok = AutoTokenizer.from_pretrained(sft_model.path)
+    rm_tok = AutoTokenizer.from_pretrained(reward_model.path)
+    _check_same_tokenizer(policy_tok, rm_tok, rm_where)
+    if policy_tok.eos_token is None:
+        raise StageInputError(f"{sft_where}: tokenizer needs an eos token, found {policy_tok.special_tokens_map}")
+    policy_config, rm_config = AutoConfig.from_pretrained(sft_model.path), AutoConfig.from_pretrained(reward_model.path)
+    if rm_config.num_labels != 1:
+        raise StageInputError(
+            f"{rm_where}: config.json num_labels: expected 1 (one scalar score), found {rm_config.num_labels}"
+        )
+    for where, conf in ((sft_where, policy_config), (rm_where, rm_config)):
+        if getattr(conf, "vocab_size", len(policy_tok)) < len(policy_tok):
+            raise StageInputError(
+                f"{where}: config.json vocab_size {conf.vocab_size} is smaller than the tokenizer ({len(policy_tok)})"
+            )
+    context = min(_context_length(policy_config, sft_where), _context_length(rm_config, rm_where))
+    budget = context - cfg.max_new_tokens
+    if budget < 1:
+        raise StageInputError(
+            f"{cfg.algorithm}.max_new_tokens: expected less than the model context {context}, found {cfg.max_new_tokens}"
+        )
+    splits = {split: _load_prompts(prompts, split) for split in ("train", "test")}
+    for split, rows in splits.items():
+        lengths = [len(ids) for ids in policy_tok(rows, add_special_tokens=False)["input_ids"]]
+        worst = max(range(len(rows)), key=lengths.__getitem__)
+        if lengths[worst] > budget:
+            raise StageInputError(
+                f"prompts {prompts.ref} [{split}.jsonl]: row {worst}: the prompt is {lengths[worst]} tokens, expected "
+                f"at most {budget} (context {context} minus {cfg.algorithm}.max_new_tokens {cfg.max_new_tokens})"
+            )
+    policy_tok.padding_side = "left"  # generation continues every prompt from its last token
+    special_tokens = special_token_ids(policy_tok, sft_model.path)
+    is_demo = (prompts.manifest.get("extra") or {}).get("task") == "demo"
+    return PreparedInputs(policy_tok, splits["train"], splits["test"], is_demo, special_tokens)
+
+
+
+def check_data(cfg: RLConfig, *, scaling, sft_model, reward_model, prompts) -> None:
+    """`check_inputs` on prompts not yet published (a prompt that leaves no room for max_new_tokens, ...): the flow
+    runs it before the prompts become a dataset version (`stages.common.data.ingest`). `scaling` is unused here."""
+    check_inputs(cfg, sft_model=sft_model, reward_model=reward_model, prompts=prompts)
+
+def special_token_ids(tokenizer, model_dir: str) -> dict:
+    """Pad and eos ids for generation; sets the tokenizer's pad token to eos when it has none (Llama, GPT-2, Qwen).
+
+    Pad == eos is safe here: prompts are masked by the tokenizer's attention mask and replies end at their first
+    eos (see `actors.response_mask_from_eos`), never at the first pad. The eos ids are the tokenizer's eos first,
+    then any other stop ids the model's generation_config.json lists (chat models often stop on several).
+    """
+    from transformers import GenerationConfig
+
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    eos_ids = [tokenizer.eos_token_id]
+    try:
+        extra = GenerationConfig.from_pretrained(model_dir).eos_token_id
+    except OSError:  # no generation_config.json: the tokenizer's eos is the only stop token
+        extra = None
+    for i in [extra] if isinstance(extra, int) else list(extra or []):
+        if i not in eos_ids:
+            eos_ids.append(int(i))
+    return {"pad_token_id": int(tokenizer.pad_token_id), "eos_token_ids": eos_ids}

@@ -1,0 +1,280 @@
+"""The RL loop on the driver (PPO, GRPO, RLOO): rollout -> scoring -> advantages -> updates, evaluation, checkpoints.
+
+The driver holds only the tokenizer and small tensors (token ids, log-probs, values, scores); every model lives in
+its actor (see `actor_pool.py`). Rollout batch layout: see `actors.py`.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import torch
+
+from stages.rl import algorithm as A
+from stages.rl.actor_pool import ActorPool, gather, pad_to_multiple
+from stages.rl.config import RLConfig
+
+GoldFn = Callable[[str, str], float]
+STATE_FILE = "state.json"
+
+
+def make_kl_controller(cfg: RLConfig) -> A.FixedKLController | A.AdaptiveKLController:
+    """The fixed controller by default; Ziegler et al.'s adaptive one when `adaptive_kl`."""
+    if cfg.adaptive_kl:
+        return A.AdaptiveKLController(cfg.kl_coef, cfg.kl_target, cfg.kl_horizon)
+    return A.FixedKLController(cfg.kl_coef)
+
+
+def prompts_for_iteration(prompts: list[str], iteration: int, batch_size: int, seed: int) -> list[str]:
+    """A batch drawn without replacement, a pure function of (seed, iteration) so a resumed run sees the same data."""
+    rng = random.Random(f"ppo/{seed}/{iteration}")
+    return rng.sample(prompts, batch_size) if batch_size <= len(prompts) else rng.choices(prompts, k=batch_size)
+
+
+def decode_responses(tokenizer, tokens: torch.Tensor, response_mask: torch.Tensor, prompt_len: int) -> list[str]:
+    """Response texts without padding and special tokens (eos)."""
+    out = []
+    for row, mask in zip(tokens[:, prompt_len:], response_mask, strict=True):
+        out.append(tokenizer.decode(row[mask.bool()].tolist(), skip_special_tokens=True))
+    return out
+
+
+class RLLoop:
+    """One RL iteration at a time over the actor pool (the section's method: PPO, GRPO or RLOO); `evaluate` scores held-out prompts
+    without training."""
+
+    def __init__(self, cfg: RLConfig, pool: ActorPool, tokenizer, *, gold: GoldFn | None, seed: int):
+        self.cfg = cfg
+        self.pool = pool
+        self.tokenizer = tokenizer
+        self.gold = gold
+        self.seed = seed
+        self.kl_controller = make_kl_controller(cfg)
+
+    # ------------------------------------------------------------------------------------------------ rollout
+    def _encode(self, prompts: list[str]) -> dict:
+        enc = self.tokenizer(prompts, padding=True, return_tensors="pt", add_special_tokens=False)
+        return {"prompt_ids": enc["input_ids"], "prompt_mask": enc["attention_mask"]}
+
+    def _generate(self, prompts: list[str], seed: int) -> dict:
+        """Sample responses on the policy actors; returns the rollout batch (with its log-probs when they are read
+        from the sampling pass, else `_score` adds them)."""
+        record = self.cfg.logprobs_from_sampling
+        out = gather(self.pool["policy"].submit("generate", self._encode(prompts), seed, record), "concat")
+        out["prompt_len"] = out["tokens"].shape[1] - self.cfg.max_new_tokens
+        return out
+
+    def _score(self, batch: dict, with_values: bool = True) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+        """Reference log-probs, reward-model scores and critic values, computed concurrently by their actors.
+
+        When sampling did not record the policy's own log-probs, they are taken in the same round (into
+        batch["logprobs"]): after sampling the policy actor is free, and its forward runs alongside the other roles'.
+        """
+        view = {k: batch[k] for k in ("tokens", "attention_mask", "response_mask", "prompt_len")}
+        policy = None if "logprobs" in batch else self.pool["policy"].submit("logprobs", view)
+        ref = self.pool["reference"].submit("logprobs", view)
+        rm = self.pool["reward"].submit("scores", view)
+        values = self.pool["critic"].submit("values", view) if with_values else None
+        if policy is not None:
+            batch["logprobs"] = gather(policy, "concat")
+        return gather(ref, "concat"), gather(rm, "concat"), gather(values, "concat") if values else None
+
+    def _texts_and_gold(self, prompts: list[str], batch: dict) -> tuple[list[str], list[float] | None]:
+        texts = decode_responses(self.tokenizer, batch["tokens"], batch["response_mask"], batch["prompt_len"])
+        gold = [self.gold(p, r) for p, r in zip(prompts, texts, strict=True)] if self.gold else None
+        return texts, gold
+
+    # ---------------------------------------------------------------------------------------------- iteration
+    def _rollout_prompts(self, prompts: list[str]) -> list[str]:
+        """Each prompt `replies_per_prompt` times in consecutive rows (a critic-free group); PPO's batch as is.
+
+        The copies of a prompt differ by sampling alone: every row draws its own tokens from the one generator.
+        """
+        k = self.cfg.replies_per_prompt
+        return [p for p in prompts for _ in range(k)]
+
+    def _advantages(self, scores: torch.Tensor, kl: torch.Tensor, mask: torch.Tensor, values: torch.Tensor | None,
+                    kl_coef: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None, dict[str, float]]:  # fmt: skip
+        """(token advantages [B, T], reward per reply [B], returns [B, T] or None, extra metrics) for the algorithm.
+
+        `scores` already carry the eos penalty; `kl_coef` is the KL weight in the reward (0 when the KL is a loss).
+        """
+        cfg = self.cfg
+        if cfg.reward_clip is not None:
+            scores = scores.clamp(-cfg.reward_clip, cfg.reward_clip)
+        if not cfg.critic_free:  # PPO: per-token shaped reward, GAE over the critic's values
+            rewards = A.shape_rewards(scores, kl, mask, kl_coef)
+            advantages, returns = A.gae(rewards, values, mask, cfg.gamma, cfg.lam)
+            if cfg.whiten_advantages:
+                advantages = A.masked_whiten(advantages, mask)
+            stats = {"advantage_mean": float(A.masked_mean(advantages, mask)),
+                     "advantage_std": float(A.masked_var(advantages, mask).sqrt())}  # fmt: skip
+            return advantages, rewards.sum(-1), returns, stats
+        rewards = A.sequence_rewards(scores, kl, mask, kl_coef)
+        k = cfg.group_size
+        if cfg.algorithm == "grpo":
+            seq_adv = A.grpo_advantages(rewards, k, scale=cfg.scale_rewards)
+        else:
+            seq_adv = A.rloo_advantages(rewards, k)
+        stats = {"advantage_mean": float(seq_adv.mean()), "advantage_std": float(seq_adv.std()),
+                 "advantage_abs_max": float(seq_adv.abs().max()),
+                 "flat_group_frac": float(A.flat_group_fraction(rewards, k))}  # fmt: skip
+        return A.broadcast_over_tokens(seq_adv, mask), rewards, None, stats
+
+    def iteration(self, index: int, prompts: list[str]) -> dict[str, float]:
+        """Rollout, scoring, advantages and `ppo_epochs` of updates (policy, and the critic for PPO); the metrics.
+
+        PPO: one reply per prompt, GAE over the critic's values. GRPO / RLOO: `group_size` replies per prompt and a
+        group baseline, no critic. The KL to the reference enters the reward or the policy loss (`kl_penalty`).
+        """
+        cfg = self.cfg
+        replies_prompts = self._rollout_prompts(prompts)
+        t0 = time.perf_counter()
+        batch = self._generate(replies_prompts, seed=self.seed * 1_000_003 + index)
+        t1 = time.perf_counter()
+        ref_logprobs, scores, values = self._score(batch, with_values=not cfg.critic_free)
+        t2 = time.perf_counter()
+
+        mask = batch["response_mask"]
+        kl = A.kl_per_token(batch["logprobs"], ref_logprobs, cfg.kl_estimator) * mask
+        penalised = scores.clone()
+        if cfg.missing_eos_penalty is not None:
+            penalised[~batch["ended"]] -= cfg.missing_eos_penalty
+        kl_in_loss = cfg.kl_penalty == "loss"
+        kl_coef = 0.0 if kl_in_loss else self.kl_controller.value
+        advantages, rewards, returns, adv_stats = self._advantages(penalised, kl, mask, values, kl_coef)
+
+        common = {k: batch[k] for k in ("tokens", "attention_mask", "response_mask", "prompt_len")}
+        seed = self.seed * 7919 + index
+        policy_batch = {**common, "logprobs": batch["logprobs"], "advantages": advantages}
+        if kl_in_loss:
+            policy_batch["ref_logprobs"] = ref_logprobs
+        policy_refs = self.pool["policy"].submit("train", policy_batch, cfg.ppo_epochs, seed)
+        critic_refs = None
+        if not cfg.critic_free:
+            critic_refs = self.pool["critic"].submit(
+                "train", {**common, "values": values, "returns": returns}, cfg.ppo_epochs, seed
+            )
+        policy_stats = gather(policy_refs, "mean")
+        critic_stats = gather(critic_refs, "mean") if critic_refs else {}
+        t3 = time.perf_counter()
+
+        # the sequence KL (k1, summed over the reply) is what the controller tracks and what we report
+        seq_kl = A.masked_sum(batch["logprobs"] - ref_logprobs, mask, dim=1)
+        self.kl_controller.update(float(seq_kl.mean()), len(replies_prompts))
+        _, gold = self._texts_and_gold(replies_prompts, batch)
+        metrics = {
+            "iteration": index + 1,
+            "rm_score": float(scores.mean()),
+            "kl": float(seq_kl.mean()),
+            "kl_coef": kl_coef,
+            "reward": float(rewards.mean()),
+            "response_length": float(mask.sum(-1).mean()),
+            "eos_rate": float(batch["ended"].float().mean()),
+            **adv_stats,
+            **policy_stats,
+            **critic_stats,
+            "seconds_generation": t1 - t0,
+            "seconds_scoring": t2 - t1,
+            "seconds_training": t3 - t2,
+            "samples_per_second": len(replies_prompts) / (t3 - t0),
+        }
+        if kl_in_loss:
+            metrics["loss_kl_coef"] = cfg.loss_kl_coef
+        if gold is not None:
+            metrics["gold_score"] = sum(gold) / len(gold)
+        return metrics
+
+    # --------------------------------------------------------------------------------------------- evaluation
+    def evaluate(self, prompts: list[str], seed: int) -> dict:
+        """Sample one reply per held-out prompt (fixed seed) and score it: RM score, gold score, KL to the reference."""
+        rows: list[dict] = []
+        bs = self.cfg.rollout_batch_size
+        for start in range(0, len(prompts), bs):
+            chunk = prompts[start : start + bs]
+            # every actor of a role needs a shard of the same size: pad the last chunk by repeating its prompts
+            # (cyclically: a chunk may hold fewer prompts than there are actors)
+            padded = pad_to_multiple(chunk, self.cfg.actors_per_role)
+            batch = self._generate(padded, seed=seed + start)
+            ref_logprobs, scores, _ = self._score(batch, with_values=False)
+            seq_kl = A.masked_sum(batch["logprobs"] - ref_logprobs, batch["response_mask"], dim=1)
+            texts, gold = self._texts_and_gold(padded, batch)
+            for i, prompt in enumerate(chunk):
+                rows.append({
+                    "prompt": prompt, "response": texts[i], "rm_score": float(scores[i]), "kl": float(seq_kl[i]),
+                    "gold_score": gold[i] if gold else None,
+                })  # fmt: skip
+        summary = {
+            "rm_score": sum(r["rm_score"] for r in rows) / len(rows),
+            "kl": sum(r["kl"] for r in rows) / len(rows),
+            "gold_score": sum(r["gold_score"] for r in rows) / len(rows) if self.gold else None,
+        }
+        return {"summary": summary, "rows": rows}
+
+
+def gold_win_rate(before: list[dict], after: list[dict]) -> float:
+    """Share of prompts where the PPO reply beats the SFT reply under the gold scorer (ties count half)."""
+    wins = [1.0 if a["gold_score"] > b["gold_score"] else 0.5 if a["gold_score"] == b["gold_score"] else 0.0
+            for b, a in zip(before, after, strict=True)]  # fmt: skip
+    return sum(wins) / len(wins)
+
+
+# --------------------------------------------------------------------------------------------------- checkpoints
+class CheckpointState:
+    """Checkpoints under work_dir/checkpoints: DeepSpeed dirs per trainable role (policy, and critic for PPO) plus
+    `state.json` (the commit marker).
+
+    state.json holds the iteration, the KL controller, the metric history and the pre-training evaluation, so a
+    restarted stage continues the same curves. It is written last (atomically on a local disk): a crash mid-save
+    leaves the previous checkpoint in force. work_dir may be an fsspec URI shared by the nodes of a cluster.
+    """
+
+    def __init__(self, work_dir: str):
+        import fsspec
+
+        self.is_uri = "://" in work_dir
+        self.root = (
+            f"{work_dir.rstrip('/')}/checkpoints" if self.is_uri else str(Path(work_dir).resolve() / "checkpoints")
+        )
+        self.fs, self._path = fsspec.core.url_to_fs(self.root)
+
+    def load(self) -> dict | None:
+        path = f"{self._path}/{STATE_FILE}"
+        if not self.fs.exists(path):
+            return None
+        with self.fs.open(path, "r") as f:
+            return json.load(f)
+
+    def save(self, pool: ActorPool, *, iteration: int, kl_controller, history: list[dict], eval_before: dict) -> None:
+        """Every actor of the trainable roles writes its shard, then the driver commits state.json."""
+        import ray
+
+        tag = f"iter-{iteration:06d}"
+        self.fs.makedirs(self._path, exist_ok=True)
+        ray.get([ref for role in pool.trainable_roles
+                 for ref in pool[role].broadcast("save_checkpoint", f"{self.root}/{role}", tag)])  # fmt: skip
+        state = {"iteration": iteration, "tag": tag, "kl_controller": kl_controller.state_dict(),
+                 "history": history, "eval_before": eval_before}  # fmt: skip
+        if self.is_uri:
+            with self.fs.open(f"{self._path}/{STATE_FILE}", "w") as f:
+                json.dump(state, f)
+        else:
+            tmp = Path(self._path) / f".{STATE_FILE}.tmp"
+            tmp.write_text(json.dumps(state))
+            os.replace(tmp, Path(self._path) / STATE_FILE)
+        for role in pool.trainable_roles:  # keep only the committed tag
+            for old in self.fs.glob(f"{self._path}/{role}/iter-*"):
+                if old.rstrip("/").rsplit("/", 1)[-1] != tag:
+                    self.fs.rm(old, recursive=True)
+
+    def restore(self, pool: ActorPool, state: dict) -> None:
+        """Load the committed tag into every actor of the trainable roles."""
+        import ray
+
+        ray.get([ref for role in pool.trainable_roles
+                 for ref in pool[role].broadcast("load_checkpoint", f"{self.root}/{role}", state["tag"])])  # fmt: skip

@@ -1,0 +1,176 @@
+"""The RL stage (PPO, GRPO, RLOO): check inputs, start the actors, evaluate, train with checkpoints, evaluate again,
+publish the policy (`policy`, `policy-grpo`, `policy-rloo`: the method's own name, POLICY_NAMES)."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import tempfile
+import time
+from pathlib import Path
+
+from pydantic import ValidationError
+
+from stages.common.context import StageContext
+from stages.common.errors import StageInputError
+from stages.common.fingerprint import code_fingerprint
+from stages.common.plots import write_metrics_jsonl
+from stages.rl import report
+from stages.rl.actor_pool import ActorPool, ModelSource
+from stages.rl.config import RLConfig
+from stages.rl.devices import rl_precision
+from stages.rl.inputs import check_inputs
+from stages.rl.rl_loop import CheckpointState, RLLoop, gold_win_rate, prompts_for_iteration
+
+NAME = "rl"
+POLICY_NAMES = {"ppo": "policy", "grpo": "policy-grpo", "rloo": "policy-rloo"}  # what each method publishes
+EVAL_SEED_OFFSET = 424_242  # evaluation samples use their own seed, identical before and after training
+
+
+def run(
+    config: RLConfig, *, store, ctx: StageContext, sft_model, reward_model, prompts
+) -> dict:
+    """RLHF with the section's method (`config.algorithm`) on `prompts`, from the SFT policy against the reward model.
+
+    Publishes the policy under the method's name (POLICY_NAMES); returns {"policy": Artifact} whatever the name.
+    """
+    import ray
+
+    from stages.common.ray_train import console_log_dir, ensure_ray
+
+    started = time.perf_counter()
+    try:
+        config = config.resolved(ctx.scaling.num_workers)
+    except ValidationError as e:
+        raise StageInputError(
+            f"{config.algorithm}: actors_per_role = run.num_workers ({ctx.scaling.num_workers}): {e.errors()[0]['msg']}"
+        ) from None
+    rl_precision(config.bf16, ctx.scaling.use_gpu, config.algorithm)  # bf16 on CPU is refused before Ray starts
+    prepared = check_inputs(config, sft_model=sft_model, reward_model=reward_model, prompts=prompts)
+    gold = None
+    if prepared.is_demo:
+        from stages.common.demo import gold_score as gold
+    eval_prompts = prepared.test_prompts[: config.eval_prompts]
+    eval_seed = ctx.seed + EVAL_SEED_OFFSET
+    checkpoints = CheckpointState(ctx.work_dir)
+    state = checkpoints.load()
+
+    ensure_ray()
+    sft_src = ModelSource(sft_model.path, store.root, sft_model.ref)
+    rm_src = ModelSource(reward_model.path, store.root, reward_model.ref)
+    sources = {"policy": sft_src, "reference": sft_src, "reward": rm_src,
+               "critic": rm_src if getattr(config, "critic_init", None) == "reward_model" else sft_src}  # fmt: skip
+    algo = config.algorithm  # the log prefix
+    log_dir = console_log_dir(ctx.work_dir)
+    if log_dir and not ctx.logs_announced:
+        ctx.log(f"{algo}: actor output (DeepSpeed, HF) goes to {log_dir}/<role>-rank*.log")
+    pool = ActorPool(config, sources, seed=ctx.seed, use_gpu=ctx.scaling.use_gpu,
+                     special_tokens=prepared.special_tokens, log=ctx.log, log_dir=log_dir)  # fmt: skip
+    try:
+        loop = RLLoop(config, pool, prepared.tokenizer, gold=gold, seed=ctx.seed)
+        if state is not None:
+            checkpoints.restore(pool, state)
+            loop.kl_controller.load_state_dict(state["kl_controller"])
+            history, eval_before, start = state["history"], state["eval_before"], state["iteration"]
+            ctx.log(f"{algo}: resuming from the checkpoint after iteration {start} ({checkpoints.root})")
+        else:
+            history, start = [], 0
+            eval_before = loop.evaluate(eval_prompts, eval_seed)
+        every = config.log_interval or max(1, config.iterations // 10)
+        loop_start = time.perf_counter()
+        for i in range(start, config.iterations):
+            batch = prompts_for_iteration(prepared.train_prompts, i, config.rollout_batch_size, ctx.seed)
+            metrics = loop.iteration(i, batch)
+            history.append(metrics)
+            if (i + 1) % every == 0 or i + 1 == config.iterations:
+                eta = (time.perf_counter() - loop_start) / (i + 1 - start) * (config.iterations - i - 1)
+                ctx.log(report.log_line(metrics, config.iterations, algo) + f" | eta {eta:.0f}s")
+            if (i + 1) % config.checkpoint_every == 0 or i + 1 == config.iterations:
+                checkpoints.save(pool, iteration=i + 1, kl_controller=loop.kl_controller, history=history,
+                                 eval_before=eval_before)  # fmt: skip
+        eval_after = loop.evaluate(eval_prompts, eval_seed)  # before/after are on the "published" line
+        staging = _fresh_staging(ctx.work_dir)
+        ray.get(pool["policy"].broadcast("export_to", staging))
+    finally:
+        pool.shutdown()
+
+    metrics = _final_metrics(config, history, eval_before, eval_after, gold is not None)
+    with tempfile.TemporaryDirectory(prefix=f"rlhf-{algo}-") as tmp:
+        out = _local_copy(staging, Path(tmp) / "policy")
+        _save_tokenizer(sft_model.path, out)
+        reports = Path(tmp) / "reports"  # curves, samples and evaluation: beside the policy, outside its digest
+        reports.mkdir()
+        report.write_samples(eval_before["rows"], eval_after["rows"], config.samples_shown, reports / "samples.json")
+        write_metrics_jsonl(history, reports / "metrics.jsonl")
+        report.write_curves(history, reports / "curves.png")
+        (reports / "eval.json").write_text(json.dumps({"before": eval_before, "after": eval_after}, indent=1) + "\n")
+        artifact = store.publish(
+            out,
+            reports=reports,
+            name=POLICY_NAMES[algo],
+            kind="causal-lm",
+            stage=algo,
+            config=config.to_dict(),
+            inputs={"sft_model": sft_model, "reward_model": reward_model, "prompts": prompts},
+            metrics=metrics,
+            timings={
+                "wall_seconds": time.perf_counter() - started,
+                "generation_seconds": sum(m["seconds_generation"] for m in history),
+                "scoring_seconds": sum(m["seconds_scoring"] for m in history),
+                "training_seconds": sum(m["seconds_training"] for m in history),
+            },
+            cache_key=ctx.cache_key,
+            code_fingerprint=code_fingerprint(NAME),
+        )
+    shown = ", ".join(f"{k}={v:.4g}" if isinstance(v, int | float) else f"{k}={v}" for k, v in metrics.items())
+    ctx.log(f"{algo}: published {artifact.ref} {shown}")
+    return {"policy": artifact}
+
+
+def _fresh_staging(work_dir: str) -> str:
+    """Where the policy actor writes the final weights: inside this run's work_dir (a shared URI on a cluster)."""
+    staging = f"{work_dir.rstrip('/')}/export/policy"
+    if "://" in staging:
+        import fsspec
+
+        fs, path = fsspec.core.url_to_fs(staging)
+        if fs.exists(path):
+            fs.rm(path, recursive=True)
+    else:
+        shutil.rmtree(staging, ignore_errors=True)  # a crashed run's leftovers must not mix with these weights
+    return staging
+
+
+def _local_copy(staging: str, target: Path) -> Path:
+    """The staged policy as a local folder to publish from: the folder itself on one node, a download from a URI."""
+    if "://" not in staging:
+        shutil.copytree(staging, target)
+        return target
+    import fsspec
+
+    fs, path = fsspec.core.url_to_fs(staging)
+    fs.get(f"{path.rstrip('/')}/", f"{target}/", recursive=True)
+    return target
+
+
+def _final_metrics(config: RLConfig, history: list[dict], before: dict, after: dict, has_gold: bool) -> dict:
+    """The manifest metrics; gold metrics are None when the prompts are not the demo task's."""
+    rollout_seconds = sum(m["seconds_generation"] + m["seconds_scoring"] + m["seconds_training"] for m in history)
+    return {
+        "rm_score_before": before["summary"]["rm_score"],
+        "rm_score_after": after["summary"]["rm_score"],
+        "gold_score_before": before["summary"]["gold_score"],
+        "gold_score_after": after["summary"]["gold_score"],
+        "gold_win_rate": gold_win_rate(before["rows"], after["rows"]) if has_gold else None,
+        "kl": after["summary"]["kl"],
+        "iterations": len(history),
+        # replies per second of rollout + update (PPO: one per prompt; GRPO/RLOO: group_size per prompt)
+        "samples_per_second": len(history) * config.rollout_replies / rollout_seconds if rollout_seconds else 0.0,
+    }
+
+
+def _save_tokenizer(model_dir: str, out: Path) -> None:
+    """The SFT model's tokenizer, unchanged (right padding, as the other stages expect), beside the policy weights."""
+    from transformers import AutoTokenizer
+
+    AutoTokenizer.from_pretrained(model_dir).save_pretrained(out)

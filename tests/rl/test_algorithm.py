@@ -1,0 +1,206 @@
+"""PPO math against values computed by hand (stages/rl/algorithm.py imports only torch)."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+from stages.rl import algorithm as A
+
+
+def close(a, b, tol=1e-5):
+    return torch.allclose(torch.as_tensor(a, dtype=torch.float32), torch.as_tensor(b, dtype=torch.float32), atol=tol)
+
+
+# ------------------------------------------------------------------------------------------------ masked stats
+def test_masked_mean_ignores_padding_and_empty_rows():
+    x = torch.tensor([[1.0, 2.0, 3.0, 100.0], [4.0, 50.0, 60.0, 70.0]])
+    m = torch.tensor([[1.0, 1.0, 1.0, 0.0], [1.0, 0.0, 0.0, 0.0]])
+    assert close(A.masked_mean(x, m), (1 + 2 + 3 + 4) / 4)
+    assert close(A.masked_mean(x, m, dim=1), [2.0, 4.0])
+    assert close(A.masked_mean(x, torch.zeros_like(m)), 0.0)
+
+
+def test_masked_var_and_whiten_by_hand():
+    # unmasked values 1, 2, 3: mean 2, unbiased variance ((1)^2 + 0 + (1)^2) / 2 = 1 -> whitened -1, 0, 1.
+    x = torch.tensor([[1.0, 2.0, 3.0, 100.0]])
+    m = torch.tensor([[1.0, 1.0, 1.0, 0.0]])
+    assert close(A.masked_var(x, m), 1.0)
+    assert close(A.masked_var(x, m, unbiased=False), 2.0 / 3.0)
+    assert close(A.masked_whiten(x, m), [[-1.0, 0.0, 1.0, 0.0]], tol=1e-4)
+    # without shifting the mean, the mean (2) is added back: 1, 2, 3 stay centred on 2 with unit variance.
+    assert close(A.masked_whiten(x, m, shift_mean=False), [[1.0, 2.0, 3.0, 0.0]], tol=1e-4)
+
+
+def test_masked_var_needs_two_values():
+    with pytest.raises(ValueError, match="at least 2"):
+        A.masked_var(torch.tensor([[1.0, 2.0]]), torch.tensor([[1.0, 0.0]]))
+
+
+# -------------------------------------------------------------------------------------------------- KL, entropy
+P = torch.tensor([0.5, 0.5])  # policy
+Q = torch.tensor([0.9, 0.1])  # reference
+KL_PQ = 0.5 * math.log(0.5 / 0.9) + 0.5 * math.log(0.5 / 0.1)  # 0.5108...
+
+
+def test_k1_and_k3_per_token_by_hand():
+    logp, logq = P.log(), Q.log()
+    # k1 = log p - log q: token 0 -> log(0.5/0.9) = -0.5878 (k1 can be negative), token 1 -> log 5 = 1.6094.
+    assert close(A.kl_per_token(logp, logq, "k1"), [math.log(0.5 / 0.9), math.log(5.0)])
+    # k3 = (r - 1) - log r with r = q / p: r = 1.8 -> 0.8 - log 1.8 = 0.2122; r = 0.2 -> -0.8 - log 0.2 = 0.8094.
+    assert close(A.kl_per_token(logp, logq, "k3"), [0.8 - math.log(1.8), -0.8 - math.log(0.2)])
+
+
+@pytest.mark.parametrize("estimator", ["k1", "k3"])
+def test_kl_estimators_are_unbiased_on_a_known_pair(estimator):
+    # the expectation under the policy (tokens weighted by p) equals the true KL(p || q) for both estimators
+    per_token = A.kl_per_token(P.log(), Q.log(), estimator)
+    assert close((P * per_token).sum(), KL_PQ)
+    assert not close((Q * per_token).sum(), KL_PQ)  # weighting by the wrong distribution does not
+
+
+def test_kl_of_identical_policies_is_zero_and_bad_estimator_is_rejected():
+    logp = torch.log(torch.tensor([0.2, 0.3, 0.5]))
+    assert close(A.kl_per_token(logp, logp, "k1"), [0, 0, 0])
+    assert close(A.kl_per_token(logp, logp, "k3"), [0, 0, 0])
+    with pytest.raises(ValueError, match="k2"):
+        A.kl_per_token(logp, logp, "k2")
+
+
+def test_entropy_and_logprobs_from_logits():
+    logits = torch.log(torch.tensor([[[0.5, 0.25, 0.25], [1 / 3, 1 / 3, 1 / 3]]]))  # [B=1, T=2, V=3]
+    assert close(A.entropy_from_logits(logits), [[0.5 * math.log(2) + 0.5 * math.log(4), math.log(3)]])
+    tokens = torch.tensor([[1, 2]])
+    assert close(A.logprobs_from_logits(logits, tokens), [[math.log(0.25), math.log(1 / 3)]])
+
+
+# -------------------------------------------------------------------------------------------- rewards and GAE
+def test_shape_rewards_puts_score_on_last_response_token():
+    kl = torch.tensor([[0.1, 0.2, 0.3, 0.4], [0.1, 0.1, 0.1, 0.1]])
+    mask = torch.tensor([[1.0, 1.0, 1.0, 0.0], [1.0, 1.0, 1.0, 1.0]])
+    rewards = A.shape_rewards(torch.tensor([2.0, -1.0]), kl, mask, kl_coef=0.5)
+    assert close(rewards, [[-0.05, -0.1, -0.15 + 2.0, 0.0], [-0.05, -0.05, -0.05, -0.05 - 1.0]])
+    clipped = A.shape_rewards(torch.tensor([2.0, -1.0]), kl, mask, kl_coef=0.5, reward_clip=0.5)
+    assert close(clipped[:, 2:], [[-0.15 + 0.5, 0.0], [-0.05, -0.05 - 0.5]])
+
+
+def test_gae_on_a_short_sequence_by_hand():
+    # gamma 1, lambda 0.5; rewards 0, 0, 1; values 0.5, 0.6, 0.7; value after the end = 0.
+    # t=2: delta = 1 + 0 - 0.7 = 0.3,      A2 = 0.3
+    # t=1: delta = 0 + 0.7 - 0.6 = 0.1,    A1 = 0.1 + 0.5 * 0.3 = 0.25
+    # t=0: delta = 0 + 0.6 - 0.5 = 0.1,    A0 = 0.1 + 0.5 * 0.25 = 0.225
+    rewards = torch.tensor([[0.0, 0.0, 1.0]])
+    values = torch.tensor([[0.5, 0.6, 0.7]])
+    adv, ret = A.gae(rewards, values, torch.ones(1, 3), gamma=1.0, lam=0.5)
+    assert close(adv, [[0.225, 0.25, 0.3]])
+    assert close(ret, [[0.725, 0.85, 1.0]])
+
+
+def test_gae_stops_at_the_mask_and_discounts():
+    # second token is the last: the padded third position (garbage 99s) must not leak in.
+    # t=1: delta = 1 - 0.4 = 0.6, A1 = 0.6; t=0: delta = 0 + 0.4 - 0.2 = 0.2, A0 = 0.2 + 0.5 * 0.6 = 0.5
+    adv, ret = A.gae(
+        torch.tensor([[0.0, 1.0, 99.0]]),
+        torch.tensor([[0.2, 0.4, 99.0]]),
+        torch.tensor([[1.0, 1.0, 0.0]]),
+        gamma=1.0,
+        lam=0.5,
+    )
+    assert close(adv, [[0.5, 0.6, 0.0]])
+    assert close(ret, [[0.7, 1.0, 0.0]])
+    # gamma 0.5, lambda 1, zero values: advantages are discounted returns: A1 = 2, A0 = 1 + 0.5 * 2 = 2
+    adv, _ = A.gae(torch.tensor([[1.0, 2.0]]), torch.zeros(1, 2), torch.ones(1, 2), gamma=0.5, lam=1.0)
+    assert close(adv, [[2.0, 2.0]])
+
+
+# ------------------------------------------------------------------------------------------------------ losses
+def _policy_loss_at(ratio: float, advantage: float):
+    logprobs = torch.tensor([[math.log(ratio)]], requires_grad=True)
+    loss, stats = A.policy_loss(logprobs, torch.zeros(1, 1), torch.tensor([[advantage]]), torch.ones(1, 1), clip=0.2)
+    loss.backward()
+    return loss.item(), logprobs.grad.item(), stats["clip_frac"].item()
+
+
+def test_policy_loss_clips_above_with_positive_advantage():
+    loss, grad, clip_frac = _policy_loss_at(1.5, +1.0)
+    assert loss == pytest.approx(-1.2) and grad == 0.0 and clip_frac == 1.0  # no incentive past 1 + eps
+    loss, grad, clip_frac = _policy_loss_at(1.5, -1.0)
+    assert loss == pytest.approx(1.5) and grad == pytest.approx(1.5) and clip_frac == 0.0  # undoing stays allowed
+
+
+def test_policy_loss_clips_below_with_negative_advantage():
+    loss, grad, clip_frac = _policy_loss_at(0.5, -1.0)
+    assert loss == pytest.approx(0.8) and grad == 0.0 and clip_frac == 1.0  # no incentive below 1 - eps
+    loss, grad, clip_frac = _policy_loss_at(0.5, +1.0)
+    assert loss == pytest.approx(-0.5) and grad == pytest.approx(-0.5) and clip_frac == 0.0
+
+
+def test_policy_loss_approx_kl_and_mask():
+    logprobs = torch.tensor([[math.log(2.0), 5.0]])
+    _, stats = A.policy_loss(logprobs, torch.zeros(1, 2), torch.ones(1, 2), torch.tensor([[1.0, 0.0]]))
+    assert stats["approx_kl"].item() == pytest.approx(0.5 * math.log(2.0) ** 2)  # padding (log ratio 5) ignored
+
+
+def test_value_loss_clipping():
+    # old 0, new 1, return 1, clip 0.2: clipped value 0.2 -> error 0.64 beats 0 -> loss 0.5 * 0.64
+    loss, stats = A.value_loss(torch.tensor([[1.0]]), torch.zeros(1, 1), torch.ones(1, 1), torch.ones(1, 1), clip=0.2)
+    assert loss.item() == pytest.approx(0.32) and stats["clip_frac"].item() == 1.0
+    # inside the clip range both terms agree: 0.5 * (1 - 0.1)^2
+    loss, stats = A.value_loss(torch.tensor([[0.1]]), torch.zeros(1, 1), torch.ones(1, 1), torch.ones(1, 1), clip=0.2)
+    assert loss.item() == pytest.approx(0.405) and stats["clip_frac"].item() == 0.0
+
+
+# -------------------------------------------------------------------------------------------------- controllers
+def test_adaptive_kl_controller_update_by_hand():
+    c = A.AdaptiveKLController(0.1, target=6.0, horizon=10000)
+    c.update(current_kl=6.6, n_steps=1000)  # error 0.1 -> x (1 + 0.1 * 0.1)
+    assert c.value == pytest.approx(0.101)
+    c.update(current_kl=60.0, n_steps=1000)  # error 9 clipped to 0.2 -> x 1.02
+    assert c.value == pytest.approx(0.101 * 1.02)
+    c.update(current_kl=0.0, n_steps=1000)  # error -1 clipped to -0.2 -> x 0.98
+    assert c.value == pytest.approx(0.101 * 1.02 * 0.98)
+    restored = A.AdaptiveKLController(1.0, target=1.0, horizon=1)
+    restored.load_state_dict(c.state_dict())
+    assert (restored.value, restored.target, restored.horizon) == (c.value, 6.0, 10000)
+
+
+def test_fixed_kl_controller_does_not_move():
+    c = A.FixedKLController()
+    assert c.value == 0.05
+    c.update(100.0, 1000)
+    assert c.value == 0.05
+    c2 = A.FixedKLController(0.3)
+    c2.load_state_dict(c.state_dict())
+    assert c2.value == 0.05
+
+
+# ------------------------------------------------------------------------------------------- one PPO update
+def test_one_ppo_update_moves_policy_toward_higher_advantage_tokens():
+    torch.manual_seed(0)
+    V, B, T = 5, 8, 6
+    policy = torch.nn.Sequential(torch.nn.Embedding(V, 16), torch.nn.Linear(16, V))  # next token from the previous one
+    prev = torch.randint(0, V, (B, T))
+    tokens = torch.randint(0, V, (B, T))
+    tokens[:, ::2] = 3  # a good token
+    tokens[:, 1::2] = 1  # a bad token
+    advantages = torch.where(tokens == 3, 1.0, -1.0)
+    mask = torch.ones(B, T)
+
+    def probs_of(token: int) -> torch.Tensor:
+        with torch.no_grad():
+            return torch.softmax(policy(prev), -1)[..., token].mean()
+
+    with torch.no_grad():
+        old_logprobs = A.logprobs_from_logits(policy(prev), tokens)
+    good_before, bad_before = probs_of(3), probs_of(1)
+    opt = torch.optim.Adam(policy.parameters(), lr=1e-2)
+    for _ in range(4):  # one PPO update = a few epochs on the same batch
+        loss, stats = A.policy_loss(A.logprobs_from_logits(policy(prev), tokens), old_logprobs, advantages, mask)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    assert probs_of(3) > good_before + 0.01
+    assert probs_of(1) < bad_before - 0.01
+    assert 0.0 < stats["approx_kl"].item() < 0.5
