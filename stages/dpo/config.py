@@ -2,7 +2,7 @@
 model's sampled gold score from 0.004 to 0.62 (format rate 0.98 -> 0.91) on 128 held-out prompts; a rate of 5e-4
 broke the format (0.60), 2e-4 for 200 steps reached 0.57. Greedy replies collapse to one preferred adjective
 repeated ("The cake is cheerful, cheerful and cheerful."), which the gold scorer counts as off format: read the
-sampled figures (see stages/common/demo_eval.py)."""
+sampled figures (see stages/trl/demo_eval.py)."""
 
 from __future__ import annotations
 

@@ -11,7 +11,7 @@ turns). With a chat template in the tokenizer TRL renders those; without one the
 
 from __future__ import annotations
 
-# The pair checks live in stages/common/preference_pairs.py (the DPO stage uses them too); re-exported here so
+# The pair checks live in stages/trl/preference_pairs.py (the DPO stage uses them too); re-exported here so
 # `from stages.reward.inputs import check_pairs` keeps working.
 from stages.trl.preference_pairs import COLUMNS, check_lengths, check_pairs
 

@@ -10,7 +10,7 @@ between runs and say more about tie-breaking than about format learning.
 
 from __future__ import annotations
 
-# The evaluation lives in stages/common/demo_eval.py (the DPO stage uses it too); re-exported here so
+# The evaluation lives in stages/trl/demo_eval.py (the DPO stage uses it too); re-exported here so
 # `from stages.sft.evaluate import demo_metrics` keeps working.
 from stages.trl.demo_eval import demo_metrics, generate_replies, score_replies
 

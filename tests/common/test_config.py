@@ -120,3 +120,23 @@ def test_deep_merge_override_wins_and_inputs_untouched(base, override):
 
 def test_apply_overrides_builds_nested_sections():
     assert apply_overrides({"a": 1}, ["b.c.d=2", "a=x"]) == {"a": "x", "b": {"c": {"d": 2}}}
+
+
+@pytest.mark.parametrize(("override", "new"), [
+    ("ppo.algorithm=grpo", "align.methods"), ("ppo.group_size=4", "grpo.group_size or rloo.group_size"),
+    ("ppo.grpo_scale_rewards=false", "grpo.scale_rewards"),
+])  # fmt: skip
+def test_keys_of_the_one_rl_section_are_refused_naming_the_new_key(override, new):
+    with pytest.raises(ConfigError, match=rf"--set {override}: {override.split('=')[0]} is no longer a key; use {new}"):
+        load_config("tiny", overrides=[override])
+
+
+def test_each_rl_method_has_its_own_section_and_cache_key():
+    from flows.plan import stage_cache_key
+
+    base, tuned = load_config("tiny"), load_config("tiny", overrides=["grpo.learning_rate=0.001"])
+    assert base.grpo.rollout_batch_size == base.ppo.rollout_batch_size == 16  # the preset's shared RL settings
+    assert tuned.grpo.learning_rate == 0.001 and tuned.ppo.learning_rate == base.ppo.learning_rate
+    assert stage_cache_key("grpo", tuned, {}) != stage_cache_key("grpo", base, {})
+    assert stage_cache_key("ppo", tuned, {}) == stage_cache_key("ppo", base, {})  # tuning grpo leaves ppo cached
+    assert stage_cache_key("rloo", tuned, {}) == stage_cache_key("rloo", base, {})
