@@ -25,7 +25,7 @@ from pathlib import Path
 import fsspec
 from fsspec.implementations.local import LocalFileSystem
 
-from stages.common.store_files import ArtifactCorrupted, ArtifactError, local_files, tree_digest
+from stages.common.store_files import ArtifactCorrupted, ArtifactError, check_file_names, local_files, tree_digest
 from stages.common.store_local import LocalBackend
 from stages.common.store_remote import RemoteBackend
 
@@ -173,6 +173,7 @@ class ArtifactStore:
         entry = manifest.get("reports")
         if not entry:
             return ""
+        check_file_names(entry["files"], f"{where} reports")
         if tree_digest(entry["files"]) != entry["digest"]:
             raise ArtifactCorrupted(f"{where}: the reports' file list does not match its digest {entry['digest'][:12]}")
         if force:
@@ -306,6 +307,7 @@ class ArtifactStore:
 
     @staticmethod
     def _check_file_list(manifest: dict, where: str) -> None:
+        check_file_names(manifest["files"], where)
         if tree_digest(manifest["files"]) != manifest["digest"]:
             raise ArtifactCorrupted(f"{where}: manifest file list does not match its digest {manifest['digest'][:12]}")
 

@@ -110,6 +110,19 @@ def mark_verified(directory: Path, expected: dict[str, str]) -> None:
         _verified[_key(directory, expected)] = signature
 
 
+def check_file_names(files: dict[str, str], where: str) -> None:
+    """Every name a manifest lists must be a plain relative POSIX path inside its object folder: no absolute name,
+    no `..` or `.` part, no empty part, no backslash. Checked before any I/O, since a manifest read from a shared
+    store is not trusted: `../../x` would otherwise be downloaded outside the cache."""
+    for rel in files:
+        parts = rel.split("/") if isinstance(rel, str) else [""]
+        if not isinstance(rel, str) or rel.startswith("/") or "\\" in rel or "\0" in rel or any(
+            part in ("", ".", "..") for part in parts
+        ):
+            raise ArtifactCorrupted(f"{where}: manifest lists a file name that leaves its folder or is not a plain "
+                                    f"relative path: {rel!r}")
+
+
 def verify_dir(directory: Path, expected: dict[str, str], where: str, *, force: bool = False) -> None:
     """Check a local directory holds exactly the expected files with the expected sha256.
 

@@ -22,6 +22,7 @@ import uuid
 from pathlib import Path
 
 from stages.common.store_files import (
+    check_file_names,
     ArtifactCorrupted,
     check_listing,
     hash_stream,
@@ -121,6 +122,7 @@ class RemoteBackend:
 
     def object_dir(self, manifest: dict, where: str, *, force: bool = False) -> str:
         """A verified local copy of manifest's files: the cache copy if it checks out, else a fresh download."""
+        check_file_names(manifest["files"], where)  # before any I/O: a hostile name must not write outside tmp
         target = cache_root() / manifest["digest"]
         if target.is_dir():
             try:

@@ -514,3 +514,26 @@ def test_a_corrupted_report_is_caught_by_verify(tmp_path):
     report.write_bytes(b"XXX" * 10)
     with pytest.raises(ArtifactCorrupted, match="curves.png"):
         store.verify("m@v1")
+
+
+# ------------------------------------------------------------------------------------- hostile manifests
+@pytest.mark.parametrize("hostile", ["../../escape", "/abs/escape", "a/../../escape", "a\\..\\escape", "a//b", "./a"])
+@pytest.mark.parametrize("remote", [True, False])
+def test_a_manifest_naming_a_file_outside_its_folder_is_refused_before_any_io(tmp_path, monkeypatch, hostile, remote):
+    """A shared store is a trust boundary: a manifest whose file list leaves the object folder (with a digest that
+    matches that list) is refused by every backend, and nothing is written outside the download folder."""
+    from stages.common.store_files import tree_digest
+
+    cache = tmp_path / "deep" / "cache"
+    monkeypatch.setenv("RLHF_CACHE_DIR", str(cache))
+    store = ArtifactStore(f"memory://store-{uuid.uuid4().hex}" if remote else str(tmp_path / "store"))
+    art = store.publish(src(tmp_path, {"w": b"weights"}), name="m", kind="k", stage="s")
+    manifest = dict(art.manifest)
+    manifest["files"] = {**manifest["files"], hostile: manifest["files"]["w"]}
+    manifest["digest"] = tree_digest(manifest["files"])  # a consistent forgery: only the name gives it away
+    store.fs.pipe_file(store._p("manifests", "m", "v2.json"), json.dumps(manifest).encode())
+    with pytest.raises(ArtifactCorrupted, match="leaves its folder or is not a plain relative path"):
+        store.get("m@v2")
+    with pytest.raises(ArtifactCorrupted, match="leaves its folder"):
+        store.verify("m@v2")
+    assert not any(p.name == "escape" for p in tmp_path.rglob("*"))
