@@ -22,8 +22,8 @@ import uuid
 from pathlib import Path
 
 from stages.common.store_files import (
-    check_file_names,
     ArtifactCorrupted,
+    check_file_names,
     check_listing,
     hash_stream,
     mark_verified,
