@@ -139,7 +139,7 @@ def test_from_ppo_forces_only_ppo_and_a_retryable_failure_succeeds_on_retry(pipe
     """One forced ppo run shows both: `--from ppo` reruns ppo and what is downstream of it, and a lost node is retried.
 
     (Two tests once, each paying for a ppo run.)"""
-    real_run, calls = pipeline.STAGES["ppo"].run, []
+    real_run, calls = pipeline.STAGES["rl"].run, []
 
     def flaky_run(*args, **kwargs):
         calls.append(1)
@@ -147,7 +147,7 @@ def test_from_ppo_forces_only_ppo_and_a_retryable_failure_succeeds_on_retry(pipe
             raise RuntimeError("worker died: the node running a ppo actor was lost")
         return real_run(*args, **kwargs)
 
-    monkeypatch.setattr(pipeline.STAGES["ppo"], "run", flaky_run)
+    monkeypatch.setattr(pipeline.STAGES["rl"], "run", flaky_run)
     summary = _run(pipeline_copy, from_stage="ppo")
     assert len(calls) == 2
     assert _states(summary) == {"pretrain": "Cached", "sft": "Cached", "reward": "Cached", "ppo": "Completed",
@@ -161,7 +161,7 @@ def test_user_error_is_not_retried(pipeline_copy, monkeypatch):
         calls.append(1)
         raise StageInputError("prompts@v1: prompt 3 is longer than the context")
 
-    monkeypatch.setattr(pipeline.STAGES["ppo"], "run", bad_input_run)
+    monkeypatch.setattr(pipeline.STAGES["rl"], "run", bad_input_run)
     with pytest.raises(StageInputError, match="longer than the context"):
         _run(pipeline_copy, from_stage="ppo")
     assert len(calls) == 1
