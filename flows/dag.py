@@ -28,7 +28,7 @@ class Node:
     """One node of the DAG. `inputs` maps the stage's input role to ("data", format) or ("output", artifact name)."""
 
     name: str  # the node's name: a Prefect task, a cache-key namespace, the value of --from / --only
-    stage: str  # the stage package that runs it (grpo and rloo run stages/rl)
+    stage: str  # the stage package that runs it (ppo, grpo and rloo run stages/rl)
     inputs: dict[str, tuple[str, str]] = field(default_factory=dict)
     outputs: tuple[str, ...] = ()  # artifact names it publishes
 

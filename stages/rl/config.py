@@ -93,8 +93,8 @@ class RLConfig(Section):
 
     @property
     def replies_per_prompt(self) -> int:
-        """Replies sampled per training prompt: group_size for grpo/rloo, one for ppo."""
-        return getattr(self, "group_size", 1)
+        """Replies sampled per training prompt: one for ppo (`GroupConfig`: group_size)."""
+        return 1
 
     @property
     def rollout_replies(self) -> int:
@@ -136,24 +136,31 @@ class PPOConfig(RLConfig):
     critic_init: Literal["reward_model", "sft_model"] = "reward_model"  # where the value model starts
 
 
-class GRPOConfig(RLConfig):
-    """GRPO: `group_size` replies per prompt, advantages normalised within the group, the KL as a loss term."""
+class GroupConfig(RLConfig):
+    """What the critic-free methods share: `group_size` replies per prompt, a baseline taken over the group."""
+
+    group_size: int = Field(4, ge=2)  # replies sampled per prompt (the group a baseline is taken over)
+
+    @property
+    def replies_per_prompt(self) -> int:
+        return self.group_size
+
+
+class GRPOConfig(GroupConfig):
+    """GRPO: advantages normalised within the group, the KL as a loss term."""
 
     algorithm: ClassVar[str] = "grpo"
 
-    group_size: int = Field(4, ge=2)  # replies sampled per prompt (the group a baseline is taken over)
     scale_rewards: bool = True  # divide by the group's reward std (False = Dr. GRPO, mean-centred only)
     # GRPO's beta. The paper's 0.04 let the demo's GRPO over-optimise the reward model (KL 7.5 nats, gold score
     # below SFT's); 0.2 held it near 4 nats, above SFT
     kl_penalty: KLPenalty = "loss"
 
 
-class RLOOConfig(RLConfig):
-    """RLOO: `group_size` replies per prompt, each reply's baseline the mean of the other replies' rewards."""
+class RLOOConfig(GroupConfig):
+    """RLOO: each reply's baseline is the mean of the other replies' rewards in its group."""
 
     algorithm: ClassVar[str] = "rloo"
-
-    group_size: int = Field(4, ge=2)  # replies sampled per prompt (the group a baseline is taken over)
 
 
 CONFIGS: dict[str, type[RLConfig]] = {c.algorithm: c for c in (PPOConfig, GRPOConfig, RLOOConfig)}
