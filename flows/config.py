@@ -110,6 +110,19 @@ class PipelineConfig(Section):
             raise ValueError("run.cpus_per_worker must be >= 1 when run.use_gpu is true")
         return self
 
+    @model_validator(mode="after")
+    def _eval_scores_with_the_run_functions(self) -> PipelineConfig:
+        """eval.reward_functions, unless given: every reward function of the run's RL branches, once each."""
+        if "reward_functions" not in self.eval.model_fields_set:
+            seen: dict[str, Any] = {}
+            for m in self.align.methods:
+                if m in rl.METHODS:
+                    for spec in getattr(self, m).reward.functions:
+                        seen.setdefault(spec.label, spec)
+            if seen:
+                self.eval.reward_functions = list(seen.values())
+        return self
+
     def stage_config(self, name: str) -> Section:
         """The config a DAG node runs with: the section of the same name (each RL method has its own)."""
         return getattr(self, name)

@@ -24,14 +24,17 @@ from flows.plan import (
     check_only_inputs,
     config_model_kind,
     data_check,
+    import_reward_function,
     ingest_data,
     input_kind,
     node_named,
     plan_stages,
     preflight,
     resolve_model,
+    reward_model_needed,
     stage_cache_key,
     validate_run,
+    why_no_reward_model,
 )
 from flows.preflight import check_fits
 from flows.ray_driver import RayDriver
@@ -43,6 +46,7 @@ from stages.common.errors import StageInputError
 from stages.common.gates import GateFailed, check_gate
 from stages.common.ray_train import console_log_dir, verbose
 from stages.common.store import ArtifactError, ArtifactStore
+from stages.reward_functions.artifact import ROLE_PREFIX as REWARD_FN_ROLE_PREFIX
 
 
 class _QuietPrefect(logging.Filter):
@@ -177,6 +181,9 @@ def call_stage(node: Node, config, *, store: ArtifactStore, ctx: StageContext, i
     """Call the node's stage: the eval stage takes its policies as one dict."""
     module = STAGES[node.stage]
     kwargs = dict(inputs)
+    if node.stage in ("rl", "eval"):  # their reward functions as one dict, by label
+        kwargs["reward_fns"] = {role.removeprefix(REWARD_FN_ROLE_PREFIX): kwargs.pop(role)
+                                for role in list(kwargs) if role.startswith(REWARD_FN_ROLE_PREFIX)}  # fmt: skip
     if node.stage == "eval":
         kwargs["policies"] = {role.removeprefix(POLICY_ROLE_PREFIX): kwargs.pop(role)
                               for role in list(kwargs) if role.startswith(POLICY_ROLE_PREFIX)}  # fmt: skip
@@ -188,12 +195,14 @@ def branch_demand(cfg: PipelineConfig, name: str, total_gpus: float) -> tuple[fl
     run = cfg.run
     if name == "dpo":
         return run.num_workers * run.cpus_per_worker, float(run.num_workers if run.use_gpu else 0)
-    ppo = cfg.stage_config(name).resolved(run.num_workers)
-    actors = (4 if name == "ppo" else 3) * ppo.actors_per_role  # GRPO and RLOO have no critic
+    from stages.rl import placement
+
+    rl = cfg.stage_config(name).resolved(run.num_workers)
+    actors = len(placement.roles_of(rl)) * rl.actors_per_role  # GRPO and RLOO have no critic
     gpus = 0.0
     if run.use_gpu:  # derived fractions spread the roles over every GPU: a branch then holds them all
-        gpus = actors * ppo.gpus_per_actor if ppo.gpus_per_actor else total_gpus
-    return actors * ppo.cpus_per_actor, gpus
+        gpus = actors * rl.gpus_per_actor if rl.gpus_per_actor else total_gpus
+    return actors * rl.cpus_per_actor + placement.function_cpus(rl), gpus
 
 
 # log_prints stays off: libraries print to stdout internally (dill disassembles functions while hashing them).
@@ -238,6 +247,9 @@ def _pipeline(preset, config_file, overrides, store, from_stage, only, inputs, f
     try:
         produced: dict[str, str] = {}  # output name -> ref, as the DAG proceeds
         summary: dict[str, Any] = {"store": art_store.root, "stages": {}, "skipped": {}}
+        if not reward_model_needed(cfg) and not only:
+            summary["skipped"]["reward"] = why_no_reward_model(cfg)
+            logger.info(f"reward: not run; {summary['skipped']['reward']}")
         if cfg.sft.base_model and not only:
             summary["skipped"]["pretrain"] = f"sft.base_model = {cfg.sft.base_model}"
             produced["base-model"] = _raise_failed(model_task("sft.base_model", cfg.sft.base_model, "causal-lm",
@@ -298,6 +310,8 @@ def _input_refs(cfg: PipelineConfig, store: ArtifactStore, node: Node, explicit:
             refs[role] = _raise_failed(data_task(cfg, store, what, node.name, role, dict(refs)))
         elif source == "config":
             refs[role] = _raise_failed(model_task(f"{node.name}.{role}", what, config_model_kind(node, role), store))
+        elif source == "reward-fn":
+            refs[role] = import_reward_function(cfg, store, node, what).ref
         else:
             refs[role] = produced[what]
     return refs

@@ -18,6 +18,7 @@ from flows.dag import Node
 from flows.preflight import Resources, check_fits
 from stages.common.config import ConfigError
 from stages.common.fingerprint import cache_key, code_fingerprint
+from stages.reward_functions.artifact import ROLE_PREFIX as REWARD_FN_ROLE_PREFIX
 
 # Config fields that do not change what a stage computes: gate thresholds (checked after the fact, so changing one
 # reuses the artifact) and references to inputs (their artifact digests are in the key instead).
@@ -25,9 +26,50 @@ NOT_IN_CACHE_KEY = ("gate", "base_model", "init_from", "tokenizer")
 
 
 def pipeline_nodes(cfg: PipelineConfig) -> list[Node]:
-    """This config's DAG: pretrain unless sft.base_model is set, sft, reward, the align branches, eval."""
+    """This config's DAG: pretrain unless sft.base_model is set, sft, reward unless no node needs it, the align
+    branches with their reward functions, eval."""
     nodes = dag.build(list(cfg.align.methods), pretrain=not cfg.sft.base_model, evaluate=cfg.align.eval)
-    return [_with_config_models(cfg, n) if n.name == "pretrain" else n for n in nodes]
+    nodes = [_with_config_models(cfg, n) if n.name == "pretrain" else n for n in nodes]
+    nodes = [_with_reward_sources(cfg, n) for n in nodes]
+    return [n for n in nodes if n.name != "reward" or reward_model_needed(cfg)]
+
+
+def reward_model_needed(cfg: PipelineConfig) -> bool:
+    """The reward stage runs when an RL branch trains on the reward model, or when nothing else could score the
+    eval (no RL branch has reward functions: a DPO-only run keeps its reward-model scores)."""
+    rl = [cfg.stage_config(m) for m in cfg.align.methods if m in dag.RL_METHODS]
+    if any(c.reward.uses_model for c in rl):
+        return True
+    return not any(c.reward.functions for c in rl)
+
+
+def why_no_reward_model(cfg: PipelineConfig) -> str:
+    """The summary's line for a skipped reward stage."""
+    off = [f"{m}.reward.model = null" for m in cfg.align.methods if m in dag.RL_METHODS]
+    return "no branch uses the reward model (" + ", ".join(off) + ")"
+
+
+def node_functions(cfg: PipelineConfig, node: Node) -> list:
+    """The reward functions a node takes as `reward-fn` inputs (an RL branch's own, the run's for eval)."""
+    if node.stage == "rl":
+        return list(cfg.stage_config(node.name).reward.functions)
+    if node.stage == "eval":
+        return list(cfg.eval.reward_functions)  # the run's RL functions unless set (flows/config.py)
+    return []
+
+
+def _with_reward_sources(cfg: PipelineConfig, node: Node) -> Node:
+    """An RL node without its reward_model input when its section turns the model off; RL and eval nodes with one
+    `reward-fn` input per reward function (`reward_fn_<label>`); eval without a reward model when none is trained."""
+    if node.stage not in ("rl", "eval"):
+        return node
+    inputs = dict(node.inputs)
+    uses_model = cfg.stage_config(node.name).reward.uses_model if node.stage == "rl" else reward_model_needed(cfg)
+    if not uses_model:
+        inputs.pop("reward_model", None)
+    for spec in node_functions(cfg, node):
+        inputs[REWARD_FN_ROLE_PREFIX + spec.label] = ("reward-fn", spec.label)
+    return Node(node.name, node.stage, inputs, node.outputs)
 
 
 # Models a config names by ref or local directory, and the stage input role each becomes.
@@ -54,9 +96,11 @@ def node_named(cfg: PipelineConfig, name: str) -> Node:
         if node.name == name:
             return node
     if name == "eval":
-        return dag.eval_node(list(cfg.align.methods))
+        return _with_reward_sources(cfg, dag.eval_node(list(cfg.align.methods)))
     if name in dag.ALIGN_METHODS:  # --only grpo while align.methods does not list it: still a valid node
-        return dag.build([name], pretrain=False, evaluate=False)[-1]
+        return _with_reward_sources(cfg, dag.build([name], pretrain=False, evaluate=False)[-1])
+    if name == "reward":
+        return dag.REWARD
     if name == "pretrain":
         return dag.PRETRAIN
     raise ConfigError(f"unknown stage {name!r}; expected one of {', '.join(dag.ALL_NODE_NAMES)}")
@@ -67,11 +111,20 @@ def stage_cache_key(name: str, cfg: PipelineConfig, inputs: dict[str, Any]) -> s
     run = cfg.run
     stage = node_named(cfg, name).stage if name in dag.ALL_NODE_NAMES else name
     stage_config = {k: v for k, v in cfg.stage_config(name).to_dict().items() if k not in NOT_IN_CACHE_KEY}
+    # a reward function's file is in the key by its artifact's digest (an input), not by where it lies
+    if isinstance(stage_config.get("reward"), dict):  # an RL section's reward sources
+        stage_config["reward"] = {**stage_config["reward"], "functions": _without_paths(stage_config["reward"]["functions"])}
+    if "reward_functions" in stage_config:  # the eval's
+        stage_config["reward_functions"] = _without_paths(stage_config["reward_functions"])
     config = {
         "stage": stage_config,
         "run": {"seed": run.seed, "num_workers": run.num_workers, "use_gpu": run.use_gpu},
     }
     return cache_key(name, code_fingerprint(stage), config, {role: a.digest for role, a in inputs.items()})
+
+
+def _without_paths(functions: list[dict]) -> list[dict]:
+    return [{k: v for k, v in f.items() if k != "path"} for f in functions]
 
 
 def downstream(nodes: list[Node], start: str) -> list[str]:
@@ -123,7 +176,7 @@ def check_only_inputs(only: str, inputs: dict[str, str], cfg: PipelineConfig | N
     for role in inputs:
         if role not in roles:
             raise ConfigError(f"--input {role}=...: {only} has no input {role!r}; its inputs are {', '.join(roles)}")
-    missing = [r for r, (kind, _) in roles.items() if r not in inputs and kind not in ("data", "config")]
+    missing = [r for r, (kind, _) in roles.items() if r not in inputs and kind not in ("data", "config", "reward-fn")]
     if missing:
         example = " ".join(f"--input {r}={roles[r][1]}@latest" for r in missing)
         raise ConfigError(f"--only {only} needs an artifact for {', '.join(missing)}, e.g. {example}")
@@ -208,6 +261,8 @@ def get_input(store, role: str, ref: str, kind: str | None):
 def input_kind(node: Node, role: str) -> str | None:
     """The artifact kind a node's input role must have; None where the stage accepts several and checks itself."""
     module = STAGES[node.stage]
+    if role.startswith(REWARD_FN_ROLE_PREFIX):
+        return "reward-fn"
     if role in module.INPUTS:
         return module.INPUTS[role]
     optional = getattr(module, "OPTIONAL_INPUTS", {}).get(role)
@@ -244,7 +299,7 @@ def data_check(cfg: PipelineConfig, node: Node, role: str, models: dict[str, Any
     So data the stage would refuse (rows longer than the model's context, a prompt that leaves no room to reply)
     is refused before it is published as a dataset version, and before Prefect or Ray start."""
     check = getattr(STAGES[node.stage], "check_data", None)
-    model_roles = [r for r, (source, _) in node.inputs.items() if source != "data"]
+    model_roles = [r for r, (source, _) in node.inputs.items() if source not in ("data", "reward-fn")]
     if check is None or any(r not in models for r in model_roles):
         return None
     config, scaling = cfg.stage_config(node.name), cfg.run.scaling()
@@ -269,9 +324,60 @@ def resolve_inputs(cfg: PipelineConfig, store, node: Node, explicit: dict[str, s
         elif source == "config":
             key = next(k for (section, k), (r, _) in CONFIG_MODELS.items() if section == node.name and r == role)
             arts[role] = resolve_model(store, what, config_model_kind(node, role), f"{node.name}.{key}")
+        elif source == "reward-fn":
+            arts[role] = import_reward_function(cfg, store, node, what)
         else:
             arts[role] = produced[what]
     return arts
+
+
+def import_reward_function(cfg: PipelineConfig, store, node: Node, label: str):
+    """The `reward-fn` artifact of the node's function `label` (its file imported by content)."""
+    from stages.reward_functions.artifact import import_function
+
+    specs = node_functions(cfg, node)
+    i = next(i for i, s in enumerate(specs) if s.label == label)
+    return import_function(store, specs[i], function_key(cfg, node, label))
+
+
+def function_key(cfg: PipelineConfig, node: Node, label: str) -> str:
+    """The config key of a function entry, for messages: `grpo.reward.functions[0]`."""
+    for m in [node.name] if node.stage == "rl" else list(cfg.align.methods):
+        if m in dag.RL_METHODS:
+            for i, spec in enumerate(cfg.stage_config(m).reward.functions):
+                if spec.label == label:
+                    return f"{m}.reward.functions[{i}]"
+    return f"reward function {label}"
+
+
+def check_reward_functions(cfg: PipelineConfig, stages: list[str]) -> None:
+    """Every reward function of the stages that run: file, syntax, name and signature, read without running it;
+    against the prompt data's columns when they are known here (the built-in tasks, a local file)."""
+    from stages.reward_functions.source_check import check_function
+
+    columns = prompt_columns(cfg)
+    for name in stages:
+        if name in dag.RL_METHODS:
+            for i, spec in enumerate(cfg.stage_config(name).reward.functions):
+                check_function(spec, f"{name}.reward.functions[{i}]", columns)
+
+
+def prompt_columns(cfg: PipelineConfig) -> list[str] | None:
+    """The prompt data's columns, when known without a download: a built-in task's, or a local file's."""
+    from stages.common.data import DataError, read_splits
+
+    source = cfg.data.prompts
+    if source == "demo":
+        return ["prompt", "answer"] if getattr(cfg.data, "task", "demo") == "arithmetic" else ["prompt"]
+    if source.startswith("hf:") or not Path(source).expanduser().exists():
+        return None
+    try:
+        found = list(read_splits(source)["train"].column_names)
+    except DataError:
+        return None  # check_data_sources reports it
+    columns = (getattr(cfg.data.columns, "prompts", None) or {})
+    renamed = {have: want for want, have in columns.items()}
+    return [renamed.get(c, c) for c in found]
 
 
 def all_cached(cfg: PipelineConfig, store, stages: list[str], inputs: dict[str, str]) -> dict[str, Any] | None:
@@ -285,6 +391,8 @@ def all_cached(cfg: PipelineConfig, store, stages: list[str], inputs: dict[str, 
     start = time.perf_counter()
     produced: dict[str, Any] = {}
     summary: dict[str, Any] = {"store": store.root, "stages": {}, "skipped": {}, "prefect": "not started"}
+    if not reward_model_needed(cfg):
+        summary["skipped"]["reward"] = why_no_reward_model(cfg)
     if cfg.sft.base_model and "pretrain" not in stages:
         summary["skipped"]["pretrain"] = f"sft.base_model = {cfg.sft.base_model}"
         produced["base-model"] = resolve_model(store, cfg.sft.base_model, "causal-lm", "sft.base_model")
@@ -324,6 +432,7 @@ def validate_run(params: dict[str, Any]) -> tuple[PipelineConfig, list[str]]:
             check_config(cfg.stage_config(name))
     check_store_uri(*store_root(params, cfg))
     check_data_sources(cfg, stages, params.get("inputs") or {})
+    check_reward_functions(cfg, stages)
     address = cfg.run.ray_address or os.environ.get("RAY_ADDRESS")
     if address:
         probe_ray_address(address)

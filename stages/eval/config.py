@@ -6,6 +6,7 @@ from __future__ import annotations
 from pydantic import Field
 
 from stages.common.config import Section
+from stages.reward_functions.config import FunctionSpec
 
 
 class Config(Section):
@@ -20,3 +21,8 @@ class Config(Section):
     seed_offset: int = Field(535_353, ge=0)  # run seed + this = the sampling seed, the same for every model
     gpus: float = Field(0.25, gt=0.0, le=1.0)  # GPU share of the evaluation task when the run uses GPUs
     cpus: float = Field(1.0, gt=0.0)  # Ray CPUs of the evaluation task (its torch threads on CPU)
+    # reward functions every model is scored with (mean and pass rate); default: every function of the run's RL
+    # branches (flows/config.py fills it), so a policy trained on the reward model is checked by them too
+    reward_functions: list[FunctionSpec] = Field(default_factory=list)
+    reward_timeout_s: float = Field(120.0, gt=0.0)  # per function call on one model's replies
+    reward_cpus: float = Field(0.25, gt=0.0)  # Ray CPUs of each reward-function actor

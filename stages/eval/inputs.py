@@ -8,11 +8,12 @@ and the pad id the reward model reads its score against.
 from __future__ import annotations
 
 import re
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from stages.common.errors import StageInputError
 from stages.eval.config import Config
 from stages.eval.worker import SFT
+from stages.reward_functions.artifact import load_functions
 
 _MODEL_NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_-]*$")  # no dots: names become `<name>.<metric>` keys
 
@@ -27,6 +28,8 @@ class PreparedInputs:
     pad_id: int
     eos_ids: list[int]
     rm_pad_id: int
+    columns: dict[str, list] = field(default_factory=dict)  # the held-out rows' other columns (e.g. answer)
+    functions: list = field(default_factory=list)  # reward_functions.runner.LoadedFunction per function
 
 
 def check_kind(role: str, artifact, kind: str) -> None:
@@ -70,7 +73,7 @@ def _same_tokenizer(reference, other, where: str, sft_ref: str) -> None:
         raise StageInputError(f"{where}: tokenizer eos_token is {other.eos_token!r}, expected {reference.eos_token!r}")
 
 
-def _held_out_prompts(prompts, count: int) -> list:
+def _held_out_prompts(prompts, count: int) -> tuple[list, dict[str, list]]:
     from stages.common.data import DataError, load_dataset_artifact
 
     where = f"eval input prompts {prompts.ref} [test.jsonl]"
@@ -81,12 +84,13 @@ def _held_out_prompts(prompts, count: int) -> list:
     if "prompt" not in ds.column_names:
         raise StageInputError(f"{where}: expected a 'prompt' column, found columns {ds.column_names}")
     rows = list(ds["prompt"])[:count]
+    columns = {c: list(ds[c])[:count] for c in ds.column_names if c != "prompt"}  # reward functions' keywords
     if not rows:
         raise StageInputError(f"{where}: no rows (expected at least one held-out prompt)")
     for i, p in enumerate(rows):
         if not (isinstance(p, str) and p) and not isinstance(p, list):
             raise StageInputError(f"{where}: row {i}: 'prompt': expected a string or a message list, found {p!r:.60}")
-    return rows
+    return rows, columns
 
 
 def _eos_ids(tokenizer, model_path: str) -> list[int]:
@@ -104,14 +108,16 @@ def _eos_ids(tokenizer, model_path: str) -> list[int]:
     return ids
 
 
-def prepare(config: Config, *, sft_model, reward_model, prompts, policies: dict) -> PreparedInputs:
-    """Kinds, names, one shared tokenizer, a one-output reward model, prompts that leave room for the reply."""
+def prepare(config: Config, *, sft_model, reward_model, prompts, policies: dict, reward_fns=None) -> PreparedInputs:
+    """Kinds, names, one shared tokenizer, a one-output reward model (when the run has one), prompts that leave room
+    for the reply, reward functions the prompt data's columns can be passed to."""
     from transformers import AutoConfig, AutoTokenizer
 
     from stages.common.hf import render_prompt
 
     check_kind("sft_model", sft_model, "causal-lm")
-    check_kind("reward_model", reward_model, "reward-model")
+    if reward_model is not None:
+        check_kind("reward_model", reward_model, "reward-model")
     check_kind("prompts", prompts, "dataset")
     check_policy_names(policies)
     for name, artifact in policies.items():
@@ -121,20 +127,23 @@ def prepare(config: Config, *, sft_model, reward_model, prompts, policies: dict)
     if tokenizer.eos_token is None:
         raise StageInputError(f"eval input sft_model {sft_model.ref}: its tokenizer has no eos token (replies could "
                               "never stop)")  # fmt: skip
-    others = {f"eval input reward_model {reward_model.ref}": reward_model}
+    others = {f"eval input reward_model {reward_model.ref}": reward_model} if reward_model is not None else {}
     others.update({f"eval input policies[{n!r}] {a.ref}": a for n, a in policies.items()})
     for where, artifact in others.items():
         _same_tokenizer(tokenizer, AutoTokenizer.from_pretrained(artifact.path), where, sft_model.ref)
-    rm_config = AutoConfig.from_pretrained(reward_model.path)
-    if rm_config.num_labels != 1:
+    rm_config = AutoConfig.from_pretrained(reward_model.path) if reward_model is not None else None
+    if rm_config is not None and rm_config.num_labels != 1:
         raise StageInputError(f"eval input reward_model {reward_model.ref}: config.json num_labels: expected 1 (one "
                               f"scalar score), found {rm_config.num_labels}")  # fmt: skip
 
-    rows = _held_out_prompts(prompts, config.eval_prompts)
+    rows, columns = _held_out_prompts(prompts, config.eval_prompts)
+    functions = load_functions(config.reward_functions, reward_fns or {}, sorted(columns), "eval.reward_functions")
     texts = [render_prompt(tokenizer, p) for p in rows]
     # a chat template may already hold special tokens (bos); a plain string is tokenized as the SFT trainer did
     ids = [tokenizer(t, add_special_tokens=isinstance(p, str))["input_ids"] for t, p in zip(texts, rows, strict=True)]
-    models = {f"sft_model {sft_model.ref}": sft_model, f"reward_model {reward_model.ref}": reward_model}
+    models = {f"sft_model {sft_model.ref}": sft_model}
+    if reward_model is not None:
+        models[f"reward_model {reward_model.ref}"] = reward_model
     models.update({f"policies[{n!r}] {a.ref}": a for n, a in policies.items()})
     context, where = min((_context_length(a.path, w), w) for w, a in models.items())
     longest = max(range(len(ids)), key=lambda i: len(ids[i]))
@@ -144,8 +153,9 @@ def prepare(config: Config, *, sft_model, reward_model, prompts, policies: dict)
             f"with eval.max_new_tokens {config.max_new_tokens} that exceeds the context {context} of {where}"
         )
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
-    rm_pad_id = rm_config.pad_token_id if rm_config.pad_token_id is not None else pad_id
+    rm_pad_id = rm_config.pad_token_id if rm_config is not None and rm_config.pad_token_id is not None else pad_id
     return PreparedInputs(
         prompt_texts=texts, prompt_ids=ids, is_demo=(prompts.manifest.get("extra") or {}).get("task") == "demo",
         pad_id=int(pad_id), eos_ids=_eos_ids(tokenizer, sft_model.path), rm_pad_id=int(rm_pad_id),
+        columns=columns, functions=functions,
     )  # fmt: skip

@@ -11,6 +11,7 @@ from stages.eval.metrics import mean, win_rate_matrix
 COLUMNS = [
     ("gold_score", "gold", "{:+.3f}"),
     ("win_rate_vs_sft", "win rate vs SFT", "{:.3f}"),
+    ("function_pass_rate", "functions pass", "{:.3f}"),
     ("rm_score", "RM score", "{:+.3f}"),
     ("kl", "KL to SFT (nats)", "{:.3f}"),
     ("reply_length", "length (tokens)", "{:.1f}"),
@@ -22,12 +23,29 @@ def model_summary(rows: dict[str, list], gold: list[float] | None, formats: list
     return {
         "gold_score": mean(gold) if gold is not None else None,
         "format_rate": mean([float(f) for f in formats]) if formats is not None else None,
-        "rm_score": mean(rows["rm_score"]),
+        "rm_score": mean(rows["rm_score"]) if rows["rm_score"] and rows["rm_score"][0] is not None else None,
         "kl": mean(rows["kl"]),
         "reply_length": mean([float(n) for n in rows["length"]]),
         "eos_rate": mean([float(e) for e in rows["ended"]]),
         "replies": len(rows["rm_score"]),
     }
+
+
+def function_summary(scores: dict[str, list], thresholds: dict[str, float]) -> dict:
+    """One model's reward-function numbers: `fn/<label>` (mean), `fn/<label>/pass` (share at or above its threshold,
+    pass@1) and `function_pass_rate` (share of replies passing every function that scored them)."""
+    out: dict = {}
+    for label, values in scores.items():
+        scored = [v for v in values if v is not None]
+        out[f"fn/{label}"] = mean(scored) if scored else None
+        out[f"fn/{label}/pass"] = mean([float(v >= thresholds[label]) for v in scored]) if scored else None
+    n = len(next(iter(scores.values())))
+    passed = []
+    for i in range(n):
+        row = {label: values[i] for label, values in scores.items() if values[i] is not None}
+        passed.append(float(bool(row) and all(v >= thresholds[label] for label, v in row.items())))
+    out["function_pass_rate"] = mean(passed)
+    return out
 
 
 def win_rates(per_reply: dict[str, list[float]], baseline: str) -> tuple[dict[str, dict[str, float]], dict[str, float]]:
@@ -50,7 +68,9 @@ def headline(summaries: dict[str, dict]) -> str:
     parts = []
     for name, s in summaries.items():
         gold = "" if s["gold_score"] is None else f"gold {s['gold_score']:+.3f} "
-        parts.append(f"{name} {gold}rm {s['rm_score']:+.3f} win {s['win_rate_vs_sft']:.3f} kl {s['kl']:.3f}")
+        passed = "" if s.get("function_pass_rate") is None else f"pass {s['function_pass_rate']:.3f} "
+        rm = "" if s["rm_score"] is None else f"rm {s['rm_score']:+.3f} "
+        parts.append(f"{name} {passed}{gold}{rm}win {s['win_rate_vs_sft']:.3f} kl {s['kl']:.3f}")
     return "; ".join(parts)
 
 
@@ -119,9 +139,9 @@ def write_plot(report: dict, path: Path) -> None:
     names = list(report["summaries"])
     fig, (bars, heat) = plt.subplots(1, 2, figsize=(12, 4.8))
     x = range(len(names))
-    series = [("rm_score", "RM score"), ("gold_score", "gold score")]
-    series = [(k, label) for k, label in series if all(report["summaries"][n][k] is not None for n in names)]
-    width = 0.8 / len(series)
+    series = [("function_pass_rate", "functions pass rate"), ("rm_score", "RM score"), ("gold_score", "gold score")]
+    series = [(k, label) for k, label in series if all(report["summaries"][n].get(k) is not None for n in names)]
+    width = 0.8 / max(1, len(series))
     for j, (key, label) in enumerate(series):
         bars.bar([i + (j - (len(series) - 1) / 2) * width for i in x],
                  [report["summaries"][n][key] for n in names], width, label=label)  # fmt: skip

@@ -14,6 +14,8 @@ from stages.eval import report
 from stages.eval.config import Config
 from stages.eval.inputs import PreparedInputs, prepare
 from stages.eval.worker import SFT, evaluate_models
+from stages.reward_functions.artifact import ROLE_PREFIX
+from stages.reward_functions.runner import RewardFunctions, weighted_sum
 
 NAME = "eval"
 INPUTS = {"sft_model": "causal-lm", "reward_model": "reward-model", "prompts": "dataset"}  # plus `policies`
@@ -31,7 +33,7 @@ def _plan(config: Config, prepared: PreparedInputs, *, store, ctx: StageContext,
     log_dir = console_log_dir(ctx.work_dir)
     return {
         "sft_model": _source(sft_model, store),
-        "reward_model": _source(reward_model, store),
+        "reward_model": _source(reward_model, store) if reward_model is not None else None,
         "policies": {name: _source(a, store) for name, a in policies.items()},
         "prompt_ids": [ids for ids in prepared.prompt_ids for _ in range(k)],  # sample j of prompt p at p * k + j
         "pad_id": prepared.pad_id,
@@ -47,12 +49,29 @@ def _plan(config: Config, prepared: PreparedInputs, *, store, ctx: StageContext,
     }
 
 
-def run(config: Config, *, store, ctx: StageContext, sft_model: Artifact, reward_model: Artifact, prompts: Artifact,
-        policies: dict[str, Artifact]) -> dict:  # fmt: skip
+def _function_scores(config: Config, prepared: PreparedInputs, prompts: list, replies: dict[str, list[str]], k: int,
+                     ctx: StageContext) -> dict[str, dict[str, list]]:  # fmt: skip
+    """{model: {label: scores}} from the run's reward functions, each in its own CPU actor (never on the driver)."""
+    if not prepared.functions:
+        return {}
+    columns = {c: [v for v in values for _ in range(k)] for c, values in prepared.columns.items()}
+    functions = RewardFunctions(prepared.functions, timeout_s=config.reward_timeout_s, cpus=config.reward_cpus,
+                                log=ctx.log)  # fmt: skip
+    try:
+        pending = {m: functions.submit(prompts, texts, [[] for _ in texts], columns, -1) for m, texts in replies.items()}
+        return {m: functions.collect(p, len(replies[m])) for m, p in pending.items()}
+    finally:
+        functions.shutdown()
+
+
+def run(config: Config, *, store, ctx: StageContext, sft_model: Artifact, prompts: Artifact,
+        policies: dict[str, Artifact], reward_model: Artifact | None = None, reward_fns=None) -> dict:  # fmt: skip
     """Score the SFT model and every policy on the same held-out prompts; returns {"eval-report": Artifact}.
 
     `policies` maps a row name (ppo, grpo, dpo, or an artifact name) to a causal-lm artifact; the SFT model is
-    always the first row and the baseline of the win rates and the KL.
+    always the first row and the baseline of the win rates and the KL. `reward_fns` ({label: reward-fn artifact},
+    the run's functions as `config.reward_functions` lists them) score every model's replies too; the win rates are
+    then judged by their weighted sum.
     """
     import ray
     from transformers import AutoTokenizer
@@ -60,7 +79,9 @@ def run(config: Config, *, store, ctx: StageContext, sft_model: Artifact, reward
     from stages.common.ray_train import ensure_ray
 
     started = time.perf_counter()
-    prepared = prepare(config, sft_model=sft_model, reward_model=reward_model, prompts=prompts, policies=policies)
+    reward_fns = dict(reward_fns or {})
+    prepared = prepare(config, sft_model=sft_model, reward_model=reward_model, prompts=prompts, policies=policies,
+                       reward_fns=reward_fns)  # fmt: skip
     plan = _plan(config, prepared, store=store, ctx=ctx, sft_model=sft_model, reward_model=reward_model,
                  policies=policies)  # fmt: skip
     ctx.log(f"eval: {1 + len(policies)} models ({SFT}, {', '.join(policies) or 'no policies'}) on "
@@ -88,27 +109,41 @@ def run(config: Config, *, store, ctx: StageContext, sft_model: Artifact, reward
         }
         formats = {m: [follows_format(p, t) for p, t in zip(reply_prompts, texts, strict=True)]
                    for m, texts in replies.items()}  # fmt: skip
-    judged = gold if gold is not None else {m: r["rm_score"] for m, r in results.items()}
+    scored = _function_scores(config, prepared, reply_prompts, replies, k, ctx)
+    if scored:  # the run's own verifiers rank the models when it has them
+        n = len(reply_prompts)
+        judged, judged_by = {m: weighted_sum(s, config.reward_functions, n) for m, s in scored.items()}, "functions"
+    elif gold is not None:
+        judged, judged_by = gold, "gold"
+    elif reward_model is not None:
+        judged, judged_by = {m: r["rm_score"] for m, r in results.items()}, "reward_model"
+    else:
+        judged, judged_by = {m: [0.0] * len(replies[m]) for m in results}, "nothing"
     matrix, vs_sft = report.win_rates(judged, SFT)
+    thresholds = {f.label: f.pass_threshold for f in config.reward_functions}
     summaries = {
         m: {**report.model_summary(r, gold[m] if gold else None, formats[m] if formats else None),
+            **(report.function_summary(scored[m], thresholds) if scored else {}),
             "win_rate_vs_sft": vs_sft[m]}
         for m, r in results.items()
     }  # fmt: skip
     document = {
         "models": {SFT: sft_model.ref, **{m: a.ref for m, a in policies.items()}},
-        "reward_model": reward_model.ref,
+        "reward_model": reward_model.ref if reward_model is not None else None,
+        "reward_functions": {f.spec.label: f.ref for f in prepared.functions},
         "prompts": len(prepared.prompt_texts),
         "prompts_ref": prompts.ref,
         "settings": {**config.to_dict(), "seed": plan["seed"], "use_gpu": ctx.scaling.use_gpu},
         "summaries": summaries,
-        "win_rates": {"by": "gold" if gold is not None else "reward_model", "matrix": matrix},
+        "win_rates": {"by": judged_by, "matrix": matrix},
         "samples": report.side_by_side(prepared.prompt_texts, replies, judged, config.samples_shown, k),
         "replies": {
             m: report.reply_rows(reply_prompts, replies[m], r, gold[m] if gold else None) for m, r in results.items()
         },
     }  # fmt: skip
-    inputs = {"sft_model": sft_model, "reward_model": reward_model, "prompts": prompts}
+    inputs = {"sft_model": sft_model, "prompts": prompts, **{ROLE_PREFIX + k: a for k, a in reward_fns.items()}}
+    if reward_model is not None:
+        inputs["reward_model"] = reward_model
     inputs.update({f"policy.{m}": a for m, a in policies.items()})
     with tempfile.TemporaryDirectory(prefix="rlhf-eval-") as tmp:
         report.write_files(document, Path(tmp))

@@ -99,12 +99,14 @@ def _evaluate_models(plan: dict) -> dict[str, dict]:
             )
     _release(sft)
 
-    reward_model = load(AutoModelForSequenceClassification, plan["reward_model"])
+    # without a reward model (a run rewarded by functions alone) rm_score is None per reply
+    reward_model = load(AutoModelForSequenceClassification, plan["reward_model"]) if plan["reward_model"] else None
     results = {}
     for name, model_batches in batches.items():
         rows: dict[str, list] = {"reply_ids": [], "ended": [], "length": [], "kl": [], "rm_score": []}
         for b in model_batches:
-            scores = G.reward_scores(reward_model, b, plan["rm_pad_id"]).cpu()
+            n = b["tokens"].shape[0]
+            scores = G.reward_scores(reward_model, b, plan["rm_pad_id"]).cpu().tolist() if reward_model else [None] * n
             kl = sequence_kl(b["logprobs"], b["sft_logprobs"], b["reply_mask"])
             T = b["reply_mask"].shape[1]
             for i in range(b["tokens"].shape[0]):
@@ -112,7 +114,8 @@ def _evaluate_models(plan: dict) -> dict[str, dict]:
             rows["ended"] += b["ended"].tolist()
             rows["length"] += b["reply_mask"].sum(-1).tolist()
             rows["kl"] += kl.tolist()
-            rows["rm_score"] += scores.tolist()
+            rows["rm_score"] += scores
         results[name] = rows
-    _release(reward_model)
+    if reward_model is not None:
+        _release(reward_model)
     return results

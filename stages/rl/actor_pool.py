@@ -133,7 +133,7 @@ def generation_threads(cfg: RLConfig, use_gpu: bool) -> int:
         return cfg.generation_threads
     if use_gpu or cfg.placement_strategy in ("SPREAD", "STRICT_SPREAD"):
         return cfg.torch_threads
-    return max(cfg.torch_threads, round(len(placement.roles_for(cfg.critic_free)) * cfg.cpus_per_actor))
+    return max(cfg.torch_threads, round(len(placement.roles_of(cfg)) * cfg.cpus_per_actor))
 
 
 class ActorPool:
@@ -148,7 +148,7 @@ class ActorPool:
         from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 
         n = cfg.actors_per_role
-        self.roles = placement.roles_for(cfg.critic_free)
+        self.roles = placement.roles_of(cfg)
         layout = placement.plan(
             actors_per_role=n, cpus_per_actor=cfg.cpus_per_actor, gpus_per_actor=cfg.gpus_per_actor, use_gpu=use_gpu,
             resources=placement.cluster_resources(), strategy=cfg.placement_strategy, roles=self.roles,

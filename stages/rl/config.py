@@ -12,12 +12,17 @@ from pydantic import Field, model_validator
 
 from stages.common.config import Section
 from stages.common.gates import Gate
+from stages.reward_functions.config import RewardSources
 
 
 class RLGate(Gate):
     """What shows RL stayed sane: the policy's KL to the reference within a bound (a blown-up KL is reward hacking)."""
 
     max_kl: float | None = Field(10.0, gt=0)  # nats per reply on the held-out prompts
+    # the reward functions' pass rate on the held-out prompts, after minus before (the SFT policy); e.g. 0.0 stops
+    # a policy that games the reward model while the answers get worse (list the functions with weight 0 to watch
+    # them without training on them). None = off
+    min_function_gain: float | None = None
 
 
 KLPenalty = Literal["reward", "loss"]
@@ -48,12 +53,24 @@ class RLConfig(Section):
     # full-sequence logits can differ by ~1e-2 nats
     old_logprobs: Literal["auto", "sampling", "recompute"] = "auto"
     missing_eos_penalty: float | None = Field(1.0, ge=0.0)  # subtracted from the RM score of replies cut before eos
+    # DAPO's soft overlong punishment: the score of a reply longer than max_new_tokens - overlong_buffer tokens falls
+    # linearly to -overlong_penalty_factor at max_new_tokens (None = off). A reply cut at the budget also pays
+    # missing_eos_penalty, if set
+    overlong_buffer: int | None = Field(None, ge=1)
+    overlong_penalty_factor: float = Field(1.0, ge=0.0)
     # --- policy update ---
     ppo_epochs: int = Field(4, ge=1)  # passes over each rollout batch
     mini_batch_size: int = Field(16, ge=1)  # samples per optimizer step (over all actors of a role)
     learning_rate: float = Field(3e-5, gt=0.0)  # policy AdamW rate
     max_grad_norm: float = Field(1.0, gt=0.0)  # gradient clipping for every trainable model
     clip_ratio: float = Field(0.2, gt=0.0)  # PPO surrogate clip epsilon
+    # DAPO's asymmetric clip: the ratio is clipped to [1 - clip_ratio_low, 1 + clip_ratio_high] (None = clip_ratio).
+    # DAPO's clip-higher: 0.2 / 0.28, so unlikely tokens can still gain probability
+    clip_ratio_low: float | None = Field(None, gt=0.0, lt=1.0)
+    clip_ratio_high: float | None = Field(None, gt=0.0)
+    # "token": PPO's per-token ratio; "sequence": GSPO's length-normalised sequence ratio on every token of the reply
+    # (GSPO clips it far tighter: clip_ratio_low / clip_ratio_high around 3e-4 / 4e-4)
+    importance_ratio: Literal["token", "sequence"] = "token"
     entropy_coef: float = Field(0.0, ge=0.0)  # entropy bonus (0: the KL penalty already keeps the policy broad)
     reward_clip: float | None = Field(None, gt=0.0)  # clip RM scores to +-this before shaping (None = off)
     # --- KL to the reference (SFT) policy ---
@@ -82,6 +99,8 @@ class RLConfig(Section):
     samples_shown: int = Field(8, ge=0)  # SFT vs trained responses saved side by side in samples.json
     checkpoint_every: int = Field(10, ge=1)  # iterations between checkpoints (the last one is always saved)
     log_interval: int | None = Field(None, ge=1)  # iterations between progress lines; None = about ten per run
+    # where the reward comes from: the reward model, Python reward functions, or a weighted sum of both
+    reward: RewardSources = Field(default_factory=RewardSources)
     gate: RLGate = Field(default_factory=RLGate)  # checked by the flow; not part of the cache key
 
     @property
@@ -115,6 +134,16 @@ class RLConfig(Section):
             raise ValueError("adaptive_kl steers the KL penalty in the reward; it needs kl_penalty 'reward', not 'loss'")
         return self
 
+    @model_validator(mode="after")
+    def _overlong_buffer_fits(self) -> RLConfig:
+        """The overlong penalty ramps over the last `overlong_buffer` tokens of the budget: it must leave some room."""
+        if self.overlong_buffer is not None and self.overlong_buffer >= self.max_new_tokens:
+            raise ValueError(
+                f"overlong_buffer ({self.overlong_buffer}) must be smaller than max_new_tokens ({self.max_new_tokens}): "
+                "the penalty ramps over the last overlong_buffer tokens of the reply budget"
+            )
+        return self
+
     def resolved(self, num_workers: int) -> RLConfig:
         """This config with `actors_per_role` fixed (None takes the run's worker count), validated again."""
         if self.actors_per_role is not None:
@@ -140,6 +169,10 @@ class GroupConfig(RLConfig):
     """What the critic-free methods share: `group_size` replies per prompt, a baseline taken over the group."""
 
     group_size: int = Field(4, ge=2)  # replies sampled per prompt (the group a baseline is taken over)
+    # DAPO's dynamic sampling: drop the groups whose replies all got the same reward (zero advantage, no gradient)
+    # and sample replacement prompts, up to max_resample_rounds extra rounds, then train on the groups kept
+    dynamic_sampling: bool = False
+    max_resample_rounds: int = Field(3, ge=0)
 
     @property
     def replies_per_prompt(self) -> int:

@@ -2,10 +2,11 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 from stages.common.errors import StageInputError
+from stages.reward_functions.artifact import load_functions
 from stages.rl.config import RLConfig
 
 
@@ -19,6 +20,10 @@ class PreparedInputs:
     test_prompts: list[str]
     is_demo: bool
     special_tokens: dict
+    # the prompt data's other columns (e.g. `answer`), aligned with the prompts: keyword arguments of reward functions
+    train_columns: dict[str, list] = field(default_factory=dict)
+    test_columns: dict[str, list] = field(default_factory=dict)
+    functions: list = field(default_factory=list)  # runner.LoadedFunction per reward function, verified
 
 
 def _context_length(model_config, where: str) -> int:
@@ -29,7 +34,7 @@ def _context_length(model_config, where: str) -> int:
     raise StageInputError(f"{where}: config.json: expected n_positions or max_position_embeddings, found neither")
 
 
-def _load_prompts(artifact, split: str) -> list[str]:
+def _load_prompts(artifact, split: str) -> tuple[list[str], dict[str, list]]:
     from stages.common.data import DataError, load_dataset_artifact
 
     where = f"prompts {artifact.ref} [{split}.jsonl]"
@@ -45,7 +50,7 @@ def _load_prompts(artifact, split: str) -> list[str]:
             raise StageInputError(f"{where}: row {i}: column 'prompt': expected a non-empty string, found {p!r:.60}")
     if not prompts:
         raise StageInputError(f"{where}: no rows (expected at least one prompt)")
-    return prompts
+    return prompts, {c: list(ds[c]) for c in ds.column_names if c != "prompt"}
 
 
 def _check_same_tokenizer(policy_tok, other_tok, what: str) -> None:
@@ -65,37 +70,49 @@ def _check_same_tokenizer(policy_tok, other_tok, what: str) -> None:
             raise StageInputError(f"{what}: tokenizer {special} is {theirs!r}, expected the policy's {mine!r}")
 
 
-def check_inputs(cfg: RLConfig, *, sft_model, reward_model, prompts) -> PreparedInputs:
-    """Tokenizers match, the reward model has one output, every prompt leaves room for max_new_tokens."""
+def check_inputs(cfg: RLConfig, *, sft_model, reward_model=None, prompts, reward_fns=None) -> PreparedInputs:
+    """Tokenizers match, the reward model (when the section uses one) has one output, every prompt leaves room for
+    max_new_tokens, every reward function (`reward_fns`: {label: reward-fn artifact}) can be called on the prompt
+    data's columns."""
     from transformers import AutoConfig, AutoTokenizer
 
-    for role, artifact, kind in (("sft_model", sft_model, "causal-lm"), ("reward_model", reward_model, "reward-model"),
-                                 ("prompts", prompts, "dataset")):  # fmt: skip
+    algo = cfg.algorithm
+    if cfg.reward.uses_model and reward_model is None:
+        raise StageInputError(f"{algo}: {algo}.reward.model is set but no reward_model input was given")
+    inputs = [("sft_model", sft_model, "causal-lm"), ("prompts", prompts, "dataset")]
+    if cfg.reward.uses_model:
+        inputs.append(("reward_model", reward_model, "reward-model"))
+    for role, artifact, kind in inputs:
         if artifact.kind != kind:
-            raise StageInputError(f"ppo input {role}: {artifact.ref} is a {artifact.kind!r}, expected a {kind!r}")
-    sft_where, rm_where = f"sft_model {sft_model.ref}", f"reward_model {reward_model.ref}"
+            raise StageInputError(f"{algo} input {role}: {artifact.ref} is a {artifact.kind!r}, expected a {kind!r}")
+    sft_where = f"sft_model {sft_model.ref}"
     policy_tok = AutoTokenizer.from_pretrained(sft_model.path)
-    rm_tok = AutoTokenizer.from_pretrained(reward_model.path)
-    _check_same_tokenizer(policy_tok, rm_tok, rm_where)
     if policy_tok.eos_token is None:
         raise StageInputError(f"{sft_where}: tokenizer needs an eos token, found {policy_tok.special_tokens_map}")
-    policy_config, rm_config = AutoConfig.from_pretrained(sft_model.path), AutoConfig.from_pretrained(reward_model.path)
-    if rm_config.num_labels != 1:
-        raise StageInputError(
-            f"{rm_where}: config.json num_labels: expected 1 (one scalar score), found {rm_config.num_labels}"
-        )
-    for where, conf in ((sft_where, policy_config), (rm_where, rm_config)):
+    policy_config = AutoConfig.from_pretrained(sft_model.path)
+    models = [(sft_where, policy_config)]
+    if cfg.reward.uses_model:
+        rm_where = f"reward_model {reward_model.ref}"
+        _check_same_tokenizer(policy_tok, AutoTokenizer.from_pretrained(reward_model.path), rm_where)
+        rm_config = AutoConfig.from_pretrained(reward_model.path)
+        if rm_config.num_labels != 1:
+            raise StageInputError(
+                f"{rm_where}: config.json num_labels: expected 1 (one scalar score), found {rm_config.num_labels}"
+            )
+        models.append((rm_where, rm_config))
+    for where, conf in models:
         if getattr(conf, "vocab_size", len(policy_tok)) < len(policy_tok):
             raise StageInputError(
                 f"{where}: config.json vocab_size {conf.vocab_size} is smaller than the tokenizer ({len(policy_tok)})"
             )
-    context = min(_context_length(policy_config, sft_where), _context_length(rm_config, rm_where))
+    context = min(_context_length(conf, where) for where, conf in models)
     budget = context - cfg.max_new_tokens
     if budget < 1:
         raise StageInputError(
             f"{cfg.algorithm}.max_new_tokens: expected less than the model context {context}, found {cfg.max_new_tokens}"
         )
-    splits = {split: _load_prompts(prompts, split) for split in ("train", "test")}
+    loaded = {split: _load_prompts(prompts, split) for split in ("train", "test")}
+    splits = {split: rows for split, (rows, _) in loaded.items()}
     for split, rows in splits.items():
         lengths = [len(ids) for ids in policy_tok(rows, add_special_tokens=False)["input_ids"]]
         worst = max(range(len(rows)), key=lengths.__getitem__)
@@ -107,14 +124,21 @@ def check_inputs(cfg: RLConfig, *, sft_model, reward_model, prompts) -> Prepared
     policy_tok.padding_side = "left"  # generation continues every prompt from its last token
     special_tokens = special_token_ids(policy_tok, sft_model.path)
     is_demo = (prompts.manifest.get("extra") or {}).get("task") == "demo"
-    return PreparedInputs(policy_tok, splits["train"], splits["test"], is_demo, special_tokens)
+    columns = {split: cols for split, (_, cols) in loaded.items()}
+    functions = load_functions(cfg.reward.functions, reward_fns or {}, sorted(columns["train"]),
+                               f"{algo}.reward.functions")  # fmt: skip
+    return PreparedInputs(policy_tok, splits["train"], splits["test"], is_demo, special_tokens,
+                          columns["train"], columns["test"], functions)  # fmt: skip
 
 
 
-def check_data(cfg: RLConfig, *, scaling, sft_model, reward_model, prompts) -> None:
+
+def check_data(cfg: RLConfig, *, scaling, sft_model, prompts, reward_model=None, **reward_fns) -> None:
     """`check_inputs` on prompts not yet published (a prompt that leaves no room for max_new_tokens, ...): the flow
-    runs it before the prompts become a dataset version (`stages.common.data.ingest`). `scaling` is unused here."""
-    check_inputs(cfg, sft_model=sft_model, reward_model=reward_model, prompts=prompts)
+    runs it before the prompts become a dataset version (`stages.common.data.ingest`). `scaling` is unused here;
+    the reward functions are checked by the stage itself."""
+    without_functions = cfg.model_copy(update={"reward": cfg.reward.model_copy(update={"functions": []})})
+    check_inputs(without_functions, sft_model=sft_model, reward_model=reward_model, prompts=prompts)
 
 def special_token_ids(tokenizer, model_dir: str) -> dict:
     """Pad and eos ids for generation; sets the tokenizer's pad token to eos when it has none (Llama, GPT-2, Qwen).

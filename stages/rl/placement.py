@@ -30,9 +30,21 @@ TRAINABLE_ROLES = ("policy", "critic")  # each forms one torch.distributed group
 RAY_RESOURCE_UNIT = 10_000
 
 
-def roles_for(critic_free: bool) -> tuple[str, ...]:
-    """The actor roles a method runs: all four for ppo, no critic for the critic-free grpo and rloo."""
-    return CRITIC_FREE_ROLES if critic_free else ROLES
+def roles_for(critic_free: bool, reward_model: bool = True) -> tuple[str, ...]:
+    """The actor roles a method runs: all four for ppo, no critic for the critic-free grpo and rloo, and no reward
+    role when the reward comes from reward functions alone (they run in actors of their own, outside the group)."""
+    roles = CRITIC_FREE_ROLES if critic_free else ROLES
+    return roles if reward_model else tuple(r for r in roles if r != "reward")
+
+
+def roles_of(config) -> tuple[str, ...]:
+    """The roles of an RL method's section (`stages.rl.config.RLConfig`)."""
+    return roles_for(config.critic_free, config.reward.uses_model)
+
+
+def function_cpus(config) -> float:
+    """CPUs the reward-function actors hold beside the placement group: one actor per function."""
+    return len(config.reward.functions) * config.reward.cpus
 
 
 @dataclass(frozen=True)
@@ -192,9 +204,18 @@ def check_fits(
         use_gpu=use_gpu,
         resources=ClusterResources(float(total_gpus), float(total_cpus), tuple(node_gpus), tuple(node_cpus)),
         strategy=config.placement_strategy,
-        roles=roles_for(config.critic_free),
+        roles=roles_of(config),
         section=config.algorithm,
     )
+    n_roles = len(roles_of(config))
+    need = n_roles * n * config.cpus_per_actor + function_cpus(config)
+    if config.reward.functions and need > total_cpus + 1e-9:
+        section = config.algorithm
+        raise StageInputError(
+            f"{section}: {n_roles * n} actors x {section}.cpus_per_actor {config.cpus_per_actor:g} + "
+            f"{len(config.reward.functions)} reward function(s) x {section}.reward.cpus {config.reward.cpus:g} = "
+            f"{need:g} CPUs, the Ray cluster has {total_cpus:g}; lower {section}.cpus_per_actor or {section}.reward.cpus"
+        )
 
 
 def cluster_resources() -> ClusterResources:

@@ -6,7 +6,7 @@ import json
 from pathlib import Path
 
 CURVES = [  # (title, metric keys drawn on one panel)
-    ("reward-model and gold score", ["rm_score", "gold_score"]),
+    ("reward, reward-model and gold score", ["reward_score", "rm_score", "gold_score"]),
     ("KL to reference (nats / reply)", ["kl"]),
     ("policy loss", ["policy_loss"]),
     ("value loss (ppo), KL loss (kl_penalty loss)", ["value_loss", "kl_loss"]),
@@ -21,8 +21,10 @@ def log_line(m: dict, total: int, algorithm: str = "ppo") -> str:
     vf = f" vf {m['value_loss']:.4f}" if "value_loss" in m else ""
     kl_loss = f" kl_loss {m['kl_loss']:.4f}" if "kl_loss" in m else ""
     flat = f" flat {m['flat_group_frac']:.2f}" if "flat_group_frac" in m else ""
+    rm = f"rm {m['rm_score']:+.3f}" if "rm_score" in m else f"reward {m['reward_score']:+.3f}"
+    functions = "".join(f" {k[3:-5]} {v:.2f}" for k, v in m.items() if k.startswith("fn/") and k.endswith("/pass"))
     return (
-        f"{algorithm} iter {m['iteration']}/{total}: rm {m['rm_score']:+.3f}{gold} kl {m['kl']:.3f} "
+        f"{algorithm} iter {m['iteration']}/{total}: {rm}{functions}{gold} kl {m['kl']:.3f} "
         f"ent {m['entropy']:.2f} clip {m['clip_frac']:.3f} approx_kl {m['approx_kl']:.4f} "
         f"pg {m['policy_loss']:+.4f}{vf}{kl_loss}{flat} len {m['response_length']:.1f} | "
         f"gen {m['seconds_generation']:.1f}s score {m['seconds_scoring']:.1f}s train {m['seconds_training']:.1f}s"
@@ -39,6 +41,8 @@ def write_curves(history: list[dict], path: Path) -> None:
     fig, axes = plt.subplots(2, 3, figsize=(13, 7))
     x = [m["iteration"] for m in history]
     for ax, (title, keys) in zip(axes.flat, CURVES, strict=True):
+        if title.startswith("reward,") and history:  # each reward function's pass rate beside the scores
+            keys = keys + [k for k in history[0] if k.startswith("fn/") and k.endswith("/pass")]
         drawn = [key for key in keys if history and key in history[0]]
         for key in drawn:
             ax.plot(x, [m[key] for m in history], label=key, marker=".")
@@ -59,8 +63,12 @@ def write_samples(before: list[dict], after: list[dict], count: int, path: Path)
             "prompt": b["prompt"],
             "sft_response": b["response"],
             "ppo_response": a["response"],
+            "sft_reward": b["reward_score"],
+            "ppo_reward": a["reward_score"],
             "sft_rm_score": b["rm_score"],
             "ppo_rm_score": a["rm_score"],
+            "sft_functions": b["functions"],
+            "ppo_functions": a["functions"],
             "sft_gold_score": b["gold_score"],
             "ppo_gold_score": a["gold_score"],
         }

@@ -11,10 +11,12 @@ import os
 import random
 import time
 from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
+from stages.reward_functions.runner import RewardFunctions, pass_rates, weighted_sum
 from stages.rl import algorithm as A
 from stages.rl.actor_pool import ActorPool, gather, pad_to_multiple
 from stages.rl.config import RLConfig
@@ -30,10 +32,22 @@ def make_kl_controller(cfg: RLConfig) -> A.FixedKLController | A.AdaptiveKLContr
     return A.FixedKLController(cfg.kl_coef)
 
 
-def prompts_for_iteration(prompts: list[str], iteration: int, batch_size: int, seed: int) -> list[str]:
-    """A batch drawn without replacement, a pure function of (seed, iteration) so a resumed run sees the same data."""
+def rows_for_iteration(n: int, iteration: int, batch_size: int, seed: int) -> list[int]:
+    """The rows of a batch of `n` prompts, drawn without replacement, a pure function of (seed, iteration) so a
+    resumed run sees the same data."""
     rng = random.Random(f"ppo/{seed}/{iteration}")
-    return rng.sample(prompts, batch_size) if batch_size <= len(prompts) else rng.choices(prompts, k=batch_size)
+    rows = range(n)
+    return rng.sample(rows, batch_size) if batch_size <= n else rng.choices(rows, k=batch_size)
+
+
+def prompts_for_iteration(prompts: list[str], iteration: int, batch_size: int, seed: int) -> list[str]:
+    """The prompts of `rows_for_iteration` (the same draws as sampling the prompts themselves)."""
+    return [prompts[i] for i in rows_for_iteration(len(prompts), iteration, batch_size, seed)]
+
+
+def select_columns(columns: dict[str, list], rows: list[int]) -> dict[str, list]:
+    """The prompt data's other columns at `rows`, aligned with the batch."""
+    return {name: [values[i] for i in rows] for name, values in columns.items()}
 
 
 def decode_responses(tokenizer, tokens: torch.Tensor, response_mask: torch.Tensor, prompt_len: int) -> list[str]:
@@ -48,12 +62,14 @@ class RLLoop:
     """One RL iteration at a time over the actor pool (the section's method: PPO, GRPO or RLOO); `evaluate` scores held-out prompts
     without training."""
 
-    def __init__(self, cfg: RLConfig, pool: ActorPool, tokenizer, *, gold: GoldFn | None, seed: int):
+    def __init__(self, cfg: RLConfig, pool: ActorPool, tokenizer, *, gold: GoldFn | None, seed: int,
+                 functions: RewardFunctions | None = None):  # fmt: skip
         self.cfg = cfg
         self.pool = pool
         self.tokenizer = tokenizer
         self.gold = gold
         self.seed = seed
+        self.functions = functions if functions is not None and len(functions) else None
         self.kl_controller = make_kl_controller(cfg)
 
     # ------------------------------------------------------------------------------------------------ rollout
@@ -69,25 +85,37 @@ class RLLoop:
         out["prompt_len"] = out["tokens"].shape[1] - self.cfg.max_new_tokens
         return out
 
-    def _score(self, batch: dict, with_values: bool = True) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
-        """Reference log-probs, reward-model scores and critic values, computed concurrently by their actors.
+    def _score(self, batch: dict, prompts: list[str], columns: dict[str, list], step: int,
+               with_values: bool = True) -> Scored:  # fmt: skip
+        """Reference log-probs, the reward (reward model and reward functions, weighted) and critic values, computed
+        concurrently by their actors; the reward functions run on the decoded replies meanwhile.
 
         When sampling did not record the policy's own log-probs, they are taken in the same round (into
         batch["logprobs"]): after sampling the policy actor is free, and its forward runs alongside the other roles'.
         """
+        sources = self.cfg.reward
+        texts = decode_responses(self.tokenizer, batch["tokens"], batch["response_mask"], batch["prompt_len"])
+        pending = None
+        if self.functions is not None:
+            ids = reply_token_ids(batch["tokens"], batch["response_mask"], batch["prompt_len"])
+            pending = self.functions.submit(prompts, texts, ids, columns, step)
         view = {k: batch[k] for k in ("tokens", "attention_mask", "response_mask", "prompt_len")}
         policy = None if "logprobs" in batch else self.pool["policy"].submit("logprobs", view)
         ref = self.pool["reference"].submit("logprobs", view)
-        rm = self.pool["reward"].submit("scores", view)
+        rm = self.pool["reward"].submit("scores", view) if sources.uses_model else None
         values = self.pool["critic"].submit("values", view) if with_values else None
         if policy is not None:
             batch["logprobs"] = gather(policy, "concat")
-        return gather(ref, "concat"), gather(rm, "concat"), gather(values, "concat") if values else None
-
-    def _texts_and_gold(self, prompts: list[str], batch: dict) -> tuple[list[str], list[float] | None]:
-        texts = decode_responses(self.tokenizer, batch["tokens"], batch["response_mask"], batch["prompt_len"])
+        rm_scores = gather(rm, "concat") if rm else None
+        n = len(texts)
+        reward = sources.model_weight * rm_scores if rm_scores is not None else torch.zeros(n)
+        fn_scores: dict[str, list[float | None]] = {}
+        if pending is not None:
+            fn_scores = self.functions.collect(pending, n)
+            reward = reward + torch.tensor(weighted_sum(fn_scores, sources.functions, n), dtype=reward.dtype)
         gold = [self.gold(p, r) for p, r in zip(prompts, texts, strict=True)] if self.gold else None
-        return texts, gold
+        return Scored(gather(ref, "concat"), reward, rm_scores, fn_scores, gather(values, "concat") if values else None,
+                      texts, gold)  # fmt: skip
 
     # ---------------------------------------------------------------------------------------------- iteration
     def _rollout_prompts(self, prompts: list[str]) -> list[str]:
@@ -126,7 +154,7 @@ class RLLoop:
                  "flat_group_frac": float(A.flat_group_fraction(rewards, k))}  # fmt: skip
         return A.broadcast_over_tokens(seq_adv, mask), rewards, None, stats
 
-    def iteration(self, index: int, prompts: list[str]) -> dict[str, float]:
+    def iteration(self, index: int, prompts: list[str], columns: dict[str, list] | None = None) -> dict[str, float]:
         """Rollout, scoring, advantages and `ppo_epochs` of updates (policy, and the critic for PPO); the metrics.
 
         PPO: one reply per prompt, GAE over the critic's values. GRPO / RLOO: `group_size` replies per prompt and a
@@ -134,10 +162,12 @@ class RLLoop:
         """
         cfg = self.cfg
         replies_prompts = self._rollout_prompts(prompts)
+        replies_columns = {c: self._rollout_prompts(v) for c, v in (columns or {}).items()}
         t0 = time.perf_counter()
         batch = self._generate(replies_prompts, seed=self.seed * 1_000_003 + index)
         t1 = time.perf_counter()
-        ref_logprobs, scores, values = self._score(batch, with_values=not cfg.critic_free)
+        scored = self._score(batch, replies_prompts, replies_columns, index, with_values=not cfg.critic_free)
+        ref_logprobs, scores, values = scored.ref_logprobs, scored.reward, scored.values
         t2 = time.perf_counter()
 
         mask = batch["response_mask"]
@@ -167,10 +197,10 @@ class RLLoop:
         # the sequence KL (k1, summed over the reply) is what the controller tracks and what we report
         seq_kl = A.masked_sum(batch["logprobs"] - ref_logprobs, mask, dim=1)
         self.kl_controller.update(float(seq_kl.mean()), len(replies_prompts))
-        _, gold = self._texts_and_gold(replies_prompts, batch)
+        gold = scored.gold
         metrics = {
             "iteration": index + 1,
-            "rm_score": float(scores.mean()),
+            "reward_score": float(scores.mean()),
             "kl": float(seq_kl.mean()),
             "kl_coef": kl_coef,
             "reward": float(rewards.mean()),
@@ -186,35 +216,101 @@ class RLLoop:
         }
         if kl_in_loss:
             metrics["loss_kl_coef"] = cfg.loss_kl_coef
+        if scored.rm_scores is not None:
+            metrics["rm_score"] = float(scored.rm_scores.mean())
+        metrics.update(function_metrics(scored.functions, self._thresholds()))
         if gold is not None:
             metrics["gold_score"] = sum(gold) / len(gold)
         return metrics
 
     # --------------------------------------------------------------------------------------------- evaluation
-    def evaluate(self, prompts: list[str], seed: int) -> dict:
-        """Sample one reply per held-out prompt (fixed seed) and score it: RM score, gold score, KL to the reference."""
+    def _thresholds(self) -> dict[str, float]:
+        return {f.label: f.pass_threshold for f in self.cfg.reward.functions}
+
+    def evaluate(self, prompts: list[str], seed: int, columns: dict[str, list] | None = None) -> dict:
+        """Sample one reply per held-out prompt (fixed seed) and score it: RM score, reward functions, gold score,
+        KL to the reference."""
         rows: list[dict] = []
         bs = self.cfg.rollout_batch_size
+        columns = columns or {}
         for start in range(0, len(prompts), bs):
             chunk = prompts[start : start + bs]
             # every actor of a role needs a shard of the same size: pad the last chunk by repeating its prompts
             # (cyclically: a chunk may hold fewer prompts than there are actors)
             padded = pad_to_multiple(chunk, self.cfg.actors_per_role)
+            padded_columns = {c: pad_to_multiple(v[start : start + bs], self.cfg.actors_per_role)
+                              for c, v in columns.items()}  # fmt: skip
             batch = self._generate(padded, seed=seed + start)
-            ref_logprobs, scores, _ = self._score(batch, with_values=False)
-            seq_kl = A.masked_sum(batch["logprobs"] - ref_logprobs, batch["response_mask"], dim=1)
-            texts, gold = self._texts_and_gold(padded, batch)
+            scored = self._score(batch, padded, padded_columns, -1, with_values=False)
+            seq_kl = A.masked_sum(batch["logprobs"] - scored.ref_logprobs, batch["response_mask"], dim=1)
             for i, prompt in enumerate(chunk):
                 rows.append({
-                    "prompt": prompt, "response": texts[i], "rm_score": float(scores[i]), "kl": float(seq_kl[i]),
-                    "gold_score": gold[i] if gold else None,
+                    "prompt": prompt, "response": scored.texts[i], "reward_score": float(scored.reward[i]),
+                    "rm_score": float(scored.rm_scores[i]) if scored.rm_scores is not None else None,
+                    "functions": {label: values[i] for label, values in scored.functions.items()},
+                    "kl": float(seq_kl[i]), "gold_score": scored.gold[i] if scored.gold else None,
                 })  # fmt: skip
-        summary = {
-            "rm_score": sum(r["rm_score"] for r in rows) / len(rows),
-            "kl": sum(r["kl"] for r in rows) / len(rows),
-            "gold_score": sum(r["gold_score"] for r in rows) / len(rows) if self.gold else None,
-        }
-        return {"summary": summary, "rows": rows}
+        return {"summary": evaluation_summary(rows, self._thresholds(), has_gold=self.gold is not None), "rows": rows}
+
+
+@dataclass
+class Scored:
+    """What scoring one rollout batch gives: the reference's log-probs, the reward per reply (the weighted sum of
+    the sources), the reward model's and each function's own scores, the critic's values, the texts, gold scores."""
+
+    ref_logprobs: torch.Tensor
+    reward: torch.Tensor
+    rm_scores: torch.Tensor | None
+    functions: dict[str, list[float | None]]
+    values: torch.Tensor | None
+    texts: list[str]
+    gold: list[float] | None
+
+
+def reply_token_ids(tokens: torch.Tensor, response_mask: torch.Tensor, prompt_len: int) -> list[list[int]]:
+    """Each reply's token ids (TRL's `completion_ids`)."""
+    return [row[mask.bool()].tolist() for row, mask in zip(tokens[:, prompt_len:], response_mask, strict=True)]
+
+
+def function_metrics(scores: dict[str, list[float | None]], thresholds: dict[str, float]) -> dict[str, float]:
+    """Per function, its mean score and pass rate over the replies it scored: `fn/<label>`, `fn/<label>/pass`."""
+    out: dict[str, float] = {}
+    rates = pass_rates(scores, thresholds)
+    for label, values in scores.items():
+        scored = [v for v in values if v is not None]
+        if scored:
+            out[f"fn/{label}"] = sum(scored) / len(scored)
+            out[f"fn/{label}/pass"] = rates[label]
+    return out
+
+
+def evaluation_summary(rows: list[dict], thresholds: dict[str, float], *, has_gold: bool) -> dict:
+    """Means over the evaluated replies; `functions` holds each function's mean and pass rate, and
+    `function_pass_rate` the share of replies that pass every function that scored them."""
+    n = len(rows)
+    summary = {
+        "reward_score": sum(r["reward_score"] for r in rows) / n,
+        "rm_score": sum(r["rm_score"] for r in rows) / n if rows[0]["rm_score"] is not None else None,
+        "kl": sum(r["kl"] for r in rows) / n,
+        "gold_score": sum(r["gold_score"] for r in rows) / n if has_gold else None,
+    }
+    if thresholds:
+        scores = {label: [r["functions"][label] for r in rows] for label in thresholds}
+        rates = pass_rates(scores, thresholds)
+        summary["functions"] = {
+            label: {"mean": (sum(v for v in values if v is not None) / max(1, sum(v is not None for v in values))),
+                    "pass_rate": rates[label]}
+            for label, values in scores.items()
+        }  # fmt: skip
+        passed = [_passes_all(r["functions"], thresholds) for r in rows]
+        summary["function_pass_rate"] = sum(passed) / n
+    return summary
+
+
+def _passes_all(scores: dict[str, float | None], thresholds: dict[str, float]) -> bool:
+    """A reply passes when at least one function scored it and every function that did passes it."""
+    scored = {k: v for k, v in scores.items() if v is not None}
+    return bool(scored) and all(v >= thresholds[k] for k, v in scored.items())
 
 
 def gold_win_rate(before: list[dict], after: list[dict]) -> float:

@@ -15,12 +15,14 @@ from stages.common.context import StageContext
 from stages.common.errors import StageInputError
 from stages.common.fingerprint import code_fingerprint
 from stages.common.plots import write_metrics_jsonl
+from stages.reward_functions.artifact import ROLE_PREFIX as REWARD_FN_ROLE_PREFIX
+from stages.reward_functions.runner import RewardFunctions
 from stages.rl import report
 from stages.rl.actor_pool import ActorPool, ModelSource
 from stages.rl.config import RLConfig
 from stages.rl.devices import rl_precision
 from stages.rl.inputs import check_inputs
-from stages.rl.rl_loop import CheckpointState, RLLoop, gold_win_rate, prompts_for_iteration
+from stages.rl.rl_loop import CheckpointState, RLLoop, gold_win_rate, rows_for_iteration, select_columns
 
 NAME = "rl"
 POLICY_NAMES = {"ppo": "policy", "grpo": "policy-grpo", "rloo": "policy-rloo"}  # what each method publishes
@@ -28,9 +30,10 @@ EVAL_SEED_OFFSET = 424_242  # evaluation samples use their own seed, identical b
 
 
 def run(
-    config: RLConfig, *, store, ctx: StageContext, sft_model, reward_model, prompts
+    config: RLConfig, *, store, ctx: StageContext, sft_model, prompts, reward_model=None, reward_fns=None
 ) -> dict:
-    """RLHF with the section's method (`config.algorithm`) on `prompts`, from the SFT policy against the reward model.
+    """RLHF with the section's method (`config.algorithm`) on `prompts`, from the SFT policy, rewarded by the reward
+    model and/or the reward functions (`reward_fns`: {label: reward-fn artifact}) as `config.reward` says.
 
     Publishes the policy under the method's name (POLICY_NAMES); returns {"policy": Artifact} whatever the name.
     """
@@ -46,28 +49,39 @@ def run(
             f"{config.algorithm}: actors_per_role = run.num_workers ({ctx.scaling.num_workers}): {e.errors()[0]['msg']}"
         ) from None
     rl_precision(config.bf16, ctx.scaling.use_gpu, config.algorithm)  # bf16 on CPU is refused before Ray starts
-    prepared = check_inputs(config, sft_model=sft_model, reward_model=reward_model, prompts=prompts)
+    reward_fns = dict(reward_fns or {})
+    prepared = check_inputs(config, sft_model=sft_model, reward_model=reward_model, prompts=prompts,
+                            reward_fns=reward_fns)  # fmt: skip
     gold = None
     if prepared.is_demo:
         from stages.common.demo import gold_score as gold
     eval_prompts = prepared.test_prompts[: config.eval_prompts]
+    eval_columns = {c: v[: config.eval_prompts] for c, v in prepared.test_columns.items()}
     eval_seed = ctx.seed + EVAL_SEED_OFFSET
     checkpoints = CheckpointState(ctx.work_dir)
     state = checkpoints.load()
 
     ensure_ray()
     sft_src = ModelSource(sft_model.path, store.root, sft_model.ref)
-    rm_src = ModelSource(reward_model.path, store.root, reward_model.ref)
-    sources = {"policy": sft_src, "reference": sft_src, "reward": rm_src,
-               "critic": rm_src if getattr(config, "critic_init", None) == "reward_model" else sft_src}  # fmt: skip
+    sources = {"policy": sft_src, "reference": sft_src, "critic": sft_src}
+    if reward_model is not None:
+        sources["reward"] = ModelSource(reward_model.path, store.root, reward_model.ref)
+        if getattr(config, "critic_init", None) == "reward_model":
+            sources["critic"] = sources["reward"]
     algo = config.algorithm  # the log prefix
     log_dir = console_log_dir(ctx.work_dir)
     if log_dir and not ctx.logs_announced:
         ctx.log(f"{algo}: actor output (DeepSpeed, HF) goes to {log_dir}/<role>-rank*.log")
-    pool = ActorPool(config, sources, seed=ctx.seed, use_gpu=ctx.scaling.use_gpu,
-                     special_tokens=prepared.special_tokens, log=ctx.log, log_dir=log_dir)  # fmt: skip
+    functions = RewardFunctions(prepared.functions, timeout_s=config.reward.timeout_s, cpus=config.reward.cpus,
+                                log=ctx.log)  # fmt: skip
     try:
-        loop = RLLoop(config, pool, prepared.tokenizer, gold=gold, seed=ctx.seed)
+        pool = ActorPool(config, sources, seed=ctx.seed, use_gpu=ctx.scaling.use_gpu,
+                         special_tokens=prepared.special_tokens, log=ctx.log, log_dir=log_dir)  # fmt: skip
+    except BaseException:
+        functions.shutdown()
+        raise
+    try:
+        loop = RLLoop(config, pool, prepared.tokenizer, gold=gold, seed=ctx.seed, functions=functions)
         if state is not None:
             checkpoints.restore(pool, state)
             loop.kl_controller.load_state_dict(state["kl_controller"])
@@ -75,12 +89,13 @@ def run(
             ctx.log(f"{algo}: resuming from the checkpoint after iteration {start} ({checkpoints.root})")
         else:
             history, start = [], 0
-            eval_before = loop.evaluate(eval_prompts, eval_seed)
+            eval_before = loop.evaluate(eval_prompts, eval_seed, eval_columns)
         every = config.log_interval or max(1, config.iterations // 10)
         loop_start = time.perf_counter()
         for i in range(start, config.iterations):
-            batch = prompts_for_iteration(prepared.train_prompts, i, config.rollout_batch_size, ctx.seed)
-            metrics = loop.iteration(i, batch)
+            rows = rows_for_iteration(len(prepared.train_prompts), i, config.rollout_batch_size, ctx.seed)
+            batch = [prepared.train_prompts[j] for j in rows]
+            metrics = loop.iteration(i, batch, select_columns(prepared.train_columns, rows))
             history.append(metrics)
             if (i + 1) % every == 0 or i + 1 == config.iterations:
                 eta = (time.perf_counter() - loop_start) / (i + 1 - start) * (config.iterations - i - 1)
@@ -88,11 +103,12 @@ def run(
             if (i + 1) % config.checkpoint_every == 0 or i + 1 == config.iterations:
                 checkpoints.save(pool, iteration=i + 1, kl_controller=loop.kl_controller, history=history,
                                  eval_before=eval_before)  # fmt: skip
-        eval_after = loop.evaluate(eval_prompts, eval_seed)  # before/after are on the "published" line
+        eval_after = loop.evaluate(eval_prompts, eval_seed, eval_columns)  # before/after: on the "published" line
         staging = _fresh_staging(ctx.work_dir)
         ray.get(pool["policy"].broadcast("export_to", staging))
     finally:
         pool.shutdown()
+        functions.shutdown()
 
     metrics = _final_metrics(config, history, eval_before, eval_after, gold is not None)
     with tempfile.TemporaryDirectory(prefix=f"rlhf-{algo}-") as tmp:
@@ -111,7 +127,9 @@ def run(
             kind="causal-lm",
             stage=algo,
             config=config.to_dict(),
-            inputs={"sft_model": sft_model, "reward_model": reward_model, "prompts": prompts},
+            inputs={"sft_model": sft_model, "prompts": prompts,
+                    **({"reward_model": reward_model} if reward_model is not None else {}),
+                    **{f"{REWARD_FN_ROLE_PREFIX}{label}": art for label, art in reward_fns.items()}},  # fmt: skip
             metrics=metrics,
             timings={
                 "wall_seconds": time.perf_counter() - started,
@@ -156,7 +174,9 @@ def _local_copy(staging: str, target: Path) -> Path:
 def _final_metrics(config: RLConfig, history: list[dict], before: dict, after: dict, has_gold: bool) -> dict:
     """The manifest metrics; gold metrics are None when the prompts are not the demo task's."""
     rollout_seconds = sum(m["seconds_generation"] + m["seconds_scoring"] + m["seconds_training"] for m in history)
-    return {
+    out = {
+        "reward_before": before["summary"]["reward_score"],
+        "reward_after": after["summary"]["reward_score"],
         "rm_score_before": before["summary"]["rm_score"],
         "rm_score_after": after["summary"]["rm_score"],
         "gold_score_before": before["summary"]["gold_score"],
@@ -167,6 +187,24 @@ def _final_metrics(config: RLConfig, history: list[dict], before: dict, after: d
         # replies per second of rollout + update (PPO: one per prompt; GRPO/RLOO: group_size per prompt)
         "samples_per_second": len(history) * config.rollout_replies / rollout_seconds if rollout_seconds else 0.0,
     }
+    out.update(function_summary_metrics(before["summary"], after["summary"]))
+    return out
+
+
+def function_summary_metrics(before: dict, after: dict) -> dict:
+    """The reward functions' held-out results before and after training: each one's pass rate, the share passing
+    them all (`function_pass_rate_*`) and its change (`function_gain`, what `gate.min_function_gain` checks)."""
+    if "functions" not in after:
+        return {}
+    out = {}
+    for label, stats in after["functions"].items():
+        out[f"fn/{label}/pass_before"] = before["functions"][label]["pass_rate"]
+        out[f"fn/{label}/pass_after"] = stats["pass_rate"]
+        out[f"fn/{label}/mean_after"] = stats["mean"]
+    out["function_pass_rate_before"] = before["function_pass_rate"]
+    out["function_pass_rate_after"] = after["function_pass_rate"]
+    out["function_gain"] = after["function_pass_rate"] - before["function_pass_rate"]
+    return out
 
 
 def _save_tokenizer(model_dir: str, out: Path) -> None:
