@@ -425,6 +425,8 @@ class PolicyActor(_Trainable):
 
         A batch carrying "ref_logprobs" (kl_penalty "loss", GRPO's default) adds loss_kl_coef * the k3 KL to the
         reference to every step's loss, computed from this step's log-probs.
+        The surrogate clips to [1 - clip_ratio_low, 1 + clip_ratio_high] (each None = clip_ratio) and takes the ratio
+        per token or, with importance_ratio "sequence", GSPO's per reply.
         """
         s = self.settings
         b = self._to(batch)
@@ -437,7 +439,10 @@ class PolicyActor(_Trainable):
             for idx in self._minibatches(b["tokens"].shape[0], epochs, seed):
                 mask = b["response_mask"][idx]
                 logprobs, entropies = self._per_token(reader, b, idx)
-                loss, stats = A.policy_loss(logprobs, b["logprobs"][idx], b["advantages"][idx], mask, s["clip_ratio"])
+                loss, stats = A.policy_loss(
+                    logprobs, b["logprobs"][idx], b["advantages"][idx], mask, s["clip_ratio"],
+                    clip_low=s["clip_ratio_low"], clip_high=s["clip_ratio_high"], ratio_level=s["importance_ratio"],
+                )  # fmt: skip
                 entropy = A.masked_mean(entropies, mask)
                 if s["entropy_coef"] > 0:
                     loss = loss - s["entropy_coef"] * entropy

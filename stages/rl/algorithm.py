@@ -4,7 +4,8 @@ Conventions: every per-token tensor covers the *response* tokens only, shape [B,
 length padded on the right); `mask` is 1.0 on real response tokens (up to and including eos) and 0.0 on padding.
 The references are Schulman et al. 2017 (PPO), Schulman et al. 2016 (GAE), Ziegler et al. 2019 (KL-penalised reward,
 adaptive KL controller) and Stiennon et al. 2020 / Ouyang et al. 2022 (the recipe and its defaults); for the
-critic-free methods Shao et al. 2024 (GRPO), Liu et al. 2025 (Dr. GRPO) and Ahmadian et al. 2024 (RLOO).
+critic-free methods Shao et al. 2024 (GRPO), Liu et al. 2025 (Dr. GRPO) and Ahmadian et al. 2024 (RLOO); for their
+variants Yu et al. 2025 (DAPO: asymmetric clip, dynamic sampling, overlong penalty) and Zheng et al. 2025 (GSPO).
 Critic-free batches hold `group_size` replies per prompt in consecutive rows: rows [g*k, (g+1)*k) are group g.
 """
 
@@ -16,6 +17,7 @@ import torch
 import torch.nn.functional as F
 
 KLEstimator = Literal["k1", "k3"]
+ImportanceRatio = Literal["token", "sequence"]
 
 
 # --------------------------------------------------------------------------------------------------- masked stats
@@ -163,8 +165,35 @@ def rloo_advantages(scores: torch.Tensor, group_size: int) -> torch.Tensor:
 
 def flat_group_fraction(scores: torch.Tensor, group_size: int) -> torch.Tensor:
     """Share of groups whose replies all scored the same: they give a zero advantage, hence no learning signal."""
+    return (~informative_groups(scores, group_size)).float().mean()
+
+
+def informative_groups(scores: torch.Tensor, group_size: int, tol: float = 0.0) -> torch.Tensor:
+    """DAPO's dynamic-sampling filter: True for each group whose rewards are not all equal, [B] -> [B / k] bool.
+
+    A group whose replies all got the same reward has zero advantage on every reply (under GRPO and RLOO alike), so
+    it adds no policy gradient and only dilutes the batch; DAPO drops such groups and samples others in their
+    place. `tol` > 0 also counts a group as flat when its rewards spread by at most `tol` (noisy float scores).
+    """
     g = grouped(scores, group_size)
-    return (g.max(dim=1).values == g.min(dim=1).values).float().mean()
+    return (g.max(dim=1).values - g.min(dim=1).values) > tol
+
+
+def informative_rows(scores: torch.Tensor, group_size: int, tol: float = 0.0) -> torch.Tensor:
+    """`informative_groups` spread to the rows of each group: [B] -> [B] bool, for indexing the rollout batch."""
+    return informative_groups(scores, group_size, tol).repeat_interleave(group_size)
+
+
+def overlong_penalty(lengths: torch.Tensor, max_new_tokens: int, buffer: int, factor: float = 1.0) -> torch.Tensor:
+    """DAPO's soft overlong punishment, added to each reply's score: [B] reply lengths -> [B] penalties <= 0.
+
+    0 up to max_new_tokens - buffer tokens, then falling linearly to -factor at max_new_tokens (and -factor past it),
+    so a reply is told it is running long before the hard cut rather than only being truncated.
+    """
+    if not 0 < buffer < max_new_tokens:
+        raise ValueError(f"overlong_penalty: expected 0 < buffer < max_new_tokens ({max_new_tokens}), found {buffer}")
+    over = (lengths.float() - (max_new_tokens - buffer)).clamp(0.0, float(buffer))  # tokens into the buffer
+    return -factor * over / buffer
 
 
 def sequence_rewards(scores: torch.Tensor, kl: torch.Tensor, mask: torch.Tensor, kl_coef: float) -> torch.Tensor:
@@ -178,22 +207,54 @@ def broadcast_over_tokens(advantages: torch.Tensor, mask: torch.Tensor) -> torch
 
 
 # ------------------------------------------------------------------------------------------------------- losses
+def sequence_importance_ratio(logprobs: torch.Tensor, old_logprobs: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """GSPO's sequence-level ratio s_i = exp(mean over the reply's tokens of (logp - old_logp)), on every token: [B, T].
+
+    Written in GSPO-token's stop-gradient form s_i,t = sg[s_i] * pi(y_t) / sg[pi(y_t)]: the value is s_i on every
+    token, and d s_i,t / d logp_t = s_i, so each token's gradient is its own log-prob's scaled by the sequence ratio.
+    The length-normalised ratio does not grow with the reply's length the way a product of token ratios would.
+    """
+    seq_log_ratio = masked_mean(logprobs - old_logprobs, mask, dim=1).detach().unsqueeze(1)
+    # logprobs - logprobs.detach() is 0 in value but passes a gradient of 1 to each token's log-prob
+    return torch.exp(seq_log_ratio + logprobs - logprobs.detach())
+
+
+def importance_ratio(
+    logprobs: torch.Tensor, old_logprobs: torch.Tensor, mask: torch.Tensor, level: ImportanceRatio = "token"
+) -> torch.Tensor:
+    """pi / pi_old per token ("token": PPO's) or per reply broadcast over its tokens ("sequence": GSPO's), [B, T]."""
+    if level == "token":
+        return torch.exp(logprobs - old_logprobs)
+    if level == "sequence":
+        return sequence_importance_ratio(logprobs, old_logprobs, mask)
+    raise ValueError(f"importance ratio: expected 'token' or 'sequence', found {level!r}")
+
+
 def policy_loss(
     logprobs: torch.Tensor,
     old_logprobs: torch.Tensor,
     advantages: torch.Tensor,
     mask: torch.Tensor,
     clip: float = 0.2,
+    clip_low: float | None = None,
+    clip_high: float | None = None,
+    ratio_level: ImportanceRatio = "token",
 ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-    """PPO clipped surrogate: mean over tokens of max(-A * ratio, -A * clamp(ratio, 1 - clip, 1 + clip)).
+    """PPO clipped surrogate: mean over tokens of max(-A * ratio, -A * clamp(ratio, 1 - low, 1 + high)).
 
+    low and high default to `clip` (PPO's symmetric range); DAPO's clip-higher sets high > low, so tokens the policy
+    found unlikely can still gain probability while the lower bound stays tight. `ratio_level` "sequence" takes
+    GSPO's sequence ratio (`sequence_importance_ratio`) in place of the per-token one.
     Returns (loss, {"clip_frac", "approx_kl"}): the share of tokens where the clipped term was taken, and
-    0.5 * mean((log ratio)^2), the usual cheap estimate of how far this update moved the policy.
+    0.5 * mean((log ratio)^2) over the per-token log ratios, the usual cheap estimate of how far this update moved
+    the policy.
     """
+    low = clip if clip_low is None else clip_low
+    high = clip if clip_high is None else clip_high
     log_ratio = logprobs - old_logprobs
-    ratio = torch.exp(log_ratio)
+    ratio = importance_ratio(logprobs, old_logprobs, mask, ratio_level)
     unclipped = -advantages * ratio
-    clipped = -advantages * torch.clamp(ratio, 1.0 - clip, 1.0 + clip)
+    clipped = -advantages * torch.clamp(ratio, 1.0 - low, 1.0 + high)
     loss = masked_mean(torch.maximum(unclipped, clipped), mask)
     with torch.no_grad():
         stats = {

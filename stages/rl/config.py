@@ -169,10 +169,6 @@ class GroupConfig(RLConfig):
     """What the critic-free methods share: `group_size` replies per prompt, a baseline taken over the group."""
 
     group_size: int = Field(4, ge=2)  # replies sampled per prompt (the group a baseline is taken over)
-    # DAPO's dynamic sampling: drop the groups whose replies all got the same reward (zero advantage, no gradient)
-    # and sample replacement prompts, up to max_resample_rounds extra rounds, then train on the groups kept
-    dynamic_sampling: bool = False
-    max_resample_rounds: int = Field(3, ge=0)
 
     @property
     def replies_per_prompt(self) -> int:

@@ -175,6 +175,9 @@ class RLLoop:
         penalised = scores.clone()
         if cfg.missing_eos_penalty is not None:
             penalised[~batch["ended"]] -= cfg.missing_eos_penalty
+        if cfg.overlong_buffer is not None:  # DAPO's soft penalty over the last tokens of the reply budget
+            penalised += A.overlong_penalty(mask.sum(-1), cfg.max_new_tokens, cfg.overlong_buffer,
+                                            cfg.overlong_penalty_factor)  # fmt: skip
         kl_in_loss = cfg.kl_penalty == "loss"
         kl_coef = 0.0 if kl_in_loss else self.kl_controller.value
         advantages, rewards, returns, adv_stats = self._advantages(penalised, kl, mask, values, kl_coef)

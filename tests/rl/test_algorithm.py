@@ -204,3 +204,175 @@ def test_one_ppo_update_moves_policy_toward_higher_advantage_tokens():
     assert probs_of(3) > good_before + 0.01
     assert probs_of(1) < bad_before - 0.01
     assert 0.0 < stats["approx_kl"].item() < 0.5
+
+
+# ------------------------------------------------------------------------- DAPO: asymmetric clip (clip-higher)
+def _asym_loss_at(ratio: float, advantage: float, low: float | None, high: float | None, clip: float = 0.2):
+    logprobs = torch.tensor([[math.log(ratio)]], requires_grad=True)
+    loss, stats = A.policy_loss(logprobs, torch.zeros(1, 1), torch.tensor([[advantage]]), torch.ones(1, 1),
+                                clip=clip, clip_low=low, clip_high=high)  # fmt: skip
+    loss.backward()
+    return loss.item(), logprobs.grad.item(), stats["clip_frac"].item()
+
+
+def test_asymmetric_clip_upper_bound_by_hand():
+    # ratio 1.5, A = +1, low 0.2 / high 0.28: clamp -> 1.28, max(-1.5, -1.28) = -1.28, no gradient past the bound
+    loss, grad, clip_frac = _asym_loss_at(1.5, +1.0, low=0.2, high=0.28)
+    assert loss == pytest.approx(-1.28) and grad == 0.0 and clip_frac == 1.0
+    # ratio 1.25 sits inside [0.8, 1.28]: loss -1.25, d(-ratio)/d logp = -ratio = -1.25 (the symmetric 0.2 would clip)
+    loss, grad, clip_frac = _asym_loss_at(1.25, +1.0, low=0.2, high=0.28)
+    assert loss == pytest.approx(-1.25) and grad == pytest.approx(-1.25) and clip_frac == 0.0
+    loss, grad, clip_frac = _asym_loss_at(1.25, +1.0, low=None, high=None)
+    assert loss == pytest.approx(-1.2) and grad == 0.0 and clip_frac == 1.0
+
+
+def test_asymmetric_clip_lower_bound_by_hand():
+    # ratio 0.7, A = -1, low 0.2: clamp -> 0.8, max(0.7, 0.8) = 0.8, no gradient below 1 - low
+    loss, grad, clip_frac = _asym_loss_at(0.7, -1.0, low=0.2, high=0.28)
+    assert loss == pytest.approx(0.8) and grad == 0.0 and clip_frac == 1.0
+    # low 0.35 lets 0.7 through: loss 0.7, gradient d(ratio)/d logp = 0.7; high alone leaves the lower side at clip
+    loss, grad, clip_frac = _asym_loss_at(0.7, -1.0, low=0.35, high=None)
+    assert loss == pytest.approx(0.7) and grad == pytest.approx(0.7) and clip_frac == 0.0
+    loss, _, clip_frac = _asym_loss_at(0.7, -1.0, low=None, high=0.28)
+    assert loss == pytest.approx(0.8) and clip_frac == 1.0
+
+
+def test_asymmetric_clip_with_equal_bounds_is_the_symmetric_clip():
+    torch.manual_seed(0)
+    old = torch.randn(3, 5)
+    new = (old + 0.5 * torch.randn(3, 5)).requires_grad_(True)
+    adv, mask = torch.randn(3, 5), (torch.rand(3, 5) > 0.3).float()
+    sym, sym_stats = A.policy_loss(new, old, adv, mask, clip=0.2)
+    (sym_grad,) = torch.autograd.grad(sym, new)
+    asym, asym_stats = A.policy_loss(new, old, adv, mask, clip=0.9, clip_low=0.2, clip_high=0.2)
+    (asym_grad,) = torch.autograd.grad(asym, new)
+    assert torch.equal(sym, asym) and torch.equal(sym_grad, asym_grad)
+    assert sym_stats["clip_frac"] == asym_stats["clip_frac"] and sym_stats["clip_frac"] > 0  # some tokens clipped
+
+
+# ----------------------------------------------------------------------------------- DAPO: dynamic sampling
+def test_informative_groups_drop_the_flat_group():
+    # k = 4: group 0 (1, 1, 0, 1) varies, group 1 (0.5 x 4) is flat, group 2 (0, 0, 0, 1) varies
+    scores = torch.tensor([1.0, 1.0, 0.0, 1.0, 0.5, 0.5, 0.5, 0.5, 0.0, 0.0, 0.0, 1.0])
+    assert A.informative_groups(scores, 4).tolist() == [True, False, True]
+    assert A.informative_rows(scores, 4).tolist() == [True] * 4 + [False] * 4 + [True] * 4
+    assert A.flat_group_fraction(scores, 4).item() == pytest.approx(1 / 3)
+    # the flat group is exactly the one whose GRPO advantages are all zero
+    adv = A.grpo_advantages(scores, 4)
+    assert torch.equal(adv[4:8], torch.zeros(4)) and (adv[A.informative_rows(scores, 4)] != 0).any()
+
+
+def test_informative_groups_tolerance_and_bad_group_size():
+    scores = torch.tensor([1.0, 1.0005, 0.0, 1.0])  # spreads 0.0005 and 1
+    assert A.informative_groups(scores, 2).tolist() == [True, True]
+    assert A.informative_groups(scores, 2, tol=1e-3).tolist() == [False, True]
+    with pytest.raises(ValueError, match="group_size"):
+        A.informative_groups(scores, 3)
+
+
+# ------------------------------------------------------------------------------------ DAPO: overlong penalty
+def test_overlong_penalty_below_inside_and_at_the_end_of_the_buffer():
+    # max 20, buffer 5, factor 0.5: free up to 15 tokens; 16 -> -0.5 * 1/5 = -0.1; 17 -> -0.2; 20 -> -0.5
+    lengths = torch.tensor([3, 15, 16, 17, 20])
+    assert close(A.overlong_penalty(lengths, max_new_tokens=20, buffer=5, factor=0.5), [0.0, 0.0, -0.1, -0.2, -0.5])
+    # factor 1 (the default): the end of the buffer costs the whole factor, and nothing goes below it
+    assert close(A.overlong_penalty(torch.tensor([18, 20, 25]), 20, 5), [-0.6, -1.0, -1.0])
+
+
+def test_overlong_penalty_rejects_a_buffer_that_does_not_fit():
+    for buffer in (0, 20, 21):
+        with pytest.raises(ValueError, match="buffer < max_new_tokens"):
+            A.overlong_penalty(torch.tensor([10]), max_new_tokens=20, buffer=buffer)
+
+
+# ---------------------------------------------------------------------------------- GSPO: sequence-level ratio
+def test_sequence_ratio_is_exp_of_the_mean_log_ratio_on_every_token():
+    # row 0: log ratios 0.2, -0.1 and padding (5.0, ignored): mean 0.05 -> e^0.05 = 1.05127 on every token
+    # row 1: log ratios 0.3, 0.3, 0.3 -> e^0.3 = 1.34986
+    logprobs = torch.tensor([[0.2, -0.1, 5.0], [0.3, 0.3, 0.3]])
+    mask = torch.tensor([[1.0, 1.0, 0.0], [1.0, 1.0, 1.0]])
+    ratio = A.sequence_importance_ratio(logprobs, torch.zeros(2, 3), mask)
+    assert close(ratio, [[math.exp(0.05)] * 3, [math.exp(0.3)] * 3])
+    assert close(A.importance_ratio(logprobs, torch.zeros(2, 3), mask, "token"), logprobs.exp())
+    with pytest.raises(ValueError, match="'token' or 'sequence'"):
+        A.importance_ratio(logprobs, torch.zeros(2, 3), mask, "tokens")
+
+
+def test_sequence_ratio_gradient_is_per_token_by_hand():
+    # one reply, log ratios ln 2 and 0: s = exp((ln 2 + 0) / 2) = sqrt 2.
+    # stop-gradient form s_t = sg[s] * pi(y_t) / sg[pi(y_t)]: d s_0 / d logp = (sqrt 2, 0), only token 0's own
+    # log-prob (differentiating exp(mean) directly would give (sqrt 2 / 2, sqrt 2 / 2)).
+    logprobs = torch.tensor([[math.log(2.0), 0.0]], requires_grad=True)
+    ratio = A.sequence_importance_ratio(logprobs, torch.zeros(1, 2), torch.ones(1, 2))
+    (grad,) = torch.autograd.grad(ratio[0, 0], logprobs, retain_graph=True)
+    assert close(grad, [[math.sqrt(2.0), 0.0]])
+    # summed over the reply's tokens both forms agree: d (s_0 + s_1) / d logp = (sqrt 2, sqrt 2) = d (2 s) / d logp
+    (grad,) = torch.autograd.grad(ratio.sum(), logprobs)
+    assert close(grad, [[math.sqrt(2.0), math.sqrt(2.0)]])
+
+
+def test_policy_loss_with_the_sequence_ratio_by_hand():
+    # log ratios 0.2, 0; A = +1; clip 0.2. Sequence: s = e^0.1 = 1.10517 inside [0.8, 1.2] -> loss -(s + s) / 2 = -s,
+    # gradient per token -s / 2 = -0.55259. Token (today's): token 0's e^0.2 = 1.22140 clips to 1.2, token 1's ratio
+    # is 1 -> loss -(1.2 + 1) / 2 = -1.1, grads (0, -0.5), half the tokens clipped
+    def at(log_ratios, level):
+        logprobs = torch.tensor([log_ratios], requires_grad=True)
+        loss, stats = A.policy_loss(logprobs, torch.zeros(1, 2), torch.ones(1, 2), torch.ones(1, 2), clip=0.2,
+                                    ratio_level=level)  # fmt: skip
+        (grad,) = torch.autograd.grad(loss, logprobs)
+        return loss.item(), grad, stats["clip_frac"].item()
+
+    s = math.exp(0.1)
+    loss, grad, clip_frac = at([0.2, 0.0], "sequence")
+    assert loss == pytest.approx(-s) and close(grad, [[-s / 2, -s / 2]]) and clip_frac == 0.0
+    loss, grad, clip_frac = at([0.2, 0.0], "token")
+    assert loss == pytest.approx(-1.1) and close(grad, [[0.0, -0.5]]) and clip_frac == 0.5
+    # log ratios 0.6, 0: s = e^0.3 = 1.34986 > 1.2 clips the whole reply (loss -1.2, no gradient); per token only
+    # token 0 (e^0.6 = 1.822) clips, so half the tokens
+    loss, grad, clip_frac = at([0.6, 0.0], "sequence")
+    assert loss == pytest.approx(-1.2) and close(grad, [[0.0, 0.0]]) and clip_frac == 1.0
+    assert at([0.6, 0.0], "token")[2] == 0.5
+
+
+def test_token_ratio_is_the_default_policy_loss():
+    torch.manual_seed(1)
+    old = torch.randn(2, 4)
+    new, adv, mask = old + 0.3 * torch.randn(2, 4), torch.randn(2, 4), torch.ones(2, 4)
+    default, _ = A.policy_loss(new, old, adv, mask)
+    token, _ = A.policy_loss(new, old, adv, mask, ratio_level="token")
+    assert torch.equal(default, token)
+
+
+# --------------------------------------------------------------------------------------------- config fields
+def test_variant_config_defaults_leave_today_behaviour():
+    from stages.rl.config import GRPOConfig, PPOConfig
+
+    cfg = GRPOConfig()
+    assert (cfg.clip_ratio_low, cfg.clip_ratio_high, cfg.importance_ratio) == (None, None, "token")
+    assert (cfg.overlong_buffer, cfg.overlong_penalty_factor) == (None, 1.0)
+    assert PPOConfig().importance_ratio == "token"
+    dapo = GRPOConfig(clip_ratio_low=0.2, clip_ratio_high=0.28, overlong_buffer=4, importance_ratio="sequence")
+    assert dapo.overlong_buffer == 4 and dapo.clip_ratio_high == 0.28
+
+
+@pytest.mark.parametrize("buffer", [20, 25])
+def test_overlong_buffer_must_be_smaller_than_max_new_tokens(buffer):
+    from pydantic import ValidationError
+
+    from stages.rl.config import GRPOConfig
+
+    message = rf"overlong_buffer \({buffer}\) must be smaller than max_new_tokens \(20\)"
+    with pytest.raises(ValidationError, match=message):
+        GRPOConfig(max_new_tokens=20, overlong_buffer=buffer)
+    assert GRPOConfig(max_new_tokens=20, overlong_buffer=19).overlong_buffer == 19
+
+
+@pytest.mark.parametrize("field", [{"overlong_buffer": 0}, {"overlong_penalty_factor": -1.0}, {"clip_ratio_low": 1.0},
+                                   {"clip_ratio_high": 0.0}, {"importance_ratio": "seq"}])  # fmt: skip
+def test_variant_config_ranges(field):
+    from pydantic import ValidationError
+
+    from stages.rl.config import GRPOConfig
+
+    with pytest.raises(ValidationError):
+        GRPOConfig(**field)
