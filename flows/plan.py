@@ -276,8 +276,9 @@ def ingest_data(cfg: PipelineConfig, store, fmt: str, check=None):
     `data_check`) is the consuming stage's input check, run before anything is published."""
     from stages.common.data import ingest
 
-    return ingest(getattr(cfg.data, fmt), fmt, store, demo_cfg=cfg.data.demo, test_fraction=cfg.data.test_fraction,
-                  seed=cfg.run.seed, columns=_columns(cfg, fmt), check=check)  # fmt: skip
+    return ingest(getattr(cfg.data, fmt), fmt, store, demo_cfg=cfg.data.demo, task=cfg.data.task,
+                  test_fraction=cfg.data.test_fraction, seed=cfg.run.seed, columns=_columns(cfg, fmt),
+                  check=check)  # fmt: skip
 
 
 def check_data_sources(cfg: PipelineConfig, stages: list[str], explicit: dict[str, str]) -> None:

@@ -9,7 +9,9 @@ from __future__ import annotations
 
 import re
 from dataclasses import dataclass, field
+from typing import Any
 
+from stages.common.data import task_of
 from stages.common.errors import StageInputError
 from stages.eval.config import Config
 from stages.eval.worker import SFT
@@ -24,7 +26,7 @@ class PreparedInputs:
 
     prompt_texts: list[str]
     prompt_ids: list[list[int]]
-    is_demo: bool
+    task: Any  # the built-in task module the prompts came from (gold_score, follows_format), None for a user's
     pad_id: int
     eos_ids: list[int]
     rm_pad_id: int
@@ -155,7 +157,7 @@ def prepare(config: Config, *, sft_model, reward_model, prompts, policies: dict,
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
     rm_pad_id = rm_config.pad_token_id if rm_config is not None and rm_config.pad_token_id is not None else pad_id
     return PreparedInputs(
-        prompt_texts=texts, prompt_ids=ids, is_demo=(prompts.manifest.get("extra") or {}).get("task") == "demo",
+        prompt_texts=texts, prompt_ids=ids, task=task_of(prompts),
         pad_id=int(pad_id), eos_ids=_eos_ids(tokenizer, sft_model.path), rm_pad_id=int(rm_pad_id),
         columns=columns, functions=functions,
     )  # fmt: skip

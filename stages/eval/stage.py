@@ -101,9 +101,8 @@ def run(config: Config, *, store, ctx: StageContext, sft_model: Artifact, prompt
         m: [tokenizer.decode(ids, skip_special_tokens=True) for ids in r["reply_ids"]] for m, r in results.items()
     }
     gold = formats = None
-    if prepared.is_demo:
-        from stages.common.demo import follows_format, gold_score
-
+    if prepared.task is not None:  # a built-in task (demo, arithmetic): its gold scorer and format check
+        gold_score, follows_format = prepared.task.gold_score, prepared.task.follows_format
         gold = {
             m: [gold_score(p, t) for p, t in zip(reply_prompts, texts, strict=True)] for m, texts in replies.items()
         }

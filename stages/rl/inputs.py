@@ -18,7 +18,7 @@ class PreparedInputs:
     tokenizer: Any
     train_prompts: list[str]
     test_prompts: list[str]
-    is_demo: bool
+    gold: Any  # the built-in task's gold scorer (prompt, reply) -> float, None for a user's prompts
     special_tokens: dict
     # the prompt data's other columns (e.g. `answer`), aligned with the prompts: keyword arguments of reward functions
     train_columns: dict[str, list] = field(default_factory=dict)
@@ -123,11 +123,12 @@ def check_inputs(cfg: RLConfig, *, sft_model, reward_model=None, prompts, reward
             )
     policy_tok.padding_side = "left"  # generation continues every prompt from its last token
     special_tokens = special_token_ids(policy_tok, sft_model.path)
-    is_demo = (prompts.manifest.get("extra") or {}).get("task") == "demo"
+    from stages.common.data import task_gold_scorer
+
     columns = {split: cols for split, (_, cols) in loaded.items()}
     functions = load_functions(cfg.reward.functions, reward_fns or {}, sorted(columns["train"]),
                                f"{algo}.reward.functions")  # fmt: skip
-    return PreparedInputs(policy_tok, splits["train"], splits["test"], is_demo, special_tokens,
+    return PreparedInputs(policy_tok, splits["train"], splits["test"], task_gold_scorer(prompts), special_tokens,
                           columns["train"], columns["test"], functions)  # fmt: skip
 
 

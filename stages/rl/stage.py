@@ -52,9 +52,7 @@ def run(
     reward_fns = dict(reward_fns or {})
     prepared = check_inputs(config, sft_model=sft_model, reward_model=reward_model, prompts=prompts,
                             reward_fns=reward_fns)  # fmt: skip
-    gold = None
-    if prepared.is_demo:
-        from stages.common.demo import gold_score as gold
+    gold = prepared.gold  # the built-in task's scorer (demo, arithmetic), None for a user's prompts
     eval_prompts = prepared.test_prompts[: config.eval_prompts]
     eval_columns = {c: v[: config.eval_prompts] for c, v in prepared.test_columns.items()}
     eval_seed = ctx.seed + EVAL_SEED_OFFSET
