@@ -56,9 +56,11 @@ def win_rates(per_reply: dict[str, list[float]], baseline: str) -> tuple[dict[st
 
 def summary_table(summaries: dict[str, dict]) -> str:
     """A markdown table: one row per model (in order), the COLUMNS as numbers, "n/a" where a metric does not apply."""
-    lines = ["| model | " + " | ".join(h for _, h, _ in COLUMNS) + " |", "|---" * (len(COLUMNS) + 1) + "|"]
+    # a column no model has a value for (functions pass without functions, RM score without a reward model) is left out
+    columns = [c for c in COLUMNS if any(s.get(c[0]) is not None for s in summaries.values())]
+    lines = ["| model | " + " | ".join(h for _, h, _ in columns) + " |", "|---" * (len(columns) + 1) + "|"]
     for name, s in summaries.items():
-        cells = ["n/a" if s.get(k) is None else fmt.format(s[k]) for k, _, fmt in COLUMNS]
+        cells = ["n/a" if s.get(k) is None else fmt.format(s[k]) for k, _, fmt in columns]
         lines.append(f"| {name} | " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
