@@ -105,8 +105,8 @@ def stage_run(shape: dict, device: torch.device, steps: int, stage_compile: bool
     import stages.pretrain as pretrain
     from stages.common import ray_train as rt
     from stages.common.context import Scaling, StageContext
-    from stages.common.demo import DemoConfig, generate
     from stages.common.store import ArtifactStore
+    from stages.data.demo import DemoConfig, generate
     from stages.pretrain.train_loop import WARMUP_STEPS
 
     store = ArtifactStore(root / "artifacts")

@@ -137,8 +137,8 @@ def build_models(work: Path, n_layer: int, n_embd: int, n_head: int, vocab: int)
     """A tokenizer trained on the demo corpus, a random GPT-2 (sft dir) and the same weights as a 1-label RM."""
     from transformers import AutoModelForSequenceClassification, GPT2Config, GPT2LMHeadModel
 
-    from stages.common import demo
     from stages.common.hf import save_model_dir, train_bpe_tokenizer
+    from stages.data import demo
 
     data = demo.generate(demo.DemoConfig(size="tiny"))
     tok = train_bpe_tokenizer([r["text"] for r in data["corpus"]["train"][:3000]], vocab)

@@ -31,8 +31,8 @@ import torch  # noqa: E402
 
 import stages.pretrain as pretrain  # noqa: E402
 from stages.common.context import Scaling, StageContext  # noqa: E402
-from stages.common.demo import DemoConfig, generate  # noqa: E402
 from stages.common.store import ArtifactStore  # noqa: E402
+from stages.data.demo import DemoConfig, generate  # noqa: E402
 from stages.pretrain.metrics import gpt_flops_per_token, matmul_peak_flops, mfu  # noqa: E402
 
 WARMUP_STEPS = 2  # the stage also leaves its first two steps out of tokens/s

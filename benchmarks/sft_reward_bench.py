@@ -30,10 +30,10 @@ sys.path.insert(0, str(ROOT))
 import stages.reward as reward  # noqa: E402
 import stages.sft as sft  # noqa: E402
 from stages.common.context import Scaling, StageContext  # noqa: E402
-from stages.common.data import ingest  # noqa: E402
-from stages.common.demo import DemoConfig, generate  # noqa: E402
 from stages.common.hf import save_model_dir, train_bpe_tokenizer  # noqa: E402
 from stages.common.store import ArtifactStore  # noqa: E402
+from stages.data.demo import DemoConfig, generate  # noqa: E402
+from stages.data.ingest import ingest  # noqa: E402
 
 SIZES = {  # (n_layer, n_embd, n_head, vocab): "demo" is the pretrain stage's demo model shape
     "demo": (4, 256, 4, 2048),

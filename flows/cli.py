@@ -88,7 +88,9 @@ def _print_run_summary(summary: dict[str, Any], store) -> None:
             art = store.get(ref)
             if art.kind == "eval-report":
                 report = art
-            keys = HEADLINE_METRICS.get(art.name.split("@")[0], HEADLINE_METRICS["policy"] if art.name.startswith("policy") else ())
+            keys = HEADLINE_METRICS.get(
+                art.name.split("@")[0], HEADLINE_METRICS["policy"] if art.name.startswith("policy") else ()
+            )
             shown = ", ".join(_metric_text(k, art.metrics[k]) for k in keys if art.metrics.get(k) is not None)
             print(f"  {name:<8} {info['state']:<9} {ref:<20} {shown}")
     if report is not None and (Path(report.path) / "report.md").is_file():
@@ -185,21 +187,39 @@ def cmd_artifacts_verify(args: argparse.Namespace) -> int:
 
 
 def cmd_artifacts_import(args: argparse.Namespace) -> int:
-    from stages.common.artifact_import import import_local
+    from stages.common.artifact_import import KINDS, ArtifactImportError, check_name, import_model
+    from stages.data.ingest import import_dataset
 
-    art, existed = import_local(_store(args), args.path, kind=args.kind, name=args.name, fmt=args.format)
+    if args.kind not in KINDS:
+        raise ArtifactImportError(
+            f"import {args.path}: unknown kind {args.kind!r} (expected one of {', '.join(KINDS)})"
+        )
+    if args.format is not None and args.kind != "dataset":
+        raise ArtifactImportError(
+            f"import {args.path}: --format applies to --kind dataset only, found --kind {args.kind}"
+        )
+    store = _store(args)
+    check_name(args.name)
+    known = {m["digest"] for m in store.list(args.name)}
+    if args.kind == "dataset":
+        art = import_dataset(store, args.path, args.name, args.format)
+    else:
+        art = import_model(store, args.path, args.kind, args.name)
+    existed = art.digest in known
     if existed:
         print(f"already in the store as {art.ref} (digest {art.digest[:12]})")
         return 0
     facts = ", ".join(f"{k} {v}" for k, v in sorted(art.metrics.items()))
-    print(f"imported {args.path} as {art.ref} ({art.kind}, {len(art.manifest['files'])} files, digest "
-          f"{art.digest[:12]}{', ' + facts if facts else ''})")
+    print(
+        f"imported {args.path} as {art.ref} ({art.kind}, {len(art.manifest['files'])} files, digest "
+        f"{art.digest[:12]}{', ' + facts if facts else ''})"
+    )
     print(f"  path     {art.path}")
     return 0
 
 
 def cmd_data_demo(args: argparse.Namespace) -> int:
-    from stages.common.demo import DemoConfig, generate, write_jsonl_dir
+    from stages.data.demo import DemoConfig, generate, write_jsonl_dir
 
     cfg = DemoConfig(seed=args.seed, size=args.size)
     sets = generate(cfg)
@@ -259,7 +279,12 @@ def _add_store(p: argparse.ArgumentParser) -> None:
 
 
 def _add_config(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--preset", default="demo", choices=["tiny", "demo", "single-gpu", "gpu-cluster"], help="base preset (default demo)")
+    p.add_argument(
+        "--preset",
+        default="demo",
+        choices=["tiny", "demo", "single-gpu", "gpu-cluster"],
+        help="base preset (default demo)",
+    )
     p.add_argument("--config", help="YAML file merged over the preset")
     p.add_argument("--set", action="append", metavar="KEY=VALUE", help="override one key, e.g. --set sft.max_steps=50")
 
@@ -277,8 +302,11 @@ def build_parser() -> argparse.ArgumentParser:
     group.add_argument("--force", action="store_true", help="rerun every stage")
     p.add_argument("--input", action="append", metavar="ROLE=REF", help="with --only: an input artifact per role")
     p.add_argument("--json", action="store_true", help="print the run summary as JSON")
-    p.add_argument("--verbose", action="store_true",
-                   help="show the workers' own output (Ray, DeepSpeed, HF) instead of writing it to run.work_dir logs")
+    p.add_argument(
+        "--verbose",
+        action="store_true",
+        help="show the workers' own output (Ray, DeepSpeed, HF) instead of writing it to run.work_dir logs",
+    )
     p.set_defaults(func=cmd_run)
 
     p = sub.add_parser("config", help="print the resolved config")
@@ -304,16 +332,22 @@ def build_parser() -> argparse.ArgumentParser:
             p.add_argument("--json", action="store_true")
         p.set_defaults(func=func)
     p = art.add_parser("import", help="bring a local HF model or tokenizer directory, or a data set, into the store")
-    p.add_argument("path", help="a HF directory (safetensors), or a data file/folder (jsonl, json, parquet, txt, "
-                   "save_to_disk)")
+    p.add_argument(
+        "path", help="a HF directory (safetensors), or a data file/folder (jsonl, json, parquet, txt, save_to_disk)"
+    )
     p.add_argument("--kind", required=True, choices=["causal-lm", "reward-model", "tokenizer", "dataset"])
     p.add_argument("--name", required=True, help="artifact name, e.g. base-model")
-    p.add_argument("--format", choices=["corpus", "sft", "preferences", "prompts"],
-                   help="data format of a dataset (default: inferred from its columns)")
+    p.add_argument(
+        "--format",
+        choices=["corpus", "sft", "preferences", "prompts"],
+        help="data format of a dataset (default: inferred from its columns)",
+    )
     _add_store(p)
     p.set_defaults(func=cmd_artifacts_import)
 
-    data = sub.add_parser("data", help="data utilities").add_subparsers(dest="data_command", required=True, metavar="ACTION")
+    data = sub.add_parser("data", help="data utilities").add_subparsers(
+        dest="data_command", required=True, metavar="ACTION"
+    )
     p = data.add_parser("demo", help="write the built-in demo task's four data sets as jsonl")
     p.add_argument("--out", required=True, help="output folder")
     p.add_argument("--size", default="demo", choices=["tiny", "demo"])
@@ -334,8 +368,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("refs", nargs="+", metavar="REF", help="causal-lm artifacts to evaluate, e.g. policy@latest")
     p.add_argument("--sft", default="sft-model@latest", help="the baseline (default sft-model@latest)")
     p.add_argument("--reward-model", default="reward-model@latest", help="default reward-model@latest")
-    p.add_argument("--prompts", default="prompt-data@latest", help="dataset whose test split is used (default "
-                   "prompt-data@latest)")
+    p.add_argument(
+        "--prompts", default="prompt-data@latest", help="dataset whose test split is used (default prompt-data@latest)"
+    )
     _add_store(p)
     p.add_argument("--json", action="store_true", help="print report.json (progress goes to stderr)")
     p.set_defaults(func=cmd_eval)
@@ -350,7 +385,7 @@ def main(argv: list[str] | None = None) -> int:
     from stages.common.store import ArtifactCorrupted, ArtifactError
 
     try:
-        from stages.common.data import DataError
+        from stages.data.read import DataError
     except ImportError:  # pragma: no cover - data module always ships
         DataError = ValueError  # noqa: N806
     try:

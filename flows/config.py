@@ -25,7 +25,7 @@ from stages.common.config import (
     read_yaml,
 )
 from stages.common.context import Scaling
-from stages.common.demo import DemoConfig
+from stages.data.demo import DemoConfig
 from stages.dpo import Config as DPOConfig
 from stages.eval import Config as EvalConfig
 from stages.pretrain import Config as PretrainConfig

@@ -41,11 +41,11 @@ from flows.ray_driver import RayDriver
 from flows.tracking import Tracker
 from stages.common.config import ConfigError
 from stages.common.context import StageContext
-from stages.common.data import DataError
 from stages.common.errors import StageInputError
 from stages.common.gates import GateFailed, check_gate
 from stages.common.ray_train import console_log_dir, verbose
 from stages.common.store import ArtifactError, ArtifactStore
+from stages.data.read import DataError
 from stages.reward_functions.artifact import ROLE_PREFIX as REWARD_FN_ROLE_PREFIX
 
 

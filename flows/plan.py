@@ -274,7 +274,7 @@ def input_kind(node: Node, role: str) -> str | None:
 def ingest_data(cfg: PipelineConfig, store, fmt: str, check=None):
     """One data source as a dataset artifact (identical data gives the existing version); `check` (from
     `data_check`) is the consuming stage's input check, run before anything is published."""
-    from stages.common.data import ingest
+    from stages.data.ingest import ingest
 
     return ingest(getattr(cfg.data, fmt), fmt, store, demo_cfg=cfg.data.demo, task=cfg.data.task,
                   test_fraction=cfg.data.test_fraction, seed=cfg.run.seed, columns=_columns(cfg, fmt),
@@ -284,7 +284,7 @@ def ingest_data(cfg: PipelineConfig, store, fmt: str, check=None):
 def check_data_sources(cfg: PipelineConfig, stages: list[str], explicit: dict[str, str]) -> None:
     """Read and validate every local data file the run will ingest, publishing nothing: a bad file of a late
     stage fails before the stages ahead of it run (and publish). Roles given as --input artifacts are skipped."""
-    from stages.common.data import check_source
+    from stages.data.ingest import check_source
 
     formats = {what for name in stages for role, (source, what) in node_named(cfg, name).inputs.items()
                if source == "data" and role not in explicit}  # fmt: skip
@@ -365,7 +365,7 @@ def check_reward_functions(cfg: PipelineConfig, stages: list[str]) -> None:
 
 def prompt_columns(cfg: PipelineConfig) -> list[str] | None:
     """The prompt data's columns, when known without a download: a built-in task's, or a local file's."""
-    from stages.common.data import DataError, read_splits
+    from stages.data.read import DataError, read_splits
 
     source = cfg.data.prompts
     if source == "demo":

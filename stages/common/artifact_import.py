@@ -9,7 +9,6 @@ count comes from the safetensors headers. Every refusal is one `ArtifactImportEr
 
 from __future__ import annotations
 
-import hashlib
 import json
 import math
 import os
@@ -18,7 +17,7 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
-from stages.common.store import Artifact, ArtifactError, ArtifactStore, tree_digest
+from stages.common.store import Artifact, ArtifactError, ArtifactStore
 
 MODEL_KINDS = ("causal-lm", "reward-model", "tokenizer")
 KINDS = (*MODEL_KINDS, "dataset")
@@ -63,7 +62,7 @@ def import_model(store: ArtifactStore, path: str | os.PathLike, kind: str, name:
     if kind not in MODEL_KINDS:
         raise ArtifactImportError(f"import {path}: kind {kind!r} is not a model kind (expected one of "
                                   f"{', '.join(MODEL_KINDS)}; use import_dataset for data)")
-    _check_name(name)
+    check_name(name)
     src = _existing_dir(path)
     files, record = (_tokenizer_files(src) if kind == "tokenizer" else _model_files(src, kind))
     with tempfile.TemporaryDirectory(prefix="rlhf-import-") as staging:
@@ -71,7 +70,7 @@ def import_model(store: ArtifactStore, path: str | os.PathLike, kind: str, name:
         record.update(_check_tokenizer(src, Path(staging), kind, record.get("config_vocab_size")))
         record["files_left_out"] = _left_out(src, files)
         metrics = {k: record[k] for k in ("n_params", "vocab_size") if record.get(k) is not None}
-        same = _same_content(store, name, Path(staging))
+        same = store.find_identical(name, staging)
         if same is not None:  # hashing is a read; publishing again would copy every weight only to find it stored
             return same
         return store.publish(
@@ -83,83 +82,6 @@ def import_model(store: ArtifactStore, path: str | os.PathLike, kind: str, name:
             metrics=metrics,
             extra=record,
         )
-
-
-def import_dataset(
-    store: ArtifactStore,
-    path: str | os.PathLike,
-    name: str,
-    fmt: str | None = None,
-    *,
-    test_fraction: float = 0.1,
-    seed: int = 0,
-) -> Artifact:
-    """Ingest a local data file or folder (jsonl/json/parquet/txt, train/test files, `save_to_disk` output) as `name`,
-    in the layout the stages read (train.jsonl + test.jsonl, extra.format); `fmt` None infers it from the columns."""
-    import datasets.utils
-
-    from stages.common import data
-    from stages.common.demo import DemoConfig
-
-    _check_name(name)
-    source = Path(path).expanduser()
-    if not source.exists():  # a bare word would otherwise be looked up on the Hugging Face Hub
-        raise ArtifactImportError(f"import {path}: no such file or directory")
-    source = source.resolve()
-    bars_were_on = not datasets.utils.are_progress_bars_disabled()
-    datasets.utils.disable_progress_bars()  # a local read takes a moment; its bars would bury a one-line error
-    try:
-        if fmt is None:
-            splits = data.read_splits(str(source))
-            fmt = infer_format(splits["train"].column_names, str(source))
-        return data.ingest(
-            str(source), fmt, store, demo_cfg=DemoConfig(), test_fraction=test_fraction, seed=seed, name=name
-        )
-    finally:
-        if bars_were_on:
-            datasets.utils.enable_progress_bars()
-
-
-def import_local(
-    store: ArtifactStore, path: str | os.PathLike, *, kind: str, name: str, fmt: str | None = None
-) -> tuple[Artifact, bool]:
-    """`rlhf artifacts import`: import a model, tokenizer or data set; returns (artifact, it was already stored)."""
-    if kind not in KINDS:
-        raise ArtifactImportError(f"import {path}: unknown kind {kind!r} (expected one of {', '.join(KINDS)})")
-    if fmt is not None and kind != "dataset":
-        raise ArtifactImportError(f"import {path}: --format applies to --kind dataset only, found --kind {kind}")
-    _check_name(name)
-    known = {m["digest"] for m in store.list(name)}
-    if kind == "dataset":
-        artifact = import_dataset(store, path, name, fmt)
-    else:
-        artifact = import_model(store, path, kind, name)
-    return artifact, artifact.digest in known
-
-
-def infer_format(columns: list[str], source: str) -> str:
-    """The data format whose columns the data set has, preferring the most specific: prompt/chosen/rejected is
-    `preferences`, not `prompts`. Two unrelated matches (text and prompt/completion) are ambiguous."""
-    from stages.common.data import FORMATS
-
-    found = set(columns)
-    matches = {}  # format -> the columns it would keep
-    for fmt, alternatives in FORMATS.items():
-        cols = next((set(alt) for alt in alternatives if set(alt) <= found), None)
-        if cols is not None:
-            matches[fmt] = cols
-    best = [f for f, cols in matches.items() if not any(cols < other for other in matches.values())]
-    if len(best) == 1:
-        return best[0]
-    expected = "; ".join(f"{fmt}: " + " or ".join("/".join(alt) for alt in alts) for fmt, alts in FORMATS.items())
-    if not best:
-        raise ArtifactImportError(
-            f"import {source}: columns {', '.join(columns) or 'none'} match no data format ({expected})"
-        )
-    raise ArtifactImportError(
-        f"import {source}: columns {', '.join(columns)} fit more than one format ({', '.join(best)}); "
-        "pass --format"
-    )
 
 
 def safetensors_header(path: Path) -> dict[str, dict[str, Any]]:
@@ -195,7 +117,7 @@ def safetensors_header(path: Path) -> dict[str, dict[str, Any]]:
 # ------------------------------------------------------------------------------------------------ directory checks
 
 
-def _check_name(name: str) -> None:
+def check_name(name: str) -> None:
     if not _NAME_RE.match(name or "") or name == "latest":
         raise ArtifactImportError(
             f"artifact name {name!r}: expected letters, digits, '.', '_' or '-' (not starting with one of '._-')"
@@ -394,18 +316,3 @@ def _left_out(src: Path, copied: list[str]) -> list[str]:
     """Top-level entries not copied (pickles, custom code, other checkpoints), recorded so a user sees what was dropped."""
     keep = {n.split("/", 1)[0] for n in copied}
     return sorted(p.name + ("/" if p.is_dir() else "") for p in src.iterdir() if p.name not in keep)[:50]
-
-
-def _same_content(store: ArtifactStore, name: str, staging: Path) -> Artifact | None:
-    """The stored version of `name` with exactly these files, if any (re-importing then costs reads, not a copy)."""
-    versions = store.list(name)
-    if not versions:
-        return None
-    files = {}
-    for path in sorted(staging.rglob("*")):
-        if path.is_file():
-            with open(path, "rb") as f:
-                files[path.relative_to(staging).as_posix()] = hashlib.file_digest(f, "sha256").hexdigest()
-    digest = tree_digest(files)
-    match = next((m for m in reversed(versions) if m["digest"] == digest), None)
-    return store.get(f"{match['name']}@v{match['version']}") if match else None

@@ -25,7 +25,14 @@ from pathlib import Path
 import fsspec
 from fsspec.implementations.local import LocalFileSystem
 
-from stages.common.store_files import ArtifactCorrupted, ArtifactError, check_file_names, local_files, tree_digest
+from stages.common.store_files import (
+    ArtifactCorrupted,
+    ArtifactError,
+    check_file_names,
+    file_sha256,
+    local_files,
+    tree_digest,
+)
 from stages.common.store_local import LocalBackend
 from stages.common.store_remote import RemoteBackend
 
@@ -232,6 +239,18 @@ class ArtifactStore:
                 if m is not None:
                     out.append(m)
         return out
+
+    def find_identical(self, name: str, directory: str | os.PathLike) -> Artifact | None:
+        """The stored version of `name` holding exactly the files of local `directory`, if any.
+
+        Publishing identical content returns that version anyway; asking first lets an import skip a copy of every
+        weight, and lets a caller tell new content from old before it publishes."""
+        versions = self.list(name)
+        if not versions:
+            return None
+        digest = tree_digest({rel: file_sha256(p) for rel, p in local_files(Path(directory)).items()})
+        match = next((m for m in reversed(versions) if m["digest"] == digest), None)
+        return self.get(f"{match['name']}@v{match['version']}") if match else None
 
     def _resolve(self, ref: str, kind: str | None = None) -> dict:
         """Turn a ref (name, name@latest, name@vN, digest prefix) into its manifest, or raise a one-line error."""

@@ -11,8 +11,8 @@ import re
 from dataclasses import dataclass, field
 from typing import Any
 
-from stages.common.data import task_of
 from stages.common.errors import StageInputError
+from stages.data.ingest import task_of
 from stages.eval.config import Config
 from stages.eval.worker import SFT
 from stages.reward_functions.artifact import load_functions
@@ -76,7 +76,7 @@ def _same_tokenizer(reference, other, where: str, sft_ref: str) -> None:
 
 
 def _held_out_prompts(prompts, count: int) -> tuple[list, dict[str, list]]:
-    from stages.common.data import DataError, load_dataset_artifact
+    from stages.data.read import DataError, load_dataset_artifact
 
     where = f"eval input prompts {prompts.ref} [test.jsonl]"
     try:

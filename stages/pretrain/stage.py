@@ -16,10 +16,10 @@ import numpy as np
 
 from stages.common import ray_train as rt
 from stages.common.context import StageContext
-from stages.common.data import load_dataset_artifact
 from stages.common.errors import StageInputError
 from stages.common.fingerprint import code_fingerprint
 from stages.common.hf import BYTE_ALPHABET_SIZE, SPECIAL_TOKENS, check_vocab_matches, train_bpe_tokenizer
+from stages.data.read import load_dataset_artifact
 from stages.pretrain.blocks import pack_blocks, write_blocks
 from stages.pretrain.config import Config
 from stages.pretrain.deepspeed_setup import deepspeed_config, resolve_precision

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from stages.common import demo
+from stages.data import demo
 from stages.reward.metrics import mean_margin, pairwise_accuracy, pearson
 from stages.trl.training import load_tokenizer, token_ids_as_trl
 

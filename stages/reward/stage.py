@@ -47,7 +47,7 @@ def prepare(config: Config, sft_model, preferences, *, scaling: Scaling, seed: i
 
 def check_data(config: Config, *, scaling: Scaling, sft_model, preferences) -> None:
     """`prepare`'s checks of `preferences` against `sft_model` (rows longer than its context, ...) on data not yet
-    published: the flow runs them before the data becomes a dataset version (`stages.common.data.ingest`)."""
+    published: the flow runs them before the data becomes a dataset version (`stages.data.ingest.ingest`)."""
     prepare(config, sft_model, preferences, scaling=scaling)
 
 def run(config: Config, *, sft_model, preferences, store, ctx: StageContext) -> dict:

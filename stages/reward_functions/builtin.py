@@ -57,7 +57,7 @@ def format_regex(completions, pattern: str = r".+", **columns) -> list[float]:
 
 
 def demo_gold(prompts, completions, **columns) -> list[float]:
-    """The demo task's gold scorer (`stages.common.demo.gold_score`): in [-1, 1], higher is better."""
-    from stages.common.demo import gold_score
+    """The demo task's gold scorer (`stages.data.demo.gold_score`): in [-1, 1], higher is better."""
+    from stages.data.demo import gold_score
 
     return [gold_score(_text(p) if isinstance(p, list) else p, _text(c)) for p, c in zip(prompts, completions, strict=True)]

@@ -35,7 +35,7 @@ def _context_length(model_config, where: str) -> int:
 
 
 def _load_prompts(artifact, split: str) -> tuple[list[str], dict[str, list]]:
-    from stages.common.data import DataError, load_dataset_artifact
+    from stages.data.read import DataError, load_dataset_artifact
 
     where = f"prompts {artifact.ref} [{split}.jsonl]"
     try:
@@ -123,7 +123,7 @@ def check_inputs(cfg: RLConfig, *, sft_model, reward_model=None, prompts, reward
             )
     policy_tok.padding_side = "left"  # generation continues every prompt from its last token
     special_tokens = special_token_ids(policy_tok, sft_model.path)
-    from stages.common.data import task_gold_scorer
+    from stages.data.ingest import task_gold_scorer
 
     columns = {split: cols for split, (_, cols) in loaded.items()}
     functions = load_functions(cfg.reward.functions, reward_fns or {}, sorted(columns["train"]),
@@ -136,7 +136,7 @@ def check_inputs(cfg: RLConfig, *, sft_model, reward_model=None, prompts, reward
 
 def check_data(cfg: RLConfig, *, scaling, sft_model, prompts, reward_model=None, **reward_fns) -> None:
     """`check_inputs` on prompts not yet published (a prompt that leaves no room for max_new_tokens, ...): the flow
-    runs it before the prompts become a dataset version (`stages.common.data.ingest`). `scaling` is unused here;
+    runs it before the prompts become a dataset version (`stages.data.ingest.ingest`). `scaling` is unused here;
     the reward functions are checked by the stage itself."""
     without_functions = cfg.model_copy(update={"reward": cfg.reward.model_copy(update={"functions": []})})
     check_inputs(without_functions, sft_model=sft_model, reward_model=reward_model, prompts=prompts)

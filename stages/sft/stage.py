@@ -52,7 +52,7 @@ def prepare(config: Config, base_model, data, *, scaling: Scaling, seed: int = 0
 
 def check_data(config: Config, *, scaling: Scaling, base_model, data) -> None:
     """`prepare`'s checks of `data` against `base_model` (rows longer than its context, ...) on data not yet
-    published: the flow runs them before the data becomes a dataset version (`stages.common.data.ingest`)."""
+    published: the flow runs them before the data becomes a dataset version (`stages.data.ingest.ingest`)."""
     prepare(config, base_model, data, scaling=scaling)
 
 def run(config: Config, *, base_model, data, store, ctx: StageContext) -> dict:

@@ -11,7 +11,7 @@ between runs and say more about tie-breaking than about format learning.
 
 from __future__ import annotations
 
-from stages.common import demo
+from stages.data import demo
 
 
 def generate_replies(

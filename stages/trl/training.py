@@ -52,7 +52,7 @@ def check_kind(stage: str, role: str, artifact, expected: str) -> None:
 
 def load_rows(artifact, split: str, where: str) -> list[dict[str, Any]]:
     """Rows of one split of a dataset artifact (train.jsonl / test.jsonl) as plain dicts."""
-    from stages.common.data import DataError, load_dataset_artifact
+    from stages.data.read import DataError, load_dataset_artifact
 
     try:
         dataset = load_dataset_artifact(artifact, split)

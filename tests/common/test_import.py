@@ -15,14 +15,9 @@ from pathlib import Path
 import pytest
 
 from flows.cli import build_parser, main
-from stages.common.artifact_import import (
-    ArtifactImportError,
-    import_dataset,
-    import_model,
-    infer_format,
-    safetensors_header,
-)
+from stages.common.artifact_import import ArtifactImportError, import_model, safetensors_header
 from stages.common.store import ArtifactStore
+from stages.data.ingest import import_dataset, infer_format
 from tests.tiny_models import TINY_ARCHS, build_tiny_model, build_tiny_tokenizer, save_tiny_model_dir
 
 TEXTS = [
@@ -334,7 +329,7 @@ def test_import_help():
 
 
 def test_import_jsonl_preferences_inferred_and_reimported(capsys, tmp_path):
-    from stages.common.data import load_dataset_artifact
+    from stages.data.read import load_dataset_artifact
 
     rows = [{"prompt": f"User: Describe the {n}.\nAssistant:", "chosen": f" The {n} is kind.",
              "rejected": f" The {n} is rude.", "id": i} for i, n in enumerate(["cat", "dog", "fox", "owl", "bee"] * 4)]
@@ -356,7 +351,7 @@ def test_import_jsonl_preferences_inferred_and_reimported(capsys, tmp_path):
 def test_import_save_to_disk_folders(tmp_path):
     import datasets
 
-    from stages.common.data import load_dataset_artifact
+    from stages.data.read import load_dataset_artifact
 
     sft = datasets.DatasetDict({
         "train": datasets.Dataset.from_list([{"prompt": f"q{i}", "completion": f" a{i}"} for i in range(6)]),

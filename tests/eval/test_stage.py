@@ -91,7 +91,7 @@ def _publish_reward_model(store, model_dir: str, *, num_labels: int = 1):
 
 @pytest.fixture(scope="module")
 def setup(tmp_path_factory):
-    from stages.common import demo
+    from stages.data import demo
 
     root = tmp_path_factory.mktemp("eval-store")
     store = ArtifactStore(root)

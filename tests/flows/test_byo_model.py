@@ -19,8 +19,8 @@ from flows.cli import main as cli
 from flows.config import load_config
 from flows.pipeline import rlhf
 from flows.plan import all_cached, plan_stages, stage_cache_key
-from stages.common.demo import DemoConfig, generate
 from stages.common.store import ArtifactStore
+from stages.data.demo import DemoConfig, generate
 from tests.tiny_models import save_tiny_model_dir
 
 pytestmark = pytest.mark.slow

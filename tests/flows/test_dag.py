@@ -75,8 +75,8 @@ def test_cli_knows_every_node():
 def test_init_from_and_tokenizer_become_inputs_not_key_strings(tmp_path):
     """A model named by pretrain.init_from enters as an artifact: its digest is in the key, its path string is not."""
     from flows.plan import resolve_inputs, stage_cache_key
-    from stages.common.demo import DemoConfig, generate
     from stages.common.store import ArtifactStore
+    from stages.data.demo import DemoConfig, generate
     from tests.tiny_models import save_tiny_model_dir
 
     texts = [row["text"] for row in generate(DemoConfig(size="tiny"))["corpus"]["train"][:200]]

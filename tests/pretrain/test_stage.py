@@ -160,8 +160,8 @@ CRASH_STEP = 40  # the tiny preset's first checkpoint
 @pytest.fixture(scope="module")
 def resumed_run(tmp_path_factory, local_ray):
     """Tiny preset on 2 workers, ZeRO-2: killed right after its first checkpoint, then started again (same work_dir)."""
-    from stages.common.demo import DemoConfig, generate
     from stages.common.ray_train import TrainingFailed
+    from stages.data.demo import DemoConfig, generate
 
     root = tmp_path_factory.mktemp("pretrain")
     store = ArtifactStore(root / "artifacts")
@@ -268,7 +268,7 @@ def _one_worker_ctx(root: Path, lines: list[str] | None = None) -> StageContext:
 
 @pytest.fixture(scope="module")
 def demo_corpus_store(tmp_path_factory):
-    from stages.common.demo import DemoConfig, generate
+    from stages.data.demo import DemoConfig, generate
 
     root = tmp_path_factory.mktemp("pretrain-llama")
     store = ArtifactStore(root / "artifacts")
@@ -304,7 +304,7 @@ def test_llama_from_scratch_publishes_a_plain_llama(demo_corpus_store, local_ray
 def test_init_from_a_random_llama_continues_that_model(demo_corpus_store, local_ray, tmp_path):
     from transformers import AutoModelForCausalLM, LlamaConfig, LlamaForCausalLM
 
-    from stages.common.demo import DemoConfig, generate
+    from stages.data.demo import DemoConfig, generate
     from tests.tiny_models import build_tiny_tokenizer
 
     root, store, corpus = demo_corpus_store

@@ -108,7 +108,7 @@ def test_math_match_compares_values_and_skips_an_unparseable_gold():
 
 
 def test_demo_gold_is_the_demo_scorer():
-    from stages.common.demo import gold_score, make_prompt
+    from stages.data.demo import gold_score, make_prompt
 
     prompt = make_prompt("Describe the cat.")
     replies = ["The cat is happy.", "no"]

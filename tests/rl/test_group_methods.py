@@ -169,8 +169,8 @@ def tiny_inputs(tmp_path_factory):
 
     from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
-    from stages.common import demo
     from stages.common.store import ArtifactStore
+    from stages.data import demo
     from tests.tiny_models import publish_rows, publish_tiny_base_model
 
     store = ArtifactStore(tmp_path_factory.mktemp("store"))

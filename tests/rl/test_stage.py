@@ -33,7 +33,7 @@ def _publish_reward_model(store, model_dir: str, *, num_labels: int = 1, name: s
 
 @pytest.fixture(scope="module")
 def setup(tmp_path_factory):
-    from stages.common import demo
+    from stages.data import demo
 
     store = ArtifactStore(tmp_path_factory.mktemp("store"))
     data = demo.generate(demo.DemoConfig(size="tiny"))

@@ -15,11 +15,11 @@ import pytest
 import torch
 
 from stages.common.context import Scaling, StageContext
-from stages.common.data import ingest
-from stages.common.demo import DemoConfig, generate
 from stages.common.errors import StageInputError
 from stages.common.hf import PLAIN_CHAT_TEMPLATE, plain_chat, plain_chat_pair, render_prompt, use_eos_as_pad
 from stages.common.store import ArtifactStore
+from stages.data.demo import DemoConfig, generate
+from stages.data.ingest import ingest
 from tests.tiny_models import TINY_ARCHS, publish_rows, save_tiny_model_dir
 
 DEMO = DemoConfig(size="tiny", label_noise=0.0)

@@ -11,11 +11,11 @@ import pytest
 from pydantic import ValidationError
 
 from stages.common.context import Scaling, StageContext
-from stages.common.data import ingest
-from stages.common.demo import DemoConfig, generate
 from stages.common.errors import StageInputError
 from stages.common.gates import check
 from stages.common.store import ArtifactStore
+from stages.data.demo import DemoConfig, generate
+from stages.data.ingest import ingest
 from stages.dpo.metrics import demo_eval_prompts, implicit_reward_metrics
 from stages.trl.training import token_ids_as_trl
 from tests.tiny_models import publish_rows, publish_tiny_base_model

@@ -9,11 +9,11 @@ import pytest
 import torch
 
 from stages.common.context import Scaling, StageContext
-from stages.common.data import ingest
-from stages.common.demo import DemoConfig, generate
 from stages.common.errors import StageInputError
 from stages.common.hf import save_model_dir
 from stages.common.store import ArtifactStore
+from stages.data.demo import DemoConfig, generate
+from stages.data.ingest import ingest
 from stages.reward.metrics import mean_margin, pairwise_accuracy, pearson
 from tests.tiny_models import build_tiny_gpt2, build_tiny_tokenizer, publish_rows, publish_tiny_base_model
 

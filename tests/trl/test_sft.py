@@ -13,11 +13,11 @@ from pathlib import Path
 import pytest
 
 from stages.common.context import Scaling, StageContext
-from stages.common.data import ingest
-from stages.common.demo import DemoConfig, generate
 from stages.common.errors import StageInputError
 from stages.common.hf import save_model_dir
 from stages.common.store import ArtifactStore
+from stages.data.demo import DemoConfig, generate
+from stages.data.ingest import ingest
 from tests.tiny_models import build_tiny_gpt2, build_tiny_tokenizer, publish_rows, publish_tiny_base_model
 
 TESTS_DIR = Path(__file__).resolve().parents[1]

@@ -12,13 +12,14 @@ import datasets
 import pytest
 
 from flows.config import load_config
-from stages.common import arithmetic, demo
-from stages.common.arithmetic import gold_score, parse_problem
 from stages.common.config import ConfigError
-from stages.common.data import DataError, ingest, load_dataset_artifact, load_source, task_gold_scorer
-from stages.common.demo import DemoConfig
 from stages.common.hf import EOS_TOKEN
 from stages.common.store import ArtifactStore
+from stages.data import arithmetic, demo
+from stages.data.arithmetic import gold_score, parse_problem
+from stages.data.demo import DemoConfig
+from stages.data.ingest import ingest, task_gold_scorer
+from stages.data.read import DataError, load_dataset_artifact, load_source
 
 TINY = DemoConfig(size="tiny")
 PROMPT = "User: What is 12 + 7?\nAssistant:"

@@ -11,9 +11,9 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from pydantic import ValidationError
 
-from stages.common import demo
-from stages.common.demo import DemoConfig, follows_format, gold_score
 from stages.common.hf import EOS_TOKEN
+from stages.data import demo
+from stages.data.demo import DemoConfig, follows_format, gold_score
 
 PROMPT = "User: Describe the cat.\nAssistant:"
 
@@ -24,7 +24,9 @@ def tiny(seed: int = 0, label_noise: float = 0.1) -> dict:
 
 
 def _digest(sets: dict) -> str:
-    return hashlib.sha256("".join(demo.to_jsonl(rows) for s in sets.values() for rows in s.values()).encode()).hexdigest()
+    return hashlib.sha256(
+        "".join(demo.to_jsonl(rows) for s in sets.values() for rows in s.values()).encode()
+    ).hexdigest()
 
 
 @pytest.mark.parametrize(
@@ -55,7 +57,12 @@ def test_gold_score_hand_scored(response: str, score: float) -> None:
 
 
 def test_eos_and_whitespace_are_tolerated() -> None:
-    for response in ("The cat is happy.", " The cat is happy.", f" The cat is happy.{EOS_TOKEN}", " The cat is happy. \n"):
+    for response in (
+        "The cat is happy.",
+        " The cat is happy.",
+        f" The cat is happy.{EOS_TOKEN}",
+        " The cat is happy. \n",
+    ):
         assert gold_score(PROMPT, response) == 1.0
 
 

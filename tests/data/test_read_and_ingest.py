@@ -9,10 +9,13 @@ import datasets
 import huggingface_hub.constants
 import pytest
 
-from stages.common import data, demo
-from stages.common.data import DataError, ingest, load_dataset_artifact, load_source
-from stages.common.demo import DemoConfig
 from stages.common.store import ArtifactStore
+from stages.data import demo
+from stages.data import ingest as data_ingest
+from stages.data import read as data_read
+from stages.data.demo import DemoConfig
+from stages.data.ingest import ingest
+from stages.data.read import DataError, load_dataset_artifact, load_source
 
 TINY = DemoConfig(size="tiny")
 
@@ -31,8 +34,14 @@ def error_of(fn, *args, **kwargs) -> str:
     return message
 
 
-PREFS = [{"prompt": f"User: Describe the cat {i}.\nAssistant:", "chosen": " The cat is happy.",
-          "rejected": " The cat is sad."} for i in range(20)]
+PREFS = [
+    {
+        "prompt": f"User: Describe the cat {i}.\nAssistant:",
+        "chosen": " The cat is happy.",
+        "rejected": " The cat is sad.",
+    }
+    for i in range(20)
+]
 
 
 # --- errors ---
@@ -199,7 +208,7 @@ def test_load_dataset_artifact_rejects_other_kinds(tmp_path: Path) -> None:
     (tmp_path / "m" / "config.json").write_text("{}")
     model = store.publish(tmp_path / "m", name="base-model", kind="causal-lm", stage="pretrain")
     assert "expected a dataset artifact" in error_of(load_dataset_artifact, model, "train")
-    assert set(data.DATASET_NAMES) == set(data.FORMATS)
+    assert set(data_ingest.DATASET_NAMES) == set(data_read.FORMATS)
 
 
 # --- content checks before publishing (issue 12) ---
@@ -223,11 +232,28 @@ REPLY = {"role": "assistant", "content": "The cat is calm."}
         ("sft", [{"prompt": [USER], "completion": [USER]}], "'completion' must hold assistant turns only"),
         ("prompts", [{"prompt": [USER, REPLY]}], "'prompt' must not end with an assistant turn"),
         ("prompts", [{"prompt": [{**USER, "content": ""}]}], "every turn's content is blank"),
-        ("preferences", [{"prompt": [USER], "chosen": [REPLY], "rejected": [REPLY]}], "chosen and rejected are the same"),
+        (
+            "preferences",
+            [{"prompt": [USER], "chosen": [REPLY], "rejected": [REPLY]}],
+            "chosen and rejected are the same",
+        ),
     ],
-    ids=["corpus-blank", "prompt-empty", "sft-prompt-blank", "completion-empty", "chosen-empty", "rejected-blank",
-         "duplicate-pair", "messages-one-turn", "messages-empty-reply", "mixed-row", "completion-user-turn",
-         "prompt-ends-assistant", "prompt-turns-blank", "chat-chosen-equals-rejected"],
+    ids=[
+        "corpus-blank",
+        "prompt-empty",
+        "sft-prompt-blank",
+        "completion-empty",
+        "chosen-empty",
+        "rejected-blank",
+        "duplicate-pair",
+        "messages-one-turn",
+        "messages-empty-reply",
+        "mixed-row",
+        "completion-user-turn",
+        "prompt-ends-assistant",
+        "prompt-turns-blank",
+        "chat-chosen-equals-rejected",
+    ],
 )
 def test_validation_rejects_what_a_stage_would_refuse(tmp_path: Path, fmt, rows, expected) -> None:
     f = write_jsonl(tmp_path / "d.jsonl", rows)
@@ -239,8 +265,10 @@ def test_validation_rejects_what_a_stage_would_refuse(tmp_path: Path, fmt, rows,
 
 
 def test_conversational_rows_are_accepted(tmp_path: Path) -> None:
-    prefs = [{"prompt": [USER], "chosen": [REPLY], "rejected": [{"role": "assistant", "content": f"No {i}."}]}
-             for i in range(4)]
+    prefs = [
+        {"prompt": [USER], "chosen": [REPLY], "rejected": [{"role": "assistant", "content": f"No {i}."}]}
+        for i in range(4)
+    ]
     assert load_source(str(write_jsonl(tmp_path / "p.jsonl", prefs)), "preferences").to_list() == prefs
     sft = [{"prompt": [USER], "completion": [REPLY]}]
     assert load_source(str(write_jsonl(tmp_path / "s.jsonl", sft)), "sft").to_list() == sft
@@ -251,8 +279,9 @@ def test_conversational_rows_are_accepted(tmp_path: Path) -> None:
 # --- column map ---
 def test_column_map_renames_before_validation_and_enters_the_config(tmp_path: Path) -> None:
     store = ArtifactStore(tmp_path / "store")
-    renamed = [{"question": r["prompt"], "better": r["chosen"], "worse": r["rejected"], "id": i}
-               for i, r in enumerate(PREFS)]
+    renamed = [
+        {"question": r["prompt"], "better": r["chosen"], "worse": r["rejected"], "id": i} for i, r in enumerate(PREFS)
+    ]
     f = write_jsonl(tmp_path / "p.jsonl", renamed)
     columns = {"prompt": "question", "chosen": "better", "rejected": "worse"}
     art = ingest(str(f), "preferences", store, demo_cfg=TINY, columns=columns)
@@ -263,8 +292,13 @@ def test_column_map_renames_before_validation_and_enters_the_config(tmp_path: Pa
     assert (plain.digest, plain.version) == (art.digest, art.version)  # the same rows: the same files and version
     # A file that has both `chosen` and the mapped column: the mapped one is what the map asks for.
     both = [{**r, "better": r["rejected"] + " (better)"} for r in PREFS]
-    art2 = ingest(str(write_jsonl(tmp_path / "both.jsonl", both)), "preferences", store, demo_cfg=TINY,
-                  columns={"chosen": "better"})
+    art2 = ingest(
+        str(write_jsonl(tmp_path / "both.jsonl", both)),
+        "preferences",
+        store,
+        demo_cfg=TINY,
+        columns={"chosen": "better"},
+    )
     assert all(r["chosen"].endswith("(better)") for r in load_dataset_artifact(art2, "train").to_list())
 
 
@@ -277,6 +311,7 @@ def test_column_map_errors_name_the_problem(tmp_path: Path) -> None:
     assert "column map chosen <- best: no such column" in msg and "found columns: prompt, better, worse" in msg
     msg = error_of(ingest, str(f), "preferences", store, demo_cfg=TINY, columns={"chosen": "better"})
     assert "missing column(s) rejected" in msg  # the map renames; validation still checks the result
-    assert "not to the generated demo data" in error_of(ingest, "demo", "sft", store, demo_cfg=TINY,
-                                                        columns={"prompt": "q"})
+    assert "not to the generated demo data" in error_of(
+        ingest, "demo", "sft", store, demo_cfg=TINY, columns={"prompt": "q"}
+    )
     assert store.list() == []

@@ -19,9 +19,9 @@ from __future__ import annotations
 import random
 import re
 
-from stages.common import demo
-from stages.common.demo import DemoConfig, SizeSpec, make_prompt
 from stages.common.hf import EOS_TOKEN
+from stages.data import demo
+from stages.data.demo import DemoConfig, SizeSpec, make_prompt
 
 MAX_OPERAND = 99
 TEST_FRACTION = 0.1  # share of the problems held out for every test split
