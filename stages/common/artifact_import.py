@@ -196,9 +196,13 @@ def _weight_files(src: Path) -> list[str]:
     index = src / WEIGHTS_INDEX_FILE
     if index.is_file():
         try:
-            shards = sorted(set(json.loads(index.read_text(encoding="utf-8"))["weight_map"].values()))
+            shards = sorted(set(json.loads(index.read_text(encoding="utf-8"))["weight_map"].values()), key=str)
         except (ValueError, KeyError, TypeError, AttributeError):
             raise ArtifactImportError(f"{index}: not a safetensors index (expected a weight_map of shards)") from None
+        for shard in shards:
+            if not _plain_relative_name(shard):
+                raise ArtifactImportError(f"import {src}: {WEIGHTS_INDEX_FILE} names shard {shard!r}, which is not a "
+                                          "plain file name inside the folder")
         missing = [s for s in shards if not (src / s).is_file()]
         if missing:
             raise ArtifactImportError(
@@ -226,6 +230,8 @@ def _model_files(src: Path, kind: str) -> tuple[list[str], dict[str, Any]]:
     config = _read_config(src)
     _check_head(config, kind, src / CONFIG_FILE)
     weights = _weight_files(src)
+    for name in weights:  # before reading a header: a link to a device or a FIFO outside would hang here
+        _inside(src, name)
     n_params, dtypes = 0, set()
     for name in weights:
         if name.endswith(".safetensors"):
@@ -304,12 +310,33 @@ def _reason(exc: BaseException) -> str:
 # ------------------------------------------------------------------------------------------------ staging, hashing
 
 
+def _plain_relative_name(name: object) -> bool:
+    """A POSIX name relative to its folder that stays in it: no absolute name, no `..`, `.` or empty part, no backslash."""
+    return (isinstance(name, str) and not name.startswith("/") and "\\" not in name and "\0" not in name
+            and all(part not in ("", ".", "..") for part in name.split("/")))
+
+
+def _inside(src: Path, name: str) -> Path:
+    """Where src/name really is; a link that leaves the folder is refused, so a link to a secret or to another user's
+    files never enters the store. The one exception is the Hugging Face hub cache, whose snapshots/REV folders link
+    every file to the repo's blobs/ folder (what `huggingface_hub.snapshot_download` returns)."""
+    real = (src / name).resolve()
+    if real.is_relative_to(src):
+        return real
+    if src.parent.name == "snapshots" and real.parent == src.parent.parent / "blobs":
+        return real
+    raise ArtifactImportError(f"import {src}: {name} is a link to {real}, outside the folder (copy the file in "
+                              "instead of linking it)")
+
+
 def _link_files(src: Path, names: list[str], staging: Path) -> None:
-    """Stage the chosen files as symlinks: the store copies (and hashes) each once, straight from the source."""
+    """Stage the chosen files as symlinks: the store copies (and hashes) each once, straight from the source.
+    Every file is checked to lie inside src before any link is made."""
+    real = {name: _inside(src, name) for name in names}
     for name in names:
         target = staging / name
         target.parent.mkdir(parents=True, exist_ok=True)
-        os.symlink((src / name).resolve(), target)
+        os.symlink(real[name], target)
 
 
 def _left_out(src: Path, copied: list[str]) -> list[str]:

@@ -10,6 +10,7 @@ import json
 import shutil
 import subprocess
 import sys
+import tempfile
 from pathlib import Path
 
 import pytest
@@ -299,6 +300,87 @@ def test_bad_paths_and_flags(capsys, tmp_path):
         out, err = capsys.readouterr()
         assert message in err and err.count("\n") == 1, (argv, err)
     assert ArtifactStore(store_root).list() == []
+
+
+def _weights_link_out(d: Path) -> None:
+    """model.safetensors is a link to a file outside the folder (a secret, another user's weights)."""
+    (d / "model.safetensors").rename(d.parent / "elsewhere.safetensors")
+    (d / "model.safetensors").symlink_to(d.parent / "elsewhere.safetensors")
+
+
+def _tokenizer_link_out(d: Path) -> None:
+    (d / "tokenizer.json").rename(d.parent / "tokenizer.json")
+    (d / "tokenizer.json").symlink_to(Path("..") / "tokenizer.json")  # relative, resolved outside
+
+
+def _template_dir_link_out(d: Path) -> None:
+    outside = d.parent / "templates"
+    outside.mkdir()
+    (outside / "tool.jinja").write_text("{{ messages }}")
+    (d / "additional_chat_templates").symlink_to(outside, target_is_directory=True)
+
+
+def _shard_named_outside(d: Path, shard: str) -> None:
+    """An index whose weight_map names a shard that is not a plain relative name inside the folder."""
+    (d / "model.safetensors").rename(d.parent / "outside.safetensors")
+    header = safetensors_header(d.parent / "outside.safetensors")
+    index = {"metadata": {}, "weight_map": {k: shard for k in header}}
+    (d / "model.safetensors.index.json").write_text(json.dumps(index))
+
+
+ESCAPES = [
+    ("weights-link-out", _weights_link_out, "model.safetensors is a link to"),
+    ("tokenizer-link-out", _tokenizer_link_out, "tokenizer.json is a link to"),
+    ("template-dir-link-out", _template_dir_link_out, "additional_chat_templates/tool.jinja is a link to"),
+    ("shard-dotdot", lambda d: _shard_named_outside(d, "../outside.safetensors"),
+     "names shard '../outside.safetensors', which is not a plain file name inside the folder"),
+    ("shard-absolute", lambda d: _shard_named_outside(d, str(d.parent / "outside.safetensors")),
+     "which is not a plain file name inside the folder"),
+    ("shard-backslash", lambda d: _shard_named_outside(d, "..\\outside.safetensors"),
+     "which is not a plain file name inside the folder"),
+    ("shard-not-a-string", lambda d: _shard_named_outside(d, 7), "names shard 7, which is not a plain file name"),
+]
+
+
+@pytest.mark.parametrize(("damage", "message"), [c[1:] for c in ESCAPES], ids=[c[0] for c in ESCAPES])
+def test_import_refuses_files_from_outside_the_folder(capsys, monkeypatch, tmp_path, damage, message):
+    """A link leaving the model folder, or a shard name that is not a plain relative name, is one line and exit 2:
+    nothing outside the folder is read into the store and no link is left outside the staging folder."""
+    store_root = tmp_path / "store"
+    bad = save_tiny_model_dir("gpt2", TEXTS, tmp_path / "bad")
+    damage(bad)
+    staging_root = tmp_path / "tmp"
+    staging_root.mkdir()
+    monkeypatch.setattr(tempfile, "tempdir", str(staging_root))
+    for _ in range(2):  # a second import ran into the link the first left outside its staging folder
+        code, out, err = _import(capsys, bad, "causal-lm", "bad", store_root)
+        assert (code, out) == (2, ""), err
+        assert err.startswith(f"error: import {bad}: ") and err.count("\n") == 1, err
+        assert message in err, err
+    assert ArtifactStore(store_root).list() == []
+    assert list(staging_root.iterdir()) == []  # the staging folder is gone and nothing was linked next to it
+
+
+def test_import_accepts_links_inside_the_folder_and_the_hub_cache_layout(tmp_path):
+    """Links that stay in the folder are fine, and so is the Hugging Face hub cache (snapshots/REV/* -> ../../blobs/*),
+    the folder `huggingface_hub.snapshot_download` returns."""
+    src = save_tiny_model_dir("gpt2", TEXTS, tmp_path / "src")
+    (src / "weights").mkdir()
+    (src / "model.safetensors").rename(src / "weights" / "real.safetensors")
+    (src / "model.safetensors").symlink_to(Path("weights") / "real.safetensors")
+    store = ArtifactStore(tmp_path / "store")
+    inside = import_model(store, src, "causal-lm", "inside")
+
+    repo = tmp_path / "hub" / "models--org--tiny"
+    snapshot = repo / "snapshots" / "0123abcd"
+    snapshot.mkdir(parents=True)
+    (repo / "blobs").mkdir()
+    for f in sorted(p for p in src.iterdir() if p.is_file()):
+        blob = repo / "blobs" / f"blob-{f.name}"
+        blob.write_bytes(f.read_bytes())
+        (snapshot / f.name).symlink_to(Path("..") / ".." / "blobs" / blob.name)
+    hub = import_model(store, snapshot, "causal-lm", "inside")
+    assert hub.digest == inside.digest and hub.ref == "inside@v1"
 
 
 @pytest.mark.parametrize("damage", [_no_config, _tokenizer_from_a_bigger_model], ids=["no-config", "tokenizer-too-big"])
