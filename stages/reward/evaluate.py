@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from stages.data import demo
 from stages.reward.metrics import mean_margin, pairwise_accuracy, pearson
-from stages.trl.training import load_tokenizer, token_ids_as_trl
+from stages.trl.tokens import load_tokenizer, token_ids_as_trl
 
 
 def score_sequences(model, pad_token_id: int, sequences: list[list[int]], *, batch_size: int) -> list[float]:

@@ -1,4 +1,8 @@
-"""The reward stage on the driver: check inputs, launch the Ray Train workers, publish the `reward-model` artifact."""
+"""The reward stage on the driver: check inputs, launch the Ray Train workers, publish the `reward-model` artifact.
+
+`prepare` builds the workers' typed loop config (`RewardLoopConfig`); `run` hands it with `train.train_loop` to
+`stages.trl.driver.train_and_publish`. On the workers, `train.build_trainer` constructs TRL's `RewardTrainer(...)`.
+"""
 
 from __future__ import annotations
 
@@ -7,16 +11,17 @@ import time
 from stages.common.context import Scaling, StageContext
 from stages.reward.config import Config
 from stages.reward.inputs import check_lengths, check_pairs
-from stages.reward.train import train_loop
-from stages.trl import training as trl_training
-from stages.trl.training import check_kind, load_rows, model_context, token_limit, tokenizer_plan
+from stages.reward.train import RewardLoopConfig, train_loop
+from stages.trl.driver import build_loop_config, check_kind, load_rows, model_context, token_limit, train_and_publish
+from stages.trl.tokens import tokenizer_plan
 
 NAME = "reward"
 INPUTS = {"sft_model": "causal-lm", "preferences": "dataset"}
 OUTPUTS = ["reward-model"]
 
 
-def prepare(config: Config, sft_model, preferences, *, scaling: Scaling, seed: int = 0, store=None) -> dict:
+def prepare(config: Config, sft_model, preferences, *, scaling: Scaling, seed: int = 0,
+            store=None) -> RewardLoopConfig:
     """Every check that can fail on user input, before Ray starts; returns the workers' loop config."""
     from transformers import AutoTokenizer
 
@@ -29,20 +34,15 @@ def prepare(config: Config, sft_model, preferences, *, scaling: Scaling, seed: i
     for split in ("train", "test"):
         where = f"{NAME}: preferences {preferences.ref} {split}.jsonl"
         rows = load_rows(preferences, split, f"{NAME}: preferences")
-        splits[split] = check_pairs(rows, where, chat_template=plan["chat_template"])
+        splits[split] = check_pairs(rows, where, chat_template=plan.chat_template)
     limit = token_limit(config.max_length, context, f"{NAME}: config vs sft_model {sft_model.ref}")
     for split, rows in splits.items():
         check_lengths(rows, tokenizer, limit, f"{NAME}: preferences {preferences.ref} {split}.jsonl")
-    return {
-        **trl_training.loop_config(
-            config, sft_model, splits, stage=NAME, limit=limit, scaling=scaling, seed=seed, store=store,
-            tokenizer=plan,
-        ),
-        "demo_task": (preferences.manifest.get("extra") or {}).get("task") == "demo",
-        "center_rewards_coefficient": config.center_rewards_coefficient,
-        "score_batch_size": config.score_batch_size,
-    }
-
+    return build_loop_config(
+        RewardLoopConfig, config, sft_model, splits, stage=NAME, limit=limit, scaling=scaling, seed=seed,
+        store=store, tokenizer=plan, demo_task=(preferences.manifest.get("extra") or {}).get("task") == "demo",
+        center_rewards_coefficient=config.center_rewards_coefficient, score_batch_size=config.score_batch_size,
+    )
 
 
 def check_data(config: Config, *, scaling: Scaling, sft_model, preferences) -> None:
@@ -50,14 +50,14 @@ def check_data(config: Config, *, scaling: Scaling, sft_model, preferences) -> N
     published: the flow runs them before the data becomes a dataset version (`stages.data.ingest.ingest`)."""
     prepare(config, sft_model, preferences, scaling=scaling)
 
+
 def run(config: Config, *, sft_model, preferences, store, ctx: StageContext) -> dict:
     """Train a reward model from `sft_model` on `preferences` pairs on Ray Train workers; publish `reward-model`."""
     started = time.time()
-    loop_config = prepare(config, sft_model, preferences, scaling=ctx.scaling, seed=ctx.seed, store=store)
-    artifact = trl_training.train_and_publish(
+    loop = prepare(config, sft_model, preferences, scaling=ctx.scaling, seed=ctx.seed, store=store)
+    artifact = train_and_publish(
         train_loop,
-        loop_config,
-        stage=NAME,
+        loop,
         output=OUTPUTS[0],
         kind="reward-model",
         title=f"reward model from {sft_model.ref}",

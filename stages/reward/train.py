@@ -4,22 +4,24 @@ The model is the SFT model loaded as `AutoModelForSequenceClassification` with o
 the LM head is dropped (tied or not, transformers only reports it as unused) and a fresh `score` head reads the last
 non-pad token. Works for every architecture transformers has a sequence-classification class for (GPT-2, GPT-NeoX,
 Llama, Qwen2, ...). The loss is Bradley-Terry,
--log sigmoid(r_chosen - r_rejected). Checkpoints, resume and the final `final/` + `result.json` checkpoint follow
-`stages.trl.training`.
+-log sigmoid(r_chosen - r_rejected).
+
+`stage.py` (the driver) builds a `RewardLoopConfig` and hands `train_loop` to Ray Train; `build_trainer` below is
+the one place the RewardTrainer is constructed, and `load_reward_model` the one place the model is loaded.
+Checkpoints, resume and the final `final/` + `result.json` checkpoint follow `stages.trl.worker`.
 """
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from stages.common.hf import model_load_kwargs
 from stages.reward.evaluate import evaluate_pairs
-from stages.trl.training import (
-    FINAL_DIR,
-    RESULT_FILE,
-    deepspeed_config,
-    load_tokenizer,
+from stages.trl.loop_config import FINAL_DIR, TrainLoopConfig
+from stages.trl.tokens import load_tokenizer
+from stages.trl.worker import (
     local_model_dir,
     report_result,
     run_on_worker,
@@ -28,7 +30,15 @@ from stages.trl.training import (
     training_args,
 )
 
-__all__ = ["FINAL_DIR", "RESULT_FILE", "build_trainer", "deepspeed_config", "load_reward_model", "train_loop"]
+__all__ = ["RewardLoopConfig", "build_trainer", "load_reward_model", "train_loop"]
+
+
+@dataclass(frozen=True, kw_only=True)
+class RewardLoopConfig(TrainLoopConfig):
+    """What the reward workers get beyond the shared fields."""
+
+    center_rewards_coefficient: float | None  # RewardConfig's pull of the mean reward towards 0; None = off
+    score_batch_size: int  # sequences per forward pass when scoring the held-out pairs
 
 
 def load_reward_model(model_dir: str, bf16: bool = False):
@@ -45,7 +55,7 @@ def load_reward_model(model_dir: str, bf16: bool = False):
     return model, tokenizer
 
 
-def build_trainer(cfg: dict[str, Any], output_dir: str):
+def build_trainer(cfg: RewardLoopConfig, output_dir: str):
     """TRL's RewardTrainer for the loop config `cfg` (see stage.prepare); TRL appends eos to both replies."""
     from transformers import set_seed
     from trl import RewardConfig, RewardTrainer
@@ -53,32 +63,33 @@ def build_trainer(cfg: dict[str, Any], output_dir: str):
     # The arguments first: with ZeRO-3 they make from_pretrained load the weights already partitioned.
     args = RewardConfig(
         **training_args(cfg, output_dir),
-        center_rewards_coefficient=cfg["center_rewards_coefficient"],
-        max_length=cfg["max_length"],  # the stage already rejected longer pairs, so TRL's filter drops none
+        center_rewards_coefficient=cfg.center_rewards_coefficient,
+        max_length=cfg.max_length,  # the stage already rejected longer pairs, so TRL's filter drops none
     )
-    set_seed(cfg["seed"])  # the new score head starts from the same random weights on every rank and every rerun
-    model, tokenizer = load_reward_model(local_model_dir(cfg), bf16=cfg["bf16"])
+    set_seed(cfg.seed)  # the new score head starts from the same random weights on every rank and every rerun
+    model, tokenizer = load_reward_model(local_model_dir(cfg), bf16=cfg.bf16)
     return RewardTrainer(model=model, args=args, processing_class=tokenizer, **trainer_datasets(cfg))
 
 
-def train_loop(cfg: dict[str, Any]) -> None:
-    """Train the reward model on cfg["train_rows"] on this worker; rank 0 reports the final model and metrics."""
-    run_on_worker(cfg, "reward", _train)
+def train_loop(config: dict[str, Any]) -> None:
+    """Ray Train's entry: train the reward model on the loop config's train rows on this worker; rank 0 reports the
+    final model and metrics."""
+    run_on_worker(config, _train)
 
 
-def _train(cfg: dict[str, Any], rank: int, scratch: Path) -> None:
+def _train(cfg: RewardLoopConfig, rank: int, scratch: Path) -> None:
     """Train, evaluate, report; every file it writes lives under `scratch` (removed after the upload)."""
-    trained = train_and_save(cfg, rank, scratch, stage="reward", build_trainer=build_trainer, log_keys=("accuracy",))
+    trained = train_and_save(cfg, rank, scratch, build_trainer=build_trainer, log_keys=("accuracy",))
     if trained is None:
         return
     metrics, samples = dict(trained.metrics), []
     if rank == 0:
         pair_metrics, samples = evaluate_pairs(
             str(trained.out / FINAL_DIR),
-            cfg["test_rows"],
-            demo_task=cfg["demo_task"],
-            batch_size=cfg["score_batch_size"],
-            use_gpu=cfg["use_gpu"],
+            list(cfg.test_rows),
+            demo_task=cfg.demo_task,
+            batch_size=cfg.score_batch_size,
+            use_gpu=cfg.use_gpu,
         )
         metrics |= pair_metrics
     report_result(trained, rank, metrics, samples)

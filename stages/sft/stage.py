@@ -1,4 +1,8 @@
-"""The SFT stage on the driver: check inputs, launch the Ray Train workers, publish the `sft-model` artifact."""
+"""The SFT stage on the driver: check inputs, launch the Ray Train workers, publish the `sft-model` artifact.
+
+`prepare` builds the workers' typed loop config (`SFTLoopConfig`); `run` hands it with `train.train_loop` to
+`stages.trl.driver.train_and_publish`. On the workers, `train.build_trainer` constructs TRL's `SFTTrainer(...)`.
+"""
 
 from __future__ import annotations
 
@@ -7,16 +11,17 @@ import time
 from stages.common.context import Scaling, StageContext
 from stages.sft.config import Config
 from stages.sft.inputs import check_lengths, to_prompt_completion
-from stages.sft.train import train_loop
-from stages.trl import training as trl_training
-from stages.trl.training import check_kind, load_rows, model_context, token_limit, tokenizer_plan
+from stages.sft.train import SFTLoopConfig, train_loop
+from stages.trl.demo_eval import DemoEval
+from stages.trl.driver import build_loop_config, check_kind, load_rows, model_context, token_limit, train_and_publish
+from stages.trl.tokens import tokenizer_plan
 
 NAME = "sft"
 INPUTS = {"base_model": "causal-lm", "data": "dataset"}
 OUTPUTS = ["sft-model"]
 
 
-def prepare(config: Config, base_model, data, *, scaling: Scaling, seed: int = 0, store=None) -> dict:
+def prepare(config: Config, base_model, data, *, scaling: Scaling, seed: int = 0, store=None) -> SFTLoopConfig:
     """Every check that can fail on user input, before Ray starts; returns the workers' loop config."""
     from transformers import AutoTokenizer
 
@@ -29,7 +34,7 @@ def prepare(config: Config, base_model, data, *, scaling: Scaling, seed: int = 0
         split: to_prompt_completion(
             load_rows(data, split, f"{NAME}: data"),
             f"{NAME}: data {data.ref} {split}.jsonl",
-            chat_template=plan["chat_template"],
+            chat_template=plan.chat_template,
         )
         for split in ("train", "test")
     }
@@ -37,17 +42,15 @@ def prepare(config: Config, base_model, data, *, scaling: Scaling, seed: int = 0
     for split, rows in splits.items():
         check_lengths(rows, tokenizer, limit, f"{NAME}: data {data.ref} {split}.jsonl")
     demo_task = (data.manifest.get("extra") or {}).get("task") == "demo"
-    return {
-        **trl_training.loop_config(
-            config, base_model, splits, stage=NAME, limit=limit, scaling=scaling, seed=seed, store=store,
-            tokenizer=plan,
-        ),
-        "eval_prompts": [r["prompt"] for r in splits["test"]][: config.eval_prompts] if demo_task else [],
-        "demo_task": demo_task,
-        "max_new_tokens": config.max_new_tokens,
-        "generation_batch_size": config.generation_batch_size,
-    }
-
+    demo_eval = DemoEval(
+        prompts=tuple(r["prompt"] for r in splits["test"][: config.eval_prompts]) if demo_task else (),
+        max_new_tokens=config.max_new_tokens,
+        batch_size=config.generation_batch_size,
+    )
+    return build_loop_config(
+        SFTLoopConfig, config, base_model, splits, stage=NAME, limit=limit, scaling=scaling, seed=seed, store=store,
+        tokenizer=plan, demo_task=demo_task, demo_eval=demo_eval,
+    )
 
 
 def check_data(config: Config, *, scaling: Scaling, base_model, data) -> None:
@@ -55,14 +58,14 @@ def check_data(config: Config, *, scaling: Scaling, base_model, data) -> None:
     published: the flow runs them before the data becomes a dataset version (`stages.data.ingest.ingest`)."""
     prepare(config, base_model, data, scaling=scaling)
 
+
 def run(config: Config, *, base_model, data, store, ctx: StageContext) -> dict:
     """Fine-tune `base_model` on `data` (loss on completions only) on Ray Train workers; publish `sft-model`."""
     started = time.time()
-    loop_config = prepare(config, base_model, data, scaling=ctx.scaling, seed=ctx.seed, store=store)
-    artifact = trl_training.train_and_publish(
+    loop = prepare(config, base_model, data, scaling=ctx.scaling, seed=ctx.seed, store=store)
+    artifact = train_and_publish(
         train_loop,
-        loop_config,
-        stage=NAME,
+        loop,
         output=OUTPUTS[0],
         kind="causal-lm",
         title=f"SFT of {base_model.ref}",

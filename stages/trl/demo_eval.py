@@ -11,7 +11,19 @@ between runs and say more about tie-breaking than about format learning.
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 from stages.data import demo
+
+
+@dataclass(frozen=True, kw_only=True)
+class DemoEval:
+    """The held-out demo evaluation a policy stage (SFT, DPO) runs on rank 0 after training; no prompts = none.
+    A nested field of their loop configs (`SFTLoopConfig.demo_eval`, `DPOLoopConfig.demo_eval`)."""
+
+    prompts: tuple[str, ...]  # held-out prompts, answered sampled and greedily by `demo_metrics`
+    max_new_tokens: int  # generation budget per prompt
+    batch_size: int  # prompts per batched, left-padded generate call
 
 
 def generate_replies(

@@ -16,7 +16,8 @@ from typing import Any
 
 from stages.common.errors import StageInputError
 from stages.common.hf import plain_chat_pair
-from stages.trl.training import check_turns, token_ids_as_trl
+from stages.trl.driver import check_turns
+from stages.trl.tokens import token_ids_as_trl
 
 COLUMNS = ("prompt", "chosen", "rejected")
 

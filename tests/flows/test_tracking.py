@@ -305,14 +305,20 @@ def test_unusable_database_is_one_warning_then_off(tmp_path, lineage):
 
 def test_report_to_reaches_the_trainers_arguments(tmp_path, monkeypatch):
     """tracking.report_to is passed through to the HF Trainer (TensorBoard's folder beside the checkpoints)."""
-    from stages.trl.training import training_args
+    from dataclasses import replace
+
+    from stages.trl.loop_config import TokenizerPlan, TrainLoopConfig
+    from stages.trl.worker import training_args
 
     monkeypatch.delenv("TENSORBOARD_LOGGING_DIR", raising=False)
-    cfg = {"max_steps": 2, "per_worker_batch": 2, "gradient_accumulation_steps": 1, "learning_rate": 1e-3,
-           "warmup_steps": 0, "weight_decay": 0.0, "bf16": False, "use_gpu": False, "deepspeed": None,
-           "logging_steps": 1, "save_steps": 2, "seed": 0}  # fmt: skip
+    plan = TokenizerPlan(pad_token="<eos>", pad_token_id=0, pad_is_eos=True, pad_note=None, chat_template=False)
+    cfg = TrainLoopConfig(stage="sft", tokenizer=plan, model_dir=str(tmp_path), model_digest="0" * 64, store_root=None,
+                          train_rows=(), test_rows=(), max_length=32, demo_task=False, max_steps=2, per_worker_batch=2,
+                          gradient_accumulation_steps=1, learning_rate=1e-3, warmup_steps=0, weight_decay=0.0,
+                          bf16=False, use_gpu=False, deepspeed=None, logging_steps=1, save_steps=2, seed=0,
+                          cpus_per_worker=1.0)  # fmt: skip
     assert training_args(cfg, str(tmp_path))["report_to"] == "none"
-    args = training_args({**cfg, "report_to": ["tensorboard"], "logging_dir": str(tmp_path / "tb")}, str(tmp_path))
+    args = training_args(replace(cfg, report_to=("tensorboard",), logging_dir=str(tmp_path / "tb")), str(tmp_path))
     assert args["report_to"] == ["tensorboard"]
     import os
 

@@ -132,7 +132,7 @@ def test_conversational_sft_masks_the_prompt_and_learns_eos_when_pad_is_eos(tmp_
     rows = [{"messages": CHAT[1:3]}, {"messages": CHAT}]
     data = publish_rows(store, "chats", rows, rows, fmt="sft")
     cfg = sft.stage.prepare(sft.Config(max_steps=1, batch_size=2), base, data, scaling=Scaling(num_workers=1))
-    assert cfg["tokenizer"]["pad_is_eos"] and cfg["tokenizer"]["chat_template"]
+    assert cfg.tokenizer.pad_is_eos and cfg.tokenizer.chat_template
     trainer = build_trainer(cfg, str(tmp_path / "out"))
     tok = trainer.processing_class
     assert tok.pad_token_id == tok.eos_token_id == trainer.model.config.pad_token_id

@@ -17,7 +17,7 @@ from stages.common.store import ArtifactStore
 from stages.data.demo import DemoConfig, generate
 from stages.data.ingest import ingest
 from stages.dpo.metrics import demo_eval_prompts, implicit_reward_metrics
-from stages.trl.training import token_ids_as_trl
+from stages.trl.tokens import token_ids_as_trl
 from tests.tiny_models import publish_rows, publish_tiny_base_model
 
 DEMO = DemoConfig(size="tiny")
@@ -101,10 +101,10 @@ def test_prepare_on_demo_pairs(setup):
     dpo = _dpo()
     cfg = dpo.stage.prepare(dpo.Config(beta=0.3, loss_type="ipo", eval_prompts=5), setup["sft_model"],
                             setup["preferences"], scaling=Scaling(num_workers=2))
-    assert (cfg["beta"], cfg["loss_type"], cfg["per_worker_batch"], cfg["max_length"]) == (0.3, "ipo", 8, 128)
-    assert cfg["demo_task"] and len(cfg["eval_prompts"]) == 5
-    assert set(cfg["eval_prompts"]) <= {r["prompt"] for r in cfg["test_rows"]}  # held-out prompts only
-    assert set(cfg["train_rows"][0]) == {"prompt", "chosen", "rejected"}
+    assert (cfg.beta, cfg.loss_type, cfg.per_worker_batch, cfg.max_length) == (0.3, "ipo", 8, 128)
+    assert cfg.demo_task and len(cfg.demo_eval.prompts) == 5
+    assert set(cfg.demo_eval.prompts) <= {r["prompt"] for r in cfg.test_rows}  # held-out prompts only
+    assert set(cfg.train_rows[0]) == {"prompt", "chosen", "rejected"}
 
 
 @pytest.mark.parametrize(
@@ -155,12 +155,12 @@ def test_trl_trains_on_the_sequences_we_length_check_and_starts_at_log_2(setup, 
     cfg = dpo.stage.prepare(config, setup["sft_model"], setup["preferences"], scaling=Scaling(num_workers=1))
     trainer = build_trainer(cfg, str(tmp_path / "out"))
     tokenizer = trainer.processing_class
-    for row, example in zip(cfg["train_rows"][:5], trainer.train_dataset.select(range(5)), strict=True):
+    for row, example in zip(cfg.train_rows[:5], trainer.train_dataset.select(range(5)), strict=True):
         for side in ("chosen", "rejected"):
             ids = example["prompt_ids"] + example[f"{side}_ids"]
             assert ids == token_ids_as_trl(tokenizer, row["prompt"], row[side])
             assert ids[-1] == tokenizer.eos_token_id
-    assert len(trainer.train_dataset) == len(cfg["train_rows"])  # nothing dropped as too long
+    assert len(trainer.train_dataset) == len(cfg.train_rows)  # nothing dropped as too long
     batch = next(iter(trainer.get_train_dataloader()))
     with torch.no_grad():
         loss = trainer.compute_loss(trainer.model, batch)

@@ -64,7 +64,7 @@ def test_prompt_tokens_are_masked_and_eos_is_learnt(setup, tmp_path):
     cfg = sft.stage.prepare(sft.Config(max_steps=1), setup["base"], setup["data"], scaling=Scaling(num_workers=1))
     trainer = build_trainer(cfg, str(tmp_path / "out"))
     tokenizer = trainer.processing_class
-    rows = cfg["train_rows"][:5]
+    rows = cfg.train_rows[:5]
     for row, example in zip(rows, trainer.train_dataset.select(range(5)), strict=True):
         ids, labels = example["input_ids"], example["labels"]
         n_prompt = len(tokenizer(row["prompt"], add_special_tokens=False)["input_ids"])
@@ -288,7 +288,7 @@ def test_sft_resumes_after_a_crash(setup, ray_session):
 
 
 def test_deepspeed_config_follows_the_typed_config():
-    from stages.sft.train import deepspeed_config
+    from stages.trl.driver import deepspeed_config
 
     assert deepspeed_config(None, bf16=False) is None  # plain DDP: the CPU default
     zero3 = deepspeed_config(3, bf16=True, use_gpu=True)
