@@ -1,7 +1,8 @@
 """Token-sequence helpers shared by the RL stage and the eval stage (torch only): the left-padded prompt + reply layout.
 
-    tokens [B, P + T]: the prompt left-padded to P, the reply right-padded to T; reply mask [B, T] (1 up to and
-    including the first eos).
+    tokens [B, P + T]: the prompt left-padded to P, the reply right-padded to T; attention_mask [B, P + T];
+    reply_mask [B, T] (1 up to and including the first eos); ended [B] (the reply stopped at an eos).
+`rollout_layout` builds it from HF generate's output; `forwards.py` reads models over it.
 """
 
 from __future__ import annotations
@@ -27,6 +28,30 @@ def reply_mask_from_eos(replies: torch.Tensor, eos_ids: torch.Tensor, generated:
     after_first_eos = (is_eos.cumsum(-1) - is_eos) > 0
     within = torch.arange(replies.shape[1], device=replies.device) < generated
     return (~after_first_eos & within).long()
+
+
+def rollout_layout(prompt_ids: torch.Tensor, prompt_mask: torch.Tensor, sequences: torch.Tensor, *,
+                   max_new_tokens: int, pad_id: int, eos_ids: list[int]) -> dict[str, torch.Tensor]:  # fmt: skip
+    """HF generate's output on left-padded prompts [B, P] as the rollout layout, on the output's device.
+
+    Replies are right-padded to T = max_new_tokens; everything after the first eos (and what was never generated)
+    becomes `pad_id`. Returns {"tokens", "attention_mask", "reply_mask" (long), "ended" (bool)}.
+    """
+    P, T = prompt_ids.shape[1], max_new_tokens
+    generated = sequences.shape[1] - P
+    replies = torch.full((sequences.shape[0], T), pad_id, dtype=sequences.dtype, device=sequences.device)
+    replies[:, :generated] = sequences[:, P:]
+    # keep everything up to and including the first eos; what follows (and what was never generated) is padding
+    eos = torch.tensor(eos_ids, dtype=replies.dtype, device=replies.device)
+    reply_mask = reply_mask_from_eos(replies, eos, generated=generated)
+    ended = (torch.isin(replies, eos) & (reply_mask > 0)).any(-1)
+    replies = replies.masked_fill(reply_mask == 0, pad_id)
+    return {
+        "tokens": torch.cat([prompt_ids, replies], dim=1),
+        "attention_mask": torch.cat([prompt_mask.long(), reply_mask], dim=1),
+        "reply_mask": reply_mask,
+        "ended": ended,
+    }
 
 
 @contextlib.contextmanager

@@ -1,8 +1,8 @@
 """Checks of the eval inputs on the driver, before Ray starts; each problem is one `StageInputError` line.
 
 What the evaluation needs from its inputs: the held-out prompts rendered and tokenized once with the SFT tokenizer
-(every model shares it, checked here, or log-probs and reward scores would read other tokens), the pad and eos ids,
-and the pad id the reward model reads its score against.
+(every model shares it: `stages/common/tokens.py`, the RL stage's check), the pad and eos ids, and the pad id the
+reward model reads its score against.
 """
 
 from __future__ import annotations
@@ -12,6 +12,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from stages.common.errors import StageInputError
+from stages.common.tokens import check_same_tokenizer, special_token_ids
 from stages.data.ingest import task_of
 from stages.eval.config import Config
 from stages.eval.worker import SFT
@@ -62,19 +63,6 @@ def _context_length(path: str, where: str) -> int:
     raise StageInputError(f"{where}: config.json: expected n_positions or max_position_embeddings, found neither")
 
 
-def _same_tokenizer(reference, other, where: str, sft_ref: str) -> None:
-    """Same vocabulary and eos as the SFT tokenizer (a missing pad counts as eos, as every stage fills it in)."""
-    mine, theirs = reference.get_vocab(), other.get_vocab()
-    if mine != theirs:
-        first = sorted(set(mine.items()) ^ set(theirs.items()), key=lambda kv: kv[1])[:1]
-        raise StageInputError(
-            f"{where}: its tokenizer differs from sft_model {sft_ref}'s ({len(theirs)} vs {len(mine)} tokens; first "
-            f"difference {first[0] if first else '?'}); evaluate models fine-tuned from the same SFT model"
-        )
-    if reference.eos_token != other.eos_token:
-        raise StageInputError(f"{where}: tokenizer eos_token is {other.eos_token!r}, expected {reference.eos_token!r}")
-
-
 def _held_out_prompts(prompts, count: int) -> tuple[list, dict[str, list]]:
     from stages.data.read import DataError, load_dataset_artifact
 
@@ -93,21 +81,6 @@ def _held_out_prompts(prompts, count: int) -> tuple[list, dict[str, list]]:
         if not (isinstance(p, str) and p) and not isinstance(p, list):
             raise StageInputError(f"{where}: row {i}: 'prompt': expected a string or a message list, found {p!r:.60}")
     return rows, columns
-
-
-def _eos_ids(tokenizer, model_path: str) -> list[int]:
-    """The tokenizer's eos first, then any other stop id the SFT model's generation_config.json lists."""
-    from transformers import GenerationConfig
-
-    ids = [int(tokenizer.eos_token_id)]
-    try:
-        extra = GenerationConfig.from_pretrained(model_path).eos_token_id
-    except OSError:  # no generation_config.json
-        extra = None
-    for i in [extra] if isinstance(extra, int) else list(extra or []):
-        if int(i) not in ids:
-            ids.append(int(i))
-    return ids
 
 
 def prepare(config: Config, *, sft_model, reward_model, prompts, policies: dict, reward_fns=None) -> PreparedInputs:
@@ -132,7 +105,9 @@ def prepare(config: Config, *, sft_model, reward_model, prompts, policies: dict,
     others = {f"eval input reward_model {reward_model.ref}": reward_model} if reward_model is not None else {}
     others.update({f"eval input policies[{n!r}] {a.ref}": a for n, a in policies.items()})
     for where, artifact in others.items():
-        _same_tokenizer(tokenizer, AutoTokenizer.from_pretrained(artifact.path), where, sft_model.ref)
+        check_same_tokenizer(tokenizer, AutoTokenizer.from_pretrained(artifact.path), where,
+                             reference_name=f"sft_model {sft_model.ref}'s",
+                             hint="evaluate models fine-tuned from the same SFT model")  # fmt: skip
     rm_config = AutoConfig.from_pretrained(reward_model.path) if reward_model is not None else None
     if rm_config is not None and rm_config.num_labels != 1:
         raise StageInputError(f"eval input reward_model {reward_model.ref}: config.json num_labels: expected 1 (one "
@@ -154,10 +129,11 @@ def prepare(config: Config, *, sft_model, reward_model, prompts, policies: dict,
             f"eval input prompts {prompts.ref} [test.jsonl]: row {longest}: the prompt is {len(ids[longest])} tokens; "
             f"with eval.max_new_tokens {config.max_new_tokens} that exceeds the context {context} of {where}"
         )
-    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    special = special_token_ids(tokenizer, sft_model.path)  # pad = eos for a tokenizer without pad, as in PPO
+    pad_id = special["pad_token_id"]
     rm_pad_id = rm_config.pad_token_id if rm_config is not None and rm_config.pad_token_id is not None else pad_id
     return PreparedInputs(
         prompt_texts=texts, prompt_ids=ids, task=task_of(prompts),
-        pad_id=int(pad_id), eos_ids=_eos_ids(tokenizer, sft_model.path), rm_pad_id=int(rm_pad_id),
+        pad_id=int(pad_id), eos_ids=special["eos_token_ids"], rm_pad_id=int(rm_pad_id),
         columns=columns, functions=functions,
     )  # fmt: skip

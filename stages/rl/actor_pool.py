@@ -211,6 +211,6 @@ class ActorPool:
 
 
 def _model_source(role: str, sources: dict[str, ModelSource]) -> dict:
-    """The role's weights as the actor resolves them on its own node (see `actors.resolve_model_dir`)."""
+    """The role's weights as the actor resolves them on its own node (see `models.resolve_model_dir`)."""
     src = sources[role]
     return {"path": src.path, "store_uri": src.store_uri, "ref": src.ref}

@@ -1,14 +1,10 @@
 """The four RL roles as plain classes that `actor_pool.py` turns into Ray actors (GRPO and RLOO use all but the critic).
 
-Each actor loads its own weights from an artifact directory (never through the driver) and exchanges only token
-tensors, log-probs, values, scores and metrics with the driver. A rollout batch is laid out as
-    tokens [B, P + T]: prompt left-padded to P, response right-padded to T = max_new_tokens;
-    attention_mask [B, P + T]; response_mask [B, T] (1 up to and including eos).
+Each actor loads its own weights (`models.py`: one loader per role) from an artifact directory, never through the
+driver, and exchanges only token tensors, log-probs, values, scores and metrics with the driver. A rollout batch is
+the prompt | reply layout of `stages/common/sequences.py` (tokens, attention_mask, reply_mask, ended, prompt_len).
 The trainable roles (policy, critic) are DeepSpeed engines; several actors of a role form one torch.distributed group.
-Full-sequence forwards compute only what the RL math reads (`per_reply_token`; the reward model's `scores`): rows of
-similar length on their own column window (`length_buckets`: the batch's edge padding skipped), a prompt that
-several rows share (GRPO/RLOO's groups) run once, no column past the last reply token.
-All four roles hold their weights in the run's precision (`devices.py`); log-probs are always taken in fp32.
+The full-sequence forwards are `stages/common/forwards.py`'s (shared with eval); the losses `algorithm.py`'s.
 """
 
 from __future__ import annotations
@@ -22,24 +18,15 @@ from pathlib import Path
 
 import torch
 
-from stages.common.hf import fuse_gelu_tanh
+from stages.common.forwards import TokenLogprobs, TokenValues, per_reply_token, sequence_scores
 from stages.common.sampling import SampledLogprobs, decoding_config
-from stages.common.sequences import length_buckets, position_ids, seeded
-from stages.common.sequences import reply_mask_from_eos as response_mask_from_eos
+from stages.common.sequences import rollout_layout, seeded
 from stages.rl import algorithm as A
+from stages.rl import models
 from stages.rl.devices import dist_backend, model_dtype
 
 
 # ---------------------------------------------------------------------------------------------------- helpers
-def resolve_model_dir(path: str, store_uri: str, ref: str) -> str:
-    """The artifact's local directory: the driver's path when this node sees it, else fetched from the store here."""
-    if Path(path).is_dir():
-        return path
-    from stages.common.store import ArtifactStore
-
-    return ArtifactStore(store_uri).get(ref).path
-
-
 @contextlib.contextmanager
 def torch_threads(n: int) -> Iterator[None]:
     """Run the block with `n` intra-op threads, then restore the actor's own count."""
@@ -51,153 +38,6 @@ def torch_threads(n: int) -> Iterator[None]:
         torch.set_num_threads(before)
 
 
-def disable_dropout(model: torch.nn.Module) -> None:
-    """PPO's ratio must be exactly 1 before the first step, so no dropout in any forward pass."""
-    for module in model.modules():
-        if isinstance(module, torch.nn.Dropout):
-            module.p = 0.0
-
-
-def load_role_model(auto_class: str, model_dir: str, dtype: torch.dtype, **kwargs) -> torch.nn.Module:
-    """`transformers.<auto_class>.from_pretrained` as every role runs it: no dropout, one-kernel tanh-GELU."""
-    import transformers
-
-    model = getattr(transformers, auto_class).from_pretrained(model_dir, dtype=dtype, **kwargs)
-    disable_dropout(model)
-    fuse_gelu_tanh(model)
-    return model
-
-
-class TokenLogprobs:
-    """What `per_reply_token` reads from a causal LM: log p(token) at `temperature` (and the entropy there)."""
-
-    def __init__(self, model, temperature: float, with_entropy: bool = False):
-        self.model, self.temperature, self.with_entropy = model, temperature, with_entropy
-
-    def forward(self, input_ids, attention_mask, positions, cache, keep: int) -> torch.Tensor:
-        """fp32 logits at the last `keep` positions: [b, L] -> [b, keep, V].
-
-        Upcast before any temperature or log_softmax: bf16 keeps 8 bits of mantissa, so the policy's and the
-        reference's log-probs (and the KL between them) would otherwise carry rounding of the order of 0.01 nats.
-        """
-        # logits_to_keep: the vocabulary projection only where a reply token is predicted (not over the prompt),
-        # which on a 128k-vocabulary model with long prompts is most of the logits' memory; no KV cache is kept
-        # unless `cache` is given (prompt sharing), as keeping one costs memory on every role
-        out = self.model(
-            input_ids=input_ids, attention_mask=attention_mask, position_ids=positions, past_key_values=cache,
-            use_cache=cache is not None, logits_to_keep=keep,
-        )  # fmt: skip
-        return out.logits.float()
-
-    def finish(self, logits: torch.Tensor, targets: torch.Tensor) -> tuple:
-        logits = logits / self.temperature
-        logprobs = A.logprobs_from_logits(logits, targets)
-        return (logprobs, A.entropy_from_logits(logits)) if self.with_entropy else (logprobs,)
-
-
-class TokenValues:
-    """What `per_reply_token` reads from a `TokenValueModel`: the value before each reply token."""
-
-    def __init__(self, model):
-        self.model = model
-
-    def forward(self, input_ids, attention_mask, positions, cache, keep: int) -> torch.Tensor:
-        return self.model(input_ids, attention_mask, positions, cache)[:, -keep:]
-
-    def finish(self, values: torch.Tensor, targets: torch.Tensor) -> tuple:
-        return (values,)
-
-
-def shared_prompts(tokens: torch.Tensor, attention_mask: torch.Tensor, prompt_len: int):
-    """(one row per distinct prompt, each row's index into them) when at most half the rows have a prompt of
-    their own, as in GRPO/RLOO's groups of replies; else None."""
-    P = prompt_len
-    key = torch.cat([tokens[:, :P] * attention_mask[:, :P], attention_mask[:, :P]], dim=1)
-    distinct, inverse = torch.unique(key, dim=0, return_inverse=True)
-    if 2 * len(distinct) > len(key):
-        return None
-    rows = torch.arange(len(key), device=key.device)
-    first = torch.full((len(distinct),), len(key), device=key.device).scatter_reduce(0, inverse, rows, "amin")
-    return first, inverse
-
-
-def _prompt_shared_forward(reader, tokens, attention_mask, positions, prompt_len, start, end, shared):
-    """The reader's outputs at positions P-1 .. end-2 with each distinct prompt run once: [B, end - P, ...].
-
-    The prompt pass fills a KV cache for the distinct prompts, which is then gathered to one entry per row (an
-    index_select, so gradients reach the prompt's weights through every reply), and the replies run on it.
-    """
-    from transformers import DynamicCache
-
-    first, inverse = shared
-    P = prompt_len
-    cache = DynamicCache()
-    at_prompt_end = reader.forward(
-        tokens[first, start:P], attention_mask[first, start:P], positions[first, start:P], cache, 1
-    )[inverse]  # fmt: skip
-    if end - 1 == P:  # every reply is one token: the last prompt position predicts all there is
-        return at_prompt_end
-    cache.reorder_cache(inverse)
-    replies = reader.forward(
-        tokens[:, P : end - 1], attention_mask[:, start : end - 1], positions[:, P : end - 1], cache, end - 1 - P
-    )  # fmt: skip
-    return torch.cat([at_prompt_end, replies], dim=1)
-
-
-def per_reply_token(
-    reader, tokens: torch.Tensor, attention_mask: torch.Tensor, prompt_len: int, *, max_buckets: int = 4,
-    share_prompts: bool = True,
-) -> tuple:  # fmt: skip
-    """A reader's per-reply-token outputs (`TokenLogprobs`, `TokenValues`) over a rollout batch: [B, T] each.
-
-    Rows sharing a prompt (GRPO/RLOO) run it once (`share_prompts`); otherwise each bucket of rows of similar
-    length (`length_buckets`) runs on its own column window. A window ends one column before its last reply
-    token, which predicts nothing read. Columns past a window come back as zeros (every row's reply mask is 0
-    there). Exact up to float rounding, and differentiable.
-    """
-    P, T = prompt_len, tokens.shape[1] - prompt_len
-    positions = position_ids(attention_mask)
-
-    def padded(outs: tuple) -> list:  # [b, n] -> [b, T]
-        return [torch.nn.functional.pad(o, (0, T - o.shape[1])) for o in outs]
-
-    shared = shared_prompts(tokens, attention_mask, P) if share_prompts else None
-    if shared is not None:
-        ((_, start, end),) = length_buckets(attention_mask, max_buckets=1)
-        out = _prompt_shared_forward(reader, tokens, attention_mask, positions, P, start, end, shared)
-        return tuple(padded(reader.finish(out, tokens[:, P:end])))
-    parts, order = [], []
-    for rows, start, end in length_buckets(attention_mask, max_buckets):
-        window = slice(start, end - 1)
-        out = reader.forward(tokens[rows, window], attention_mask[rows, window], positions[rows, window], None,
-                             end - P)  # fmt: skip
-        parts.append(padded(reader.finish(out, tokens[rows, P:end])))
-        order.append(rows)
-    inverse = torch.argsort(torch.cat(order))
-    return tuple(torch.cat(column)[inverse] for column in zip(*parts, strict=True))
-
-
-def reward_read_positions(tokens: torch.Tensor, attention_mask: torch.Tensor, pad_token_id: int) -> torch.Tensor:
-    """Where the reward model reads each sequence's score: [B, L] -> [B] positions into the whole sequence.
-
-    The same position transformers' *ForSequenceClassification takes on this sequence padded with the reward model's
-    pad id (the rightmost non-pad token), so PPO scores a reply as the reward stage trained and evaluated it: the
-    eos when pad != eos, the last token before the trailing eos when pad == eos.
-    """
-    from stages.common.hf import score_position
-
-    return score_position(tokens.masked_fill(attention_mask == 0, pad_token_id), pad_token_id)
-
-
-def first_head(model) -> torch.nn.Module:
-    """The one-output head of a sequence-classification model (`score` in most, `classifier` in some)."""
-    for name in ("score", "classifier"):
-        head = getattr(model, name, None)
-        if isinstance(head, torch.nn.Module):
-            return head
-    raise TypeError(f"{type(model).__name__}: no `score` or `classifier` head to read values from")
-
-
 def engine_config(settings: dict) -> dict:
     """The DeepSpeed config of a trainable role, from the shared builder (the optimizer is a client torch AdamW)."""
     from stages.common import deepspeed_config
@@ -207,26 +47,6 @@ def engine_config(settings: dict) -> dict:
         micro_batch_size=settings["micro_batch_size"], grad_accum=1, grad_clip=settings["max_grad_norm"],
         optimizer=None,
     )  # fmt: skip
-
-
-class TokenValueModel(torch.nn.Module):
-    """A one-output sequence-classification model read at every position: backbone -> score head -> [B, L]."""
-
-    def __init__(self, model):
-        super().__init__()
-        # the backbone under its prefix: `model` (Llama, Qwen2), `gpt_neox` (GPT-NeoX), `transformer` (GPT-2)
-        self.backbone = getattr(model, model.base_model_prefix)
-        self.head = first_head(model)
-
-    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, positions: torch.Tensor | None = None,
-                cache=None) -> torch.Tensor:  # fmt: skip
-        """[B, L] -> [B, L] fp32; `cache` (a transformers Cache) is read and extended when given (prompt sharing)."""
-        hidden = self.backbone(
-            input_ids=input_ids, attention_mask=attention_mask,
-            position_ids=position_ids(attention_mask) if positions is None else positions,
-            past_key_values=cache, use_cache=cache is not None,
-        ).last_hidden_state  # fmt: skip
-        return self.head(hidden).squeeze(-1).float()
 
 
 # ---------------------------------------------------------------------------------------------------- roles
@@ -364,7 +184,7 @@ class PolicyActor(_Trainable):
 
     def __init__(self, source: dict, settings: dict):
         super().__init__(settings)
-        self.model = load_role_model("AutoModelForCausalLM", resolve_model_dir(**source), self.dtype).to(self.device)
+        self.model = models.load_policy(source, self.dtype).to(self.device)
         self.pad_id = int(settings["pad_token_id"])
         self.eos_ids = [int(i) for i in settings["eos_token_ids"]]
 
@@ -389,23 +209,19 @@ class PolicyActor(_Trainable):
         with seeded(seed), self.full_params(), torch_threads(s["generation_threads"]), recorder:
             out = module.generate(input_ids=prompt_ids, attention_mask=prompt_mask, generation_config=gen_config)
         generated = out.shape[1] - P
-        responses = torch.full((out.shape[0], T), self.pad_id, dtype=out.dtype, device=out.device)
-        responses[:, :generated] = out[:, P:]
-        # keep everything up to and including the first eos; what follows (and what was never generated) is padding
-        eos_ids = torch.tensor(self.eos_ids, dtype=responses.dtype, device=responses.device)
-        response_mask = response_mask_from_eos(responses, eos_ids, generated=generated)
-        ended = (torch.isin(responses, eos_ids) & (response_mask > 0)).any(-1)
-        responses = responses.masked_fill(response_mask == 0, self.pad_id)
+        layout = rollout_layout(prompt_ids, prompt_mask, out, max_new_tokens=T, pad_id=self.pad_id,
+                                eos_ids=self.eos_ids)  # fmt: skip
+        reply_mask = layout["reply_mask"]
         result = {
-            "tokens": torch.cat([prompt_ids, responses], dim=1).cpu(),
-            "attention_mask": torch.cat([prompt_mask.long(), response_mask], dim=1).cpu(),
-            "response_mask": response_mask.float().cpu(),
-            "ended": ended.cpu(),
+            "tokens": layout["tokens"].cpu(),
+            "attention_mask": layout["attention_mask"].cpu(),
+            "reply_mask": reply_mask.float().cpu(),
+            "ended": layout["ended"].cpu(),
         }
         if record_logprobs:
             logprobs = torch.zeros((out.shape[0], T), dtype=torch.float32, device=out.device)
             logprobs[:, :generated] = recorder.result(out)
-            result["logprobs"] = (logprobs * response_mask).cpu()
+            result["logprobs"] = (logprobs * reply_mask).cpu()
         return result
 
     @torch.no_grad()
@@ -418,15 +234,15 @@ class PolicyActor(_Trainable):
         self.engine.module.eval()
         with self.full_params():
             (lp,) = self._per_token(TokenLogprobs(self.engine.module, self.settings["temperature"]), b)
-        return (lp * b["response_mask"]).cpu()
+        return (lp * b["reply_mask"]).cpu()
 
     def train(self, batch: dict, epochs: int, seed: int) -> dict[str, float]:
         """`epochs` passes of clipped-surrogate minibatch steps over this actor's shard; returns mean statistics.
 
-        A batch carrying "ref_logprobs" (kl_penalty "loss", GRPO's default) adds loss_kl_coef * the k3 KL to the
-        reference to every step's loss, computed from this step's log-probs.
-        The surrogate clips to [1 - clip_ratio_low, 1 + clip_ratio_high] (each None = clip_ratio) and takes the ratio
-        per token or, with importance_ratio "sequence", GSPO's per reply.
+        Each step's loss is `algorithm.policy_objective`: the clipped surrogate (to [1 - clip_ratio_low,
+        1 + clip_ratio_high], each None = clip_ratio; the ratio per token or, importance_ratio "sequence", GSPO's per
+        reply), the entropy bonus, and, for a batch carrying "ref_logprobs" (kl_penalty "loss", GRPO's default),
+        loss_kl_coef * the k3 KL to the reference from this step's log-probs.
         """
         s = self.settings
         b = self._to(batch)
@@ -437,22 +253,16 @@ class PolicyActor(_Trainable):
         reader = TokenLogprobs(self.engine, s["temperature"], with_entropy=True)
         with torch_threads(s["policy_train_threads"]):
             for idx in self._minibatches(b["tokens"].shape[0], epochs, seed):
-                mask = b["response_mask"][idx]
                 logprobs, entropies = self._per_token(reader, b, idx)
-                loss, stats = A.policy_loss(
-                    logprobs, b["logprobs"][idx], b["advantages"][idx], mask, s["clip_ratio"],
-                    clip_low=s["clip_ratio_low"], clip_high=s["clip_ratio_high"], ratio_level=s["importance_ratio"],
+                loss, stats = A.policy_objective(
+                    logprobs, entropies, b["logprobs"][idx], b["advantages"][idx], b["reply_mask"][idx],
+                    b["ref_logprobs"][idx] if kl_in_loss else None, clip=s["clip_ratio"], clip_low=s["clip_ratio_low"],
+                    clip_high=s["clip_ratio_high"], ratio_level=s["importance_ratio"], entropy_coef=s["entropy_coef"],
+                    loss_kl_coef=s["loss_kl_coef"],
                 )  # fmt: skip
-                entropy = A.masked_mean(entropies, mask)
-                if s["entropy_coef"] > 0:
-                    loss = loss - s["entropy_coef"] * entropy
-                if kl_in_loss:
-                    kl_term = A.kl_loss(logprobs, b["ref_logprobs"][idx], mask)
-                    loss = loss + s["loss_kl_coef"] * kl_term
-                    stats = {**stats, "kl_loss": kl_term}
                 self.engine.backward(loss)
                 self.engine.step()
-                for k, v in {"policy_loss": loss, "entropy": entropy, **stats}.items():
+                for k, v in stats.items():
                     totals[k] = totals.get(k, 0.0) + float(v.detach())
                 steps += 1
         return {k: v / max(steps, 1) for k, v in totals.items()}
@@ -482,9 +292,7 @@ class CriticActor(_Trainable):
 
     def __init__(self, source: dict, settings: dict):
         super().__init__(settings)
-        base = load_role_model("AutoModelForSequenceClassification", resolve_model_dir(**source), self.dtype,
-                               num_labels=1)  # fmt: skip
-        self.model = TokenValueModel(base).to(self.device)
+        self.model = models.load_critic(source, self.dtype).to(self.device)
 
     @torch.no_grad()
     def values(self, batch: dict) -> torch.Tensor:
@@ -492,7 +300,7 @@ class CriticActor(_Trainable):
         b = self._to(batch)
         self.engine.eval()
         (v,) = self._per_token(TokenValues(self.engine), b)
-        return (v * b["response_mask"]).cpu()
+        return (v * b["reply_mask"]).cpu()
 
     def train(self, batch: dict, epochs: int, seed: int) -> dict[str, float]:
         """`epochs` passes of clipped value-loss minibatch steps over this actor's shard; returns mean statistics."""
@@ -504,7 +312,7 @@ class CriticActor(_Trainable):
         reader = TokenValues(self.engine)
         for idx in self._minibatches(b["tokens"].shape[0], epochs, seed):
             (v,) = self._per_token(reader, b, idx)
-            loss, stats = A.value_loss(v, b["values"][idx], b["returns"][idx], b["response_mask"][idx], s["value_clip"])
+            loss, stats = A.value_loss(v, b["values"][idx], b["returns"][idx], b["reply_mask"][idx], s["value_clip"])
             self.engine.backward(loss)
             self.engine.step()
             totals["value_loss"] += float(loss.detach())
@@ -518,16 +326,14 @@ class ReferenceActor(_Role):
 
     def __init__(self, source: dict, settings: dict):
         super().__init__(settings)
-        model = load_role_model("AutoModelForCausalLM", resolve_model_dir(**source), self.dtype)
-        self.model = model.to(self.device).eval()
-        self.model.requires_grad_(False)
+        self.model = models.load_reference(source, self.dtype).to(self.device)
 
     @torch.no_grad()
     def logprobs(self, batch: dict) -> torch.Tensor:
         """log p_ref(response token): [B, T], zero on padding."""
         b = self._to(batch)
         (lp,) = self._per_token(TokenLogprobs(self.model, self.settings["temperature"]), b)
-        return (lp * b["response_mask"]).cpu()
+        return (lp * b["reply_mask"]).cpu()
 
 
 class RewardActor(_Role):
@@ -535,20 +341,11 @@ class RewardActor(_Role):
 
     def __init__(self, source: dict, settings: dict):
         super().__init__(settings)
-        base = load_role_model("AutoModelForSequenceClassification", resolve_model_dir(**source), self.dtype)
-        # the pad id the reward stage trained (and evaluated) the classifier with; the tokenizer's when unset
-        rm_pad = base.config.pad_token_id
-        self.pad_id = int(settings["pad_token_id"] if rm_pad is None else rm_pad)
-        self.model = TokenValueModel(base).to(self.device).eval()
-        self.model.requires_grad_(False)
+        model, self.pad_id = models.load_reward_model(source, self.dtype, int(settings["pad_token_id"]))
+        self.model = model.to(self.device)
 
     @torch.no_grad()
     def scores(self, batch: dict) -> torch.Tensor:
         """Reward-model score of each sequence: [B]."""
         b = self._to(batch)
-        read = reward_read_positions(b["tokens"], b["attention_mask"], self.pad_id)
-        scores = torch.zeros(read.shape[0], dtype=torch.float32, device=read.device)
-        for rows, start, end in length_buckets(b["attention_mask"], self.max_buckets):  # a bucket's window holds its read positions
-            per_token = self.model(b["tokens"][rows, start:end], b["attention_mask"][rows, start:end])
-            scores[rows] = per_token[torch.arange(len(rows), device=read.device), read[rows] - start]
-        return scores.cpu()
+        return sequence_scores(self.model, b["tokens"], b["attention_mask"], self.pad_id, self.max_buckets).cpu()

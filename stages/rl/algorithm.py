@@ -11,12 +11,12 @@ Critic-free batches hold `group_size` replies per prompt in consecutive rows: ro
 
 from __future__ import annotations
 
-from typing import Literal
+from typing import Literal, NamedTuple
 
 import torch
-import torch.nn.functional as F
 
 KLEstimator = Literal["k1", "k3"]
+Method = Literal["ppo", "grpo", "rloo"]
 ImportanceRatio = Literal["token", "sequence"]
 
 
@@ -52,19 +52,7 @@ def masked_whiten(x: torch.Tensor, mask: torch.Tensor, shift_mean: bool = True, 
     return white * mask
 
 
-# ------------------------------------------------------------------------------------------------- log-probs, KL
-def logprobs_from_logits(logits: torch.Tensor, tokens: torch.Tensor) -> torch.Tensor:
-    """log p(token) under `logits`: [B, T, V], [B, T] -> [B, T]."""
-    return torch.gather(F.log_softmax(logits.float(), dim=-1), -1, tokens.unsqueeze(-1)).squeeze(-1)
-
-
-def entropy_from_logits(logits: torch.Tensor) -> torch.Tensor:
-    """Entropy of the categorical distribution at each position: [B, T, V] -> [B, T]."""
-    logits = logits.float()
-    probs = F.softmax(logits, dim=-1)
-    return torch.logsumexp(logits, dim=-1) - (probs * logits).sum(-1)
-
-
+# --------------------------------------------------------------------------------------------------------- KL
 def kl_per_token(logprobs: torch.Tensor, ref_logprobs: torch.Tensor, estimator: KLEstimator = "k1") -> torch.Tensor:
     """Per-token estimate of KL(policy || reference) from log-probs of tokens sampled from the policy.
 
@@ -84,19 +72,16 @@ def last_token_index(mask: torch.Tensor) -> torch.Tensor:
     return (mask.sum(-1).long() - 1).clamp(min=0)
 
 
-def shape_rewards(
-    scores: torch.Tensor,
-    kl: torch.Tensor,
-    mask: torch.Tensor,
-    kl_coef: float,
-    reward_clip: float | None = None,
-) -> torch.Tensor:
-    """Per-token reward: -kl_coef * KL at every response token, plus the reward-model score at the last one.
+def clip_scores(scores: torch.Tensor, reward_clip: float | None) -> torch.Tensor:
+    """Scores clipped to [-reward_clip, reward_clip]; unchanged when `reward_clip` is None (off)."""
+    return scores if reward_clip is None else scores.clamp(-reward_clip, reward_clip)
 
-    scores: [B] (clipped to [-reward_clip, reward_clip] first when given); kl, mask: [B, T] -> rewards [B, T].
+
+def shape_rewards(scores: torch.Tensor, kl: torch.Tensor, mask: torch.Tensor, kl_coef: float) -> torch.Tensor:
+    """Per-token reward: -kl_coef * KL at every response token, plus the reply's score at the last one.
+
+    scores: [B] (already clipped, `clip_scores`); kl, mask: [B, T] -> rewards [B, T].
     """
-    if reward_clip is not None:
-        scores = scores.clamp(-reward_clip, reward_clip)
     rewards = -kl_coef * kl * mask
     rows = torch.arange(rewards.shape[0], device=rewards.device)
     rewards[rows, last_token_index(mask)] += scores.to(rewards.dtype)
@@ -287,6 +272,118 @@ def value_loss(
     with torch.no_grad():
         stats = {"clip_frac": masked_mean((clipped_err > unclipped_err).float(), mask)}
     return loss, stats
+
+
+# ------------------------------------------------------------------------------------ the objective, assembled
+# What one RL iteration optimises, read top to bottom: the reply's score with its penalties (`penalised_scores`),
+# the advantages of the method (`advantages`: PPO's GAE over the critic, GRPO's or RLOO's group baseline), the policy's
+# loss on them (`policy_objective`) and, for PPO, the critic's (`value_loss`). The loop (`rl_loop.py`) and the
+# actors (`actors.py`) only call these.
+def penalised_scores(
+    scores: torch.Tensor,
+    ended: torch.Tensor,
+    lengths: torch.Tensor,
+    *,
+    missing_eos_penalty: float | None,
+    overlong_buffer: int | None,
+    max_new_tokens: int,
+    overlong_factor: float = 1.0,
+) -> torch.Tensor:
+    """Each reply's score less its penalties: `missing_eos_penalty` off a reply that never ended (ended [B] False),
+    DAPO's `overlong_penalty` over the last `overlong_buffer` tokens of the budget (lengths [B]). [B] -> [B]."""
+    penalised = scores.clone()
+    if missing_eos_penalty is not None:
+        penalised[~ended] -= missing_eos_penalty
+    if overlong_buffer is not None:
+        penalised += overlong_penalty(lengths, max_new_tokens, overlong_buffer, overlong_factor)
+    return penalised
+
+
+class Advantages(NamedTuple):
+    """What `advantages` gives: token advantages [B, T], the reward per reply [B] (PPO: its shaped per-token reward
+    summed), the value targets [B, T] (PPO; None for the critic-free methods) and the metrics to report."""
+
+    advantages: torch.Tensor
+    rewards: torch.Tensor
+    returns: torch.Tensor | None
+    stats: dict[str, float]
+
+
+def advantages(
+    method: Method,
+    scores: torch.Tensor,
+    kl: torch.Tensor,
+    mask: torch.Tensor,
+    values: torch.Tensor | None,
+    kl_coef: float,
+    *,
+    reward_clip: float | None = None,
+    gamma: float = 1.0,
+    lam: float = 0.95,
+    whiten: bool = True,
+    group_size: int = 1,
+    scale_rewards: bool = True,
+) -> Advantages:
+    """The method's advantages from the replies' (penalised) scores [B], the per-token KL [B, T] and the critic's
+    values [B, T] (PPO only); `kl_coef` weights the KL in the reward (0 when the KL is a loss term instead).
+
+    Scores are clipped first (`clip_scores`). PPO: the per-token shaped reward (`shape_rewards`), GAE over the values
+    (gamma, lam), whitened over the batch (`whiten`). GRPO / RLOO: one reward per reply (`sequence_rewards`), the
+    group baseline of `group_size` consecutive rows (GRPO: / group std when `scale_rewards`), on every reply token.
+    """
+    scores = clip_scores(scores, reward_clip)
+    if method == "ppo":
+        rewards = shape_rewards(scores, kl, mask, kl_coef)
+        adv, returns = gae(rewards, values, mask, gamma, lam)
+        if whiten:
+            adv = masked_whiten(adv, mask)
+        stats = {"advantage_mean": float(masked_mean(adv, mask)),
+                 "advantage_std": float(masked_var(adv, mask).sqrt())}  # fmt: skip
+        return Advantages(adv, rewards.sum(-1), returns, stats)
+    rewards = sequence_rewards(scores, kl, mask, kl_coef)
+    if method == "grpo":
+        seq_adv = grpo_advantages(rewards, group_size, scale=scale_rewards)
+    elif method == "rloo":
+        seq_adv = rloo_advantages(rewards, group_size)
+    else:
+        raise ValueError(f"advantages: expected method 'ppo', 'grpo' or 'rloo', found {method!r}")
+    stats = {"advantage_mean": float(seq_adv.mean()), "advantage_std": float(seq_adv.std()),
+             "advantage_abs_max": float(seq_adv.abs().max()),
+             "flat_group_frac": float(flat_group_fraction(rewards, group_size))}  # fmt: skip
+    return Advantages(broadcast_over_tokens(seq_adv, mask), rewards, None, stats)
+
+
+def policy_objective(
+    logprobs: torch.Tensor,
+    entropies: torch.Tensor,
+    old_logprobs: torch.Tensor,
+    advantages: torch.Tensor,
+    mask: torch.Tensor,
+    ref_logprobs: torch.Tensor | None = None,
+    *,
+    clip: float = 0.2,
+    clip_low: float | None = None,
+    clip_high: float | None = None,
+    ratio_level: ImportanceRatio = "token",
+    entropy_coef: float = 0.0,
+    loss_kl_coef: float = 0.0,
+) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """The policy's loss on one minibatch: the clipped surrogate (`policy_loss`), less entropy_coef * the mean
+    entropy (when > 0), plus loss_kl_coef * the k3 KL to the reference (`kl_loss`) when `ref_logprobs` are given
+    (kl_penalty "loss", GRPO's default).
+
+    Returns (loss, {"policy_loss": the loss, "entropy", "clip_frac", "approx_kl"[, "kl_loss"]}).
+    """
+    loss, stats = policy_loss(logprobs, old_logprobs, advantages, mask, clip, clip_low=clip_low, clip_high=clip_high,
+                              ratio_level=ratio_level)  # fmt: skip
+    entropy = masked_mean(entropies, mask)
+    if entropy_coef > 0:
+        loss = loss - entropy_coef * entropy
+    if ref_logprobs is not None:
+        kl_term = kl_loss(logprobs, ref_logprobs, mask)
+        loss = loss + loss_kl_coef * kl_term
+        stats = {**stats, "kl_loss": kl_term}
+    return loss, {"policy_loss": loss, "entropy": entropy, **stats}
 
 
 # ------------------------------------------------------------------------------------------------ KL controllers

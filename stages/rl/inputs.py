@@ -6,6 +6,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from stages.common.errors import StageInputError
+from stages.common.tokens import check_same_tokenizer, special_token_ids
 from stages.reward_functions.artifact import load_functions
 from stages.rl.config import RLConfig
 
@@ -53,23 +54,6 @@ def _load_prompts(artifact, split: str) -> tuple[list[str], dict[str, list]]:
     return prompts, {c: list(ds[c]) for c in ds.column_names if c != "prompt"}
 
 
-def _check_same_tokenizer(policy_tok, other_tok, what: str) -> None:
-    a, b = policy_tok.get_vocab(), other_tok.get_vocab()
-    if a != b:
-        differing = sorted(set(a.items()) ^ set(b.items()), key=lambda kv: kv[1])[:1]
-        raise StageInputError(
-            f"{what}: its tokenizer differs from the SFT policy's ({len(b)} vs {len(a)} tokens; first difference "
-            f"{differing[0] if differing else '?'}); train the reward model from the same SFT model"
-        )
-    # a missing pad token counts as eos, as both the reward stage and PPO fill it in
-    for special, (mine, theirs) in {
-        "eos_token": (policy_tok.eos_token, other_tok.eos_token),
-        "pad_token": (policy_tok.pad_token or policy_tok.eos_token, other_tok.pad_token or other_tok.eos_token),
-    }.items():
-        if mine != theirs:
-            raise StageInputError(f"{what}: tokenizer {special} is {theirs!r}, expected the policy's {mine!r}")
-
-
 def check_inputs(cfg: RLConfig, *, sft_model, reward_model=None, prompts, reward_fns=None) -> PreparedInputs:
     """Tokenizers match, the reward model (when the section uses one) has one output, every prompt leaves room for
     max_new_tokens, every reward function (`reward_fns`: {label: reward-fn artifact}) can be called on the prompt
@@ -93,7 +77,8 @@ def check_inputs(cfg: RLConfig, *, sft_model, reward_model=None, prompts, reward
     models = [(sft_where, policy_config)]
     if cfg.reward.uses_model:
         rm_where = f"reward_model {reward_model.ref}"
-        _check_same_tokenizer(policy_tok, AutoTokenizer.from_pretrained(reward_model.path), rm_where)
+        check_same_tokenizer(policy_tok, AutoTokenizer.from_pretrained(reward_model.path), rm_where,
+                             reference_name="the SFT policy's", hint="train the reward model from the same SFT model")
         rm_config = AutoConfig.from_pretrained(reward_model.path)
         if rm_config.num_labels != 1:
             raise StageInputError(
@@ -132,32 +117,9 @@ def check_inputs(cfg: RLConfig, *, sft_model, reward_model=None, prompts, reward
                           columns["train"], columns["test"], functions)  # fmt: skip
 
 
-
-
 def check_data(cfg: RLConfig, *, scaling, sft_model, prompts, reward_model=None, **reward_fns) -> None:
     """`check_inputs` on prompts not yet published (a prompt that leaves no room for max_new_tokens, ...): the flow
     runs it before the prompts become a dataset version (`stages.data.ingest.ingest`). `scaling` is unused here;
     the reward functions are checked by the stage itself."""
     without_functions = cfg.model_copy(update={"reward": cfg.reward.model_copy(update={"functions": []})})
     check_inputs(without_functions, sft_model=sft_model, reward_model=reward_model, prompts=prompts)
-
-def special_token_ids(tokenizer, model_dir: str) -> dict:
-    """Pad and eos ids for generation; sets the tokenizer's pad token to eos when it has none (Llama, GPT-2, Qwen).
-
-    Pad == eos is safe here: prompts are masked by the tokenizer's attention mask and replies end at their first
-    eos (see `actors.response_mask_from_eos`), never at the first pad. The eos ids are the tokenizer's eos first,
-    then any other stop ids the model's generation_config.json lists (chat models often stop on several).
-    """
-    from transformers import GenerationConfig
-
-    if tokenizer.pad_token is None:
-        tokenizer.pad_token = tokenizer.eos_token
-    eos_ids = [tokenizer.eos_token_id]
-    try:
-        extra = GenerationConfig.from_pretrained(model_dir).eos_token_id
-    except OSError:  # no generation_config.json: the tokenizer's eos is the only stop token
-        extra = None
-    for i in [extra] if isinstance(extra, int) else list(extra or []):
-        if i not in eos_ids:
-            eos_ids.append(int(i))
-    return {"pad_token_id": int(tokenizer.pad_token_id), "eos_token_ids": eos_ids}

@@ -1,7 +1,7 @@
 """The RL loop on the driver (PPO, GRPO, RLOO): rollout -> scoring -> advantages -> updates, evaluation, checkpoints.
 
 The driver holds only the tokenizer and small tensors (token ids, log-probs, values, scores); every model lives in
-its actor (see `actor_pool.py`). Rollout batch layout: see `actors.py`.
+its actor (see `actor_pool.py`). Rollout batch layout: `stages/common/sequences.py`; the objective: `algorithm.py`.
 """
 
 from __future__ import annotations
@@ -50,10 +50,10 @@ def select_columns(columns: dict[str, list], rows: list[int]) -> dict[str, list]
     return {name: [values[i] for i in rows] for name, values in columns.items()}
 
 
-def decode_responses(tokenizer, tokens: torch.Tensor, response_mask: torch.Tensor, prompt_len: int) -> list[str]:
+def decode_responses(tokenizer, tokens: torch.Tensor, reply_mask: torch.Tensor, prompt_len: int) -> list[str]:
     """Response texts without padding and special tokens (eos)."""
     out = []
-    for row, mask in zip(tokens[:, prompt_len:], response_mask, strict=True):
+    for row, mask in zip(tokens[:, prompt_len:], reply_mask, strict=True):
         out.append(tokenizer.decode(row[mask.bool()].tolist(), skip_special_tokens=True))
     return out
 
@@ -94,12 +94,12 @@ class RLLoop:
         batch["logprobs"]): after sampling the policy actor is free, and its forward runs alongside the other roles'.
         """
         sources = self.cfg.reward
-        texts = decode_responses(self.tokenizer, batch["tokens"], batch["response_mask"], batch["prompt_len"])
+        texts = decode_responses(self.tokenizer, batch["tokens"], batch["reply_mask"], batch["prompt_len"])
         pending = None
         if self.functions is not None:
-            ids = reply_token_ids(batch["tokens"], batch["response_mask"], batch["prompt_len"])
+            ids = reply_token_ids(batch["tokens"], batch["reply_mask"], batch["prompt_len"])
             pending = self.functions.submit(prompts, texts, ids, columns, step)
-        view = {k: batch[k] for k in ("tokens", "attention_mask", "response_mask", "prompt_len")}
+        view = {k: batch[k] for k in ("tokens", "attention_mask", "reply_mask", "prompt_len")}
         policy = None if "logprobs" in batch else self.pool["policy"].submit("logprobs", view)
         ref = self.pool["reference"].submit("logprobs", view)
         rm = self.pool["reward"].submit("scores", view) if sources.uses_model else None
@@ -126,33 +126,28 @@ class RLLoop:
         k = self.cfg.replies_per_prompt
         return [p for p in prompts for _ in range(k)]
 
-    def _advantages(self, scores: torch.Tensor, kl: torch.Tensor, mask: torch.Tensor, values: torch.Tensor | None,
-                    kl_coef: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None, dict[str, float]]:  # fmt: skip
-        """(token advantages [B, T], reward per reply [B], returns [B, T] or None, extra metrics) for the algorithm.
+    def _penalised(self, scores: torch.Tensor, batch: dict) -> torch.Tensor:
+        """The replies' scores less the missing-eos and overlong penalties the section sets (`A.penalised_scores`)."""
+        cfg = self.cfg
+        return A.penalised_scores(
+            scores, batch["ended"], batch["reply_mask"].sum(-1), missing_eos_penalty=cfg.missing_eos_penalty,
+            overlong_buffer=cfg.overlong_buffer, max_new_tokens=cfg.max_new_tokens,
+            overlong_factor=cfg.overlong_penalty_factor,
+        )  # fmt: skip
 
-        `scores` already carry the eos penalty; `kl_coef` is the KL weight in the reward (0 when the KL is a loss).
+    def _advantages(self, scores: torch.Tensor, kl: torch.Tensor, mask: torch.Tensor, values: torch.Tensor | None,
+                    kl_coef: float) -> A.Advantages:  # fmt: skip
+        """The section's method's advantages (`A.advantages`: token advantages, reward per reply, returns, metrics).
+
+        `scores` already carry the penalties (`_penalised`); `kl_coef` is the KL weight in the reward (0 when the KL
+        is a loss).
         """
         cfg = self.cfg
-        if cfg.reward_clip is not None:
-            scores = scores.clamp(-cfg.reward_clip, cfg.reward_clip)
-        if not cfg.critic_free:  # PPO: per-token shaped reward, GAE over the critic's values
-            rewards = A.shape_rewards(scores, kl, mask, kl_coef)
-            advantages, returns = A.gae(rewards, values, mask, cfg.gamma, cfg.lam)
-            if cfg.whiten_advantages:
-                advantages = A.masked_whiten(advantages, mask)
-            stats = {"advantage_mean": float(A.masked_mean(advantages, mask)),
-                     "advantage_std": float(A.masked_var(advantages, mask).sqrt())}  # fmt: skip
-            return advantages, rewards.sum(-1), returns, stats
-        rewards = A.sequence_rewards(scores, kl, mask, kl_coef)
-        k = cfg.group_size
-        if cfg.algorithm == "grpo":
-            seq_adv = A.grpo_advantages(rewards, k, scale=cfg.scale_rewards)
-        else:
-            seq_adv = A.rloo_advantages(rewards, k)
-        stats = {"advantage_mean": float(seq_adv.mean()), "advantage_std": float(seq_adv.std()),
-                 "advantage_abs_max": float(seq_adv.abs().max()),
-                 "flat_group_frac": float(A.flat_group_fraction(rewards, k))}  # fmt: skip
-        return A.broadcast_over_tokens(seq_adv, mask), rewards, None, stats
+        if cfg.critic_free:  # GroupConfig's fields (scale_rewards: GRPO's only)
+            method = {"group_size": cfg.group_size, "scale_rewards": getattr(cfg, "scale_rewards", True)}
+        else:  # PPOConfig's
+            method = {"gamma": cfg.gamma, "lam": cfg.lam, "whiten": cfg.whiten_advantages}
+        return A.advantages(cfg.algorithm, scores, kl, mask, values, kl_coef, reward_clip=cfg.reward_clip, **method)
 
     def iteration(self, index: int, prompts: list[str], columns: dict[str, list] | None = None) -> dict[str, float]:
         """Rollout, scoring, advantages and `ppo_epochs` of updates (policy, and the critic for PPO); the metrics.
@@ -170,19 +165,14 @@ class RLLoop:
         ref_logprobs, scores, values = scored.ref_logprobs, scored.reward, scored.values
         t2 = time.perf_counter()
 
-        mask = batch["response_mask"]
+        mask = batch["reply_mask"]
         kl = A.kl_per_token(batch["logprobs"], ref_logprobs, cfg.kl_estimator) * mask
-        penalised = scores.clone()
-        if cfg.missing_eos_penalty is not None:
-            penalised[~batch["ended"]] -= cfg.missing_eos_penalty
-        if cfg.overlong_buffer is not None:  # DAPO's soft penalty over the last tokens of the reply budget
-            penalised += A.overlong_penalty(mask.sum(-1), cfg.max_new_tokens, cfg.overlong_buffer,
-                                            cfg.overlong_penalty_factor)  # fmt: skip
+        penalised = self._penalised(scores, batch)
         kl_in_loss = cfg.kl_penalty == "loss"
         kl_coef = 0.0 if kl_in_loss else self.kl_controller.value
         advantages, rewards, returns, adv_stats = self._advantages(penalised, kl, mask, values, kl_coef)
 
-        common = {k: batch[k] for k in ("tokens", "attention_mask", "response_mask", "prompt_len")}
+        common = {k: batch[k] for k in ("tokens", "attention_mask", "reply_mask", "prompt_len")}
         seed = self.seed * 7919 + index
         policy_batch = {**common, "logprobs": batch["logprobs"], "advantages": advantages}
         if kl_in_loss:
@@ -245,7 +235,7 @@ class RLLoop:
                               for c, v in columns.items()}  # fmt: skip
             batch = self._generate(padded, seed=seed + start)
             scored = self._score(batch, padded, padded_columns, -1, with_values=False)
-            seq_kl = A.masked_sum(batch["logprobs"] - scored.ref_logprobs, batch["response_mask"], dim=1)
+            seq_kl = A.masked_sum(batch["logprobs"] - scored.ref_logprobs, batch["reply_mask"], dim=1)
             for i, prompt in enumerate(chunk):
                 rows.append({
                     "prompt": prompt, "response": scored.texts[i], "reward_score": float(scored.reward[i]),
@@ -270,9 +260,9 @@ class Scored:
     gold: list[float] | None
 
 
-def reply_token_ids(tokens: torch.Tensor, response_mask: torch.Tensor, prompt_len: int) -> list[list[int]]:
+def reply_token_ids(tokens: torch.Tensor, reply_mask: torch.Tensor, prompt_len: int) -> list[list[int]]:
     """Each reply's token ids (TRL's `completion_ids`)."""
-    return [row[mask.bool()].tolist() for row, mask in zip(tokens[:, prompt_len:], response_mask, strict=True)]
+    return [row[mask.bool()].tolist() for row, mask in zip(tokens[:, prompt_len:], reply_mask, strict=True)]
 
 
 def function_metrics(scores: dict[str, list[float | None]], thresholds: dict[str, float]) -> dict[str, float]:

@@ -13,9 +13,10 @@ import torch
 from stages import eval as eval_stage
 from stages.common.context import Scaling, StageContext
 from stages.common.errors import StageInputError
+from stages.common.sequences import reply_mask_from_eos
 from stages.common.store import ArtifactStore
 from stages.eval import metrics, report
-from stages.eval.generation import left_pad, reply_mask_from_eos
+from stages.eval.generation import left_pad
 from tests.tiny_models import publish_rows, publish_tiny_base_model
 
 

@@ -7,6 +7,7 @@ import math
 import pytest
 import torch
 
+from stages.common.forwards import entropy_from_logits, logprobs_from_logits
 from stages.rl import algorithm as A
 
 
@@ -71,9 +72,9 @@ def test_kl_of_identical_policies_is_zero_and_bad_estimator_is_rejected():
 
 def test_entropy_and_logprobs_from_logits():
     logits = torch.log(torch.tensor([[[0.5, 0.25, 0.25], [1 / 3, 1 / 3, 1 / 3]]]))  # [B=1, T=2, V=3]
-    assert close(A.entropy_from_logits(logits), [[0.5 * math.log(2) + 0.5 * math.log(4), math.log(3)]])
+    assert close(entropy_from_logits(logits), [[0.5 * math.log(2) + 0.5 * math.log(4), math.log(3)]])
     tokens = torch.tensor([[1, 2]])
-    assert close(A.logprobs_from_logits(logits, tokens), [[math.log(0.25), math.log(1 / 3)]])
+    assert close(logprobs_from_logits(logits, tokens), [[math.log(0.25), math.log(1 / 3)]])
 
 
 # -------------------------------------------------------------------------------------------- rewards and GAE
@@ -82,7 +83,7 @@ def test_shape_rewards_puts_score_on_last_response_token():
     mask = torch.tensor([[1.0, 1.0, 1.0, 0.0], [1.0, 1.0, 1.0, 1.0]])
     rewards = A.shape_rewards(torch.tensor([2.0, -1.0]), kl, mask, kl_coef=0.5)
     assert close(rewards, [[-0.05, -0.1, -0.15 + 2.0, 0.0], [-0.05, -0.05, -0.05, -0.05 - 1.0]])
-    clipped = A.shape_rewards(torch.tensor([2.0, -1.0]), kl, mask, kl_coef=0.5, reward_clip=0.5)
+    clipped = A.shape_rewards(A.clip_scores(torch.tensor([2.0, -1.0]), 0.5), kl, mask, kl_coef=0.5)
     assert close(clipped[:, 2:], [[-0.15 + 0.5, 0.0], [-0.05, -0.05 - 0.5]])
 
 
@@ -193,11 +194,11 @@ def test_one_ppo_update_moves_policy_toward_higher_advantage_tokens():
             return torch.softmax(policy(prev), -1)[..., token].mean()
 
     with torch.no_grad():
-        old_logprobs = A.logprobs_from_logits(policy(prev), tokens)
+        old_logprobs = logprobs_from_logits(policy(prev), tokens)
     good_before, bad_before = probs_of(3), probs_of(1)
     opt = torch.optim.Adam(policy.parameters(), lr=1e-2)
     for _ in range(4):  # one PPO update = a few epochs on the same batch
-        loss, stats = A.policy_loss(A.logprobs_from_logits(policy(prev), tokens), old_logprobs, advantages, mask)
+        loss, stats = A.policy_loss(logprobs_from_logits(policy(prev), tokens), old_logprobs, advantages, mask)
         opt.zero_grad()
         loss.backward()
         opt.step()

@@ -11,19 +11,18 @@ import json
 import pytest
 import torch
 
-from stages.rl.actors import (
-    RewardActor,
+from stages.common.forwards import (
     TokenLogprobs,
     TokenValueModel,
     TokenValues,
     per_reply_token,
-    position_ids,
-    response_mask_from_eos,
     reward_read_positions,
     shared_prompts,
 )
+from stages.common.sequences import position_ids, reply_mask_from_eos
+from stages.common.tokens import special_token_ids
+from stages.rl.actors import RewardActor
 from stages.rl.devices import model_dtype
-from stages.rl.inputs import special_token_ids
 from tests.tiny_models import TINY_ARCHS, build_tiny_model, build_tiny_tokenizer
 
 TEXTS = [f"User: Describe the {a} {b}.\nAssistant: The {a} {b} is here." for a in ("red", "big", "old", "shy")
@@ -86,15 +85,31 @@ def test_bf16_weights_give_fp32_log_prob_inputs(arch, tokenizer, tmp_path):
         assert response_logits(lm, ids, torch.ones_like(ids), 4).dtype == torch.float32
 
 
-def test_response_mask_ends_at_the_first_eos_even_when_pad_is_eos():
+def test_reply_mask_ends_at_the_first_eos_even_when_pad_is_eos():
     eos = torch.tensor([2])
     # pad == eos == 2: HF generate writes 2 after a finished reply; row 2 never ended; only 5 tokens were generated
     responses = torch.tensor([[7, 8, 2, 2, 2, 2], [2, 2, 2, 2, 2, 2], [7, 7, 7, 7, 7, 2]])
     expected = torch.tensor([[1, 1, 1, 0, 0, 0], [1, 0, 0, 0, 0, 0], [1, 1, 1, 1, 1, 0]])
-    assert torch.equal(response_mask_from_eos(responses, eos, generated=5), expected)
+    assert torch.equal(reply_mask_from_eos(responses, eos, generated=5), expected)
     # several stop ids: the first of any of them ends the reply
-    assert torch.equal(response_mask_from_eos(torch.tensor([[5, 9, 2, 4]]), torch.tensor([2, 9]), 4),
+    assert torch.equal(reply_mask_from_eos(torch.tensor([[5, 9, 2, 4]]), torch.tensor([2, 9]), 4),
                        torch.tensor([[1, 1, 0, 0]]))  # fmt: skip
+
+
+def test_the_rollout_layout_of_generates_output_by_hand():
+    from stages.common.sequences import rollout_layout
+
+    # pad == eos == 2; prompts left-padded to P = 2; generate stopped after 3 of T = 4 columns
+    prompt_ids, prompt_mask = torch.tensor([[2, 5], [6, 7]]), torch.tensor([[0, 1], [1, 1]])
+    out = torch.tensor([[2, 5, 8, 2, 2], [6, 7, 9, 9, 9]])  # row 0 ended at its eos, row 1 was cut off
+    layout = rollout_layout(prompt_ids, prompt_mask, out, max_new_tokens=4, pad_id=2, eos_ids=[2])
+    assert layout["tokens"].tolist() == [[2, 5, 8, 2, 2, 2], [6, 7, 9, 9, 9, 2]]
+    assert layout["reply_mask"].tolist() == [[1, 1, 0, 0], [1, 1, 1, 0]]
+    assert layout["attention_mask"].tolist() == [[0, 1, 1, 1, 0, 0], [1, 1, 1, 1, 1, 0]]
+    assert layout["ended"].tolist() == [True, False]
+    # a second stop id ends a reply too; what follows it becomes pad
+    other = rollout_layout(prompt_ids, prompt_mask, out, max_new_tokens=4, pad_id=0, eos_ids=[2, 9])
+    assert other["tokens"][:, 2:].tolist() == [[8, 2, 0, 0], [9, 0, 0, 0]] and other["ended"].tolist() == [True, True]
 
 
 def test_a_tokenizer_without_pad_gets_eos_and_the_models_stop_ids(tokenizer, tmp_path):
@@ -137,7 +152,10 @@ def test_reward_is_read_where_the_classifier_reads_it(arch, pad_is_eos):
 
 def test_a_missing_pad_token_matches_a_reward_model_padded_with_eos():
     from stages.common.errors import StageInputError
-    from stages.rl.inputs import _check_same_tokenizer
+    from stages.common.tokens import check_same_tokenizer
+
+    def _check_same_tokenizer(policy, rm, where):
+        check_same_tokenizer(policy, rm, where, reference_name="the SFT policy's", hint="train the reward model ...")
 
     policy, rm = build_tiny_tokenizer(TEXTS, vocab_size=300), build_tiny_tokenizer(TEXTS, vocab_size=300)
     policy.pad_token = None
