@@ -12,6 +12,7 @@ from pydantic import Field
 
 from stages.common.config import Section
 from stages.common.gates import Gate
+from stages.common.lora import LoraSection
 
 # TRL's DPO losses that need no extra knob (exo_pair needs label smoothing; "sft" alone learns no preference).
 LossType = Literal["sigmoid", "hinge", "ipo", "robust", "bco_pair", "sppo_hard", "nca_pair", "sigmoid_norm"]
@@ -43,4 +44,5 @@ class Config(Section):
     generation_batch_size: int = Field(32, ge=1)  # prompts per batched, left-padded generate call
     zero_stage: int | None = Field(None, ge=0, le=3)  # DeepSpeed ZeRO stage; None = plain DDP (the CPU default)
     bf16: bool = False  # bf16 mixed precision (GPU clusters); CPU runs stay in fp32
+    lora: LoraSection | None = None  # train a LoRA adapter (peft) instead of every weight; null = full
     gate: DPOGate = Field(default_factory=DPOGate)  # checked by the flow; not part of the cache key

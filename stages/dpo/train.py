@@ -22,6 +22,7 @@ from stages.trl.demo_eval import DemoEval, demo_metrics
 from stages.trl.loop_config import FINAL_DIR, TrainLoopConfig
 from stages.trl.worker import (
     load_causal_lm,
+    peft_config,
     report_result,
     run_on_worker,
     train_and_save,
@@ -55,7 +56,14 @@ def build_trainer(cfg: DPOLoopConfig, output_dir: str):
         max_length=cfg.max_length,  # the stage already rejected longer pairs, so TRL truncates and drops none
         precompute_ref_log_probs=False,  # the frozen reference runs beside the policy (tiny here; sharded by ZeRO-3)
     )
-    return DPOTrainer(model=model, ref_model=None, args=args, processing_class=tokenizer, **trainer_datasets(cfg))
+    return DPOTrainer(
+        model=model,
+        ref_model=None,
+        args=args,
+        processing_class=tokenizer,
+        peft_config=peft_config(cfg, "CAUSAL_LM"),
+        **trainer_datasets(cfg),
+    )
 
 
 def _join_deepspeed_comm() -> None:

@@ -6,6 +6,7 @@ from pydantic import Field
 
 from stages.common.config import Section
 from stages.common.gates import Gate
+from stages.common.lora import LoraSection
 
 
 class RewardGate(Gate):
@@ -30,4 +31,5 @@ class Config(Section):
     score_batch_size: int = Field(64, ge=1)  # sequences per forward pass when scoring the held-out pairs
     zero_stage: int | None = Field(None, ge=0, le=3)  # DeepSpeed ZeRO stage; None = plain DDP (the CPU default)
     bf16: bool = False  # bf16 mixed precision (GPU clusters); CPU runs stay in fp32
+    lora: LoraSection | None = None  # train a LoRA adapter (peft) instead of every weight; null = full
     gate: RewardGate = Field(default_factory=RewardGate)  # checked by the flow; not part of the cache key

@@ -23,6 +23,7 @@ from stages.trl.loop_config import FINAL_DIR, TrainLoopConfig
 from stages.trl.tokens import load_tokenizer
 from stages.trl.worker import (
     local_model_dir,
+    peft_config,
     report_result,
     run_on_worker,
     train_and_save,
@@ -68,7 +69,13 @@ def build_trainer(cfg: RewardLoopConfig, output_dir: str):
     )
     set_seed(cfg.seed)  # the new score head starts from the same random weights on every rank and every rerun
     model, tokenizer = load_reward_model(local_model_dir(cfg), bf16=cfg.bf16)
-    return RewardTrainer(model=model, args=args, processing_class=tokenizer, **trainer_datasets(cfg))
+    return RewardTrainer(
+        model=model,
+        args=args,
+        processing_class=tokenizer,
+        peft_config=peft_config(cfg, "SEQ_CLS"),
+        **trainer_datasets(cfg),
+    )
 
 
 def train_loop(config: dict[str, Any]) -> None:

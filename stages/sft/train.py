@@ -15,6 +15,7 @@ from stages.trl.demo_eval import DemoEval, demo_metrics
 from stages.trl.loop_config import FINAL_DIR, TrainLoopConfig
 from stages.trl.worker import (
     load_causal_lm,
+    peft_config,
     report_result,
     run_on_worker,
     train_and_save,
@@ -44,7 +45,13 @@ def build_trainer(cfg: SFTLoopConfig, output_dir: str):
         completion_only_loss=True,  # labels of prompt tokens are -100 (tested in tests/trl/test_sft.py)
     )
     model, tokenizer = load_causal_lm(cfg)
-    return SFTTrainer(model=model, args=args, processing_class=tokenizer, **trainer_datasets(cfg))
+    return SFTTrainer(
+        model=model,
+        args=args,
+        processing_class=tokenizer,
+        peft_config=peft_config(cfg, "CAUSAL_LM"),
+        **trainer_datasets(cfg),
+    )
 
 
 def train_loop(config: dict[str, Any]) -> None:

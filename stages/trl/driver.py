@@ -35,6 +35,7 @@ from stages.trl.loop_config import (
     FINAL_DIR,
     HF_CHECKPOINT_DIR,
     HF_CHECKPOINT_FILES,
+    HF_CHECKPOINT_WEIGHTS,
     RESULT_FILE,
     TokenizerPlan,
     TrainLoopConfig,
@@ -165,6 +166,7 @@ def build_loop_config(cls: type[L], config, model, splits: dict[str, list], *, s
         use_gpu=scaling.use_gpu,
         cpus_per_worker=scaling.cpus_per_worker,
         demo_task=demo_task,
+        lora=config.lora,
         **stage_fields,
     )
 
@@ -179,6 +181,7 @@ def checkpoint_complete(path: Path) -> bool:
         json.loads((hf / "trainer_state.json").read_text())
         return (
             all((hf / name).is_file() for name in HF_CHECKPOINT_FILES)
+            and any((hf / name).is_file() for name in HF_CHECKPOINT_WEIGHTS)
             and _whole_safetensors(hf)
             and all(zipfile.is_zipfile(hf / name) for name in ("optimizer.pt", "scheduler.pt"))  # torch.save = zip
         )
@@ -207,6 +210,17 @@ def _finished_checkpoint(work_dir: str, stage: str) -> Path | None:
     on remote storage the workers find it themselves, see `train_and_save`)."""
     latest = ray_train.latest_checkpoint_dir(work_dir, stage, checkpoint_complete)
     return Path(latest) if latest and (Path(latest) / RESULT_FILE).is_file() else None
+
+
+def lora_record(model_dir: Path, section) -> dict:
+    """The manifest's record of a LoRA-trained model: the section and where its adapter is; {} without LoRA."""
+    from stages.common.lora import ADAPTER_DIR
+
+    if section is None:
+        return {}
+    if not (model_dir / ADAPTER_DIR / "adapter_config.json").is_file():
+        raise RuntimeError(f"{model_dir}: trained with LoRA but no {ADAPTER_DIR}/ was saved")
+    return {"lora": section.to_dict(), "adapter": ADAPTER_DIR}
 
 
 def train_and_publish(train_loop: Callable[[dict], None], loop: TrainLoopConfig, *, output: str, kind: str, title: str,
@@ -267,6 +281,7 @@ def train_and_publish(train_loop: Callable[[dict], None], loop: TrainLoopConfig,
                 "long_rows": "rejected",
                 "rows": {"train": len(loop.train_rows), "test": len(loop.test_rows)},
                 "tokenizer": loop.tokenizer.to_dict(),
+                **lora_record(out, loop.lora),
             },
             reports=reports,
         )

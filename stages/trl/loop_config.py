@@ -13,10 +13,14 @@ import dataclasses
 from dataclasses import dataclass, field
 from typing import Any
 
+from stages.common.lora import LoraSection
+
 FINAL_DIR = "final"  # inside the last checkpoint: the trained model + tokenizer (a standard HF dir)
 RESULT_FILE = "result.json"  # inside the last checkpoint: metrics, log history, samples
 HF_CHECKPOINT_DIR = "checkpoint"  # where RayTrainReportCallback puts the HF Trainer checkpoint
-HF_CHECKPOINT_FILES = ("model.safetensors", "optimizer.pt", "scheduler.pt", "trainer_state.json")
+HF_CHECKPOINT_FILES = ("optimizer.pt", "scheduler.pt", "trainer_state.json")
+# the weights of an HF Trainer checkpoint: the whole model, or with LoRA only the adapter (the base is the input's)
+HF_CHECKPOINT_WEIGHTS = ("model.safetensors", "adapter_model.safetensors")
 
 LOOP_KEY = "loop"  # the TrainLoopConfig's key in Ray Train's train_loop_config dict
 
@@ -65,6 +69,7 @@ class TrainLoopConfig:
     use_gpu: bool
     cpus_per_worker: float
     demo_task: bool  # the data is the built-in demo task (its gold scorer applies)
+    lora: LoraSection | None = None  # train an adapter (published merged, and in peft's format under adapter/)
     report_to: tuple[str, ...] = ()  # the HF Trainer's own integrations (tracking.report_to); () = none
     logging_dir: str | None = None  # where those integrations write (beside the stage's checkpoints)
 

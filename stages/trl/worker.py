@@ -50,6 +50,16 @@ def load_causal_lm(cfg: TrainLoopConfig):
     return model, tokenizer
 
 
+def peft_config(cfg: TrainLoopConfig, task_type: str):
+    """The trainer's `peft_config` (None = full fine-tuning). For a reward model (SEQ_CLS) peft trains the fresh
+    score head in full beside the adapters (its modules_to_save), as a random head must be learnt whole."""
+    if cfg.lora is None:
+        return None
+    from stages.common.lora import peft_config as lora_peft_config
+
+    return lora_peft_config(cfg.lora, task_type=task_type)
+
+
 def training_args(cfg: TrainLoopConfig, output_dir: str) -> dict[str, Any]:
     """Keyword arguments of SFTConfig / RewardConfig / DPOConfig that every stage sets the same way."""
     if cfg.logging_dir:  # transformers 5 reads TensorBoard's folder from the environment only
@@ -175,7 +185,13 @@ def train_and_save(cfg: TrainLoopConfig, rank: int, scratch: Path, *, build_trai
     eval_metrics = trainer.evaluate()
 
     out = scratch / "result"
-    trainer.save_model(str(out / FINAL_DIR))  # every rank: ZeRO-3 gathers the shards here
+    if cfg.lora is None:
+        trainer.save_model(str(out / FINAL_DIR))  # every rank: ZeRO-3 gathers the shards here
+    elif rank == 0:  # LoRA (refused with ZeRO-3 in pre-flight): the merged model, and the adapter under adapter/
+        from stages.common.lora import merged, save_adapter
+
+        merged(trainer.model).save_pretrained(str(out / FINAL_DIR), safe_serialization=True)
+        save_adapter(trainer.model, out / FINAL_DIR, base_path=cfg.model_dir)
     # ZeRO-3 leaves a process-wide flag that makes from_pretrained partition weights with collectives; rank 0 alone
     # reloads the saved model for evaluation (the others wait in report), so switch it off: training is over.
     unset_hf_deepspeed_config()
