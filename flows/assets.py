@@ -17,13 +17,16 @@ from typing import Any
 from prefect.assets import Asset, AssetProperties, add_asset_metadata
 from prefect.tasks import MaterializingTask
 
+from stages.common.redact import redact_credentials
+
 MATERIALIZED_BY = "rlhf-dag"
 
 
 def asset_key(store_root: str, name: str) -> str:
-    """The asset of artifact `name` in the store at `store_root` (a folder becomes a file:// URI)."""
+    """The asset of artifact `name` in the store at `store_root` (a folder becomes a file:// URI); Prefect stores and
+    shows the key, so a URI's credentials are masked (`s3://key:***@bucket/prefix/name`)."""
     root = store_root if "://" in store_root else Path(store_root).resolve().as_uri()
-    return f"{root.rstrip('/')}/{name}"
+    return f"{redact_credentials(root).rstrip('/')}/{name}"
 
 
 def asset(store_root: str, name: str) -> Asset:

@@ -27,7 +27,9 @@ def _store(args: argparse.Namespace):
 
 
 def _print_json(obj: Any) -> None:
-    print(json.dumps(obj, indent=2, sort_keys=True, default=str))
+    from stages.common.redact import redact_credentials
+
+    print(redact_credentials(json.dumps(obj, indent=2, sort_keys=True, default=str)))  # a store URI's password too
 
 
 def _manifest_view(art) -> dict[str, Any]:
@@ -74,9 +76,11 @@ def _print_run_summary(summary: dict[str, Any], store) -> None:
     from stages.common.store import ArtifactStore
 
     store = store or ArtifactStore(summary["store"])
+    from stages.common.redact import redact_credentials
+
     print(
         f"\npipeline finished in {summary['wall_seconds']:.1f} s, orchestration overhead "
-        f"{summary['orchestration_overhead_seconds']:.1f} s (store: {summary['store']})"
+        f"{summary['orchestration_overhead_seconds']:.1f} s (store: {redact_credentials(summary['store'])})"
     )
     if summary.get("prefect") == "not started":
         print("  nothing to run: every stage's artifacts for its cache key are in the store (Prefect not started)")
@@ -382,6 +386,7 @@ def main(argv: list[str] | None = None) -> int:
     from stages.common.config import ConfigError
     from stages.common.errors import StageInputError
     from stages.common.gates import GateFailed
+    from stages.common.redact import redact_credentials
     from stages.common.store import ArtifactCorrupted, ArtifactError
 
     try:
@@ -391,10 +396,10 @@ def main(argv: list[str] | None = None) -> int:
     try:
         return args.func(args)
     except ArtifactCorrupted as e:
-        print(f"error: {e}", file=sys.stderr)
+        print(redact_credentials(f"error: {e}"), file=sys.stderr)
         return 1
     except (UsageError, ConfigError, ArtifactError, DataError, StageInputError, GateFailed) as e:
-        print(f"error: {e}", file=sys.stderr)
+        print(redact_credentials(f"error: {e}"), file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)

@@ -25,6 +25,7 @@ import posixpath
 import re
 import time
 import urllib.error
+import urllib.parse
 import urllib.request
 from collections.abc import Callable, Iterator, Mapping
 from contextlib import contextmanager
@@ -35,6 +36,7 @@ from typing import Any
 from pydantic import Field
 
 from stages.common.config import Section
+from stages.common.redact import redact_credentials
 from stages.common.store import Artifact
 
 _log = logging.getLogger(__name__)
@@ -91,10 +93,16 @@ def clip(text: str, limit: int) -> str:
 
 
 def param_value(value: Any) -> str:
-    """A config value as MLflow param text: scalars as str (None -> "None"), lists and mappings as JSON."""
-    if isinstance(value, str):
-        return clip(value, PARAM_VALUE_MAX)
-    return clip(json.dumps(value) if isinstance(value, list | tuple | dict) else str(value), PARAM_VALUE_MAX)
+    """A config value as MLflow param text: scalars as str (None -> "None"), lists and mappings as JSON; a URI's
+    credentials masked (`s3://key:***@bucket`), since everyone who reads the experiment reads its params."""
+    text = value if isinstance(value, str) else (
+        json.dumps(value) if isinstance(value, list | tuple | dict) else str(value))  # fmt: skip
+    return clip(redact_credentials(text), PARAM_VALUE_MAX)
+
+
+def tag_value(value: Any) -> str:
+    """A tag as MLflow stores it: text, a URI's credentials masked, cut to MLflow's limit."""
+    return clip(redact_credentials(str(value)), TAG_VALUE_MAX)
 
 
 def safe_key(key: str) -> str:
@@ -190,7 +198,7 @@ def stage_times_ms(outputs: Mapping[str, Artifact], state: str, now_ms: int) -> 
 
 def one_line(exc: BaseException, limit: int = 300) -> str:
     text = " ".join(str(exc).split()) or type(exc).__name__
-    return clip(text, limit)
+    return clip(redact_credentials(text), limit)  # masked before the cut, which could split a password from its @
 
 
 class TrackingUnavailable(Exception):
@@ -205,13 +213,15 @@ def probe(uri: str) -> None:
     """
     scheme = uri.split("://", 1)[0].lower() if "://" in uri else ""
     if scheme in ("http", "https"):
+        parts = urllib.parse.urlsplit(uri)  # urllib reads a user part as the host name: ask the host without it
+        bare = urllib.parse.urlunsplit(parts._replace(netloc=parts.netloc.rpartition("@")[2]))
         try:
-            urllib.request.urlopen(uri.rstrip("/") + "/health", timeout=PROBE_SECONDS).close()
+            urllib.request.urlopen(bare.rstrip("/") + "/health", timeout=PROBE_SECONDS).close()
         except urllib.error.HTTPError:
             return
         except (OSError, ValueError) as e:
             reason = e.reason if isinstance(e, urllib.error.URLError) else e  # URLError wraps the socket's error
-            raise TrackingUnavailable(f"no answer from {uri} ({one_line(Exception(reason))})") from None
+            raise TrackingUnavailable(f"no answer from {redact_credentials(uri)} ({one_line(Exception(reason))})") from None
     elif scheme == "sqlite":
         import sqlite3
 
@@ -251,8 +261,9 @@ class Tracker:
 
     @property
     def uri(self) -> str | None:
-        """The tracking URI in use (resolved from MLflow's default once tracking has started), or None."""
-        return self._uri
+        """The tracking URI in use (resolved from MLflow's default once tracking has started), or None; shown, so
+        with its password masked."""
+        return None if self._uri is None else redact_credentials(self._uri)
 
     @property
     def parent_run_id(self) -> str | None:
@@ -307,7 +318,8 @@ class Tracker:
             self._on = False
             self._parent_id = None
             where = self._uri or "the default MLflow location"
-            self._warn(f"tracking: could not {what} in MLflow at {where}: {one_line(e)}; tracking is off for this run")
+            self._warn(redact_credentials(
+                f"tracking: could not {what} in MLflow at {where}: {one_line(e)}; tracking is off for this run"))
 
     def _connect(self) -> None:
         """Resolve the URI, probe it, and open the client and the experiment (once)."""
@@ -327,7 +339,7 @@ class Tracker:
 
     def _start_pipeline(self, run_name: str, params: Mapping[str, Any], tags: Mapping[str, Any]) -> None:
         self._connect()
-        run_tags = {safe_key(str(k)): clip(str(v), TAG_VALUE_MAX) for k, v in tags.items()}
+        run_tags = {safe_key(str(k)): tag_value(v) for k, v in tags.items()}
         run_tags["rlhf.run"] = "pipeline"
         run = self._client.create_run(self._experiment_id, run_name=run_name, tags=run_tags)
         self._parent_id = run.info.run_id
@@ -341,6 +353,7 @@ class Tracker:
         tags = {"rlhf.run": "stage", "stage": stage, "state": state, **lineage_tags(outputs, inputs)}
         if self._parent_id is not None:
             tags[MLFLOW_PARENT_RUN_ID] = self._parent_id
+        tags = {k: tag_value(v) for k, v in tags.items()}
         run_id = self._client.create_run(self._experiment_id, start_time=start, run_name=stage, tags=tags).info.run_id
         summary = by_output({name: summary_metrics(art.metrics) for name, art in outputs.items()})
         curves = by_output({name: read_curves(_curves_file(art)) for name, art in outputs.items()
@@ -368,7 +381,7 @@ class Tracker:
 
         ts = timestamp if timestamp is not None else int(time.time() * 1000)
         param_list = [Param(safe_key(k), param_value(v)) for k, v in (params or {}).items()]
-        tag_list = [RunTag(safe_key(k), clip(str(v), TAG_VALUE_MAX)) for k, v in (tags or {}).items()]
+        tag_list = [RunTag(safe_key(k), tag_value(v)) for k, v in (tags or {}).items()]
         metric_list = [Metric(safe_key(k), v, ts, step) for k, v, step in metrics or []]
         for i in range(0, len(param_list), PARAMS_TAGS_PER_BATCH):
             self._client.log_batch(run_id, params=param_list[i : i + PARAMS_TAGS_PER_BATCH])

@@ -33,6 +33,7 @@ from stages.common.store_files import (
     local_files,
     tree_digest,
 )
+from stages.common.redact import redact_credentials
 from stages.common.store_local import LocalBackend
 from stages.common.store_remote import RemoteBackend
 
@@ -104,7 +105,7 @@ class ArtifactStore:
         self._backend = LocalBackend(self._base) if self.is_local else RemoteBackend(self.fs, self._base, self.root)
 
     def __repr__(self) -> str:
-        return f"ArtifactStore({self.root!r})"
+        return f"ArtifactStore({redact_credentials(self.root)!r})"
 
     def _p(self, *parts: str) -> str:
         return "/".join([self._base, *parts])
@@ -266,7 +267,7 @@ class ArtifactStore:
                 return self._resolve_digest(name, kind)
             known = self._names()
             have = ", ".join(known[:20]) + (", ..." if len(known) > 20 else "") if known else "nothing"
-            raise ArtifactError(f"{ref}: no such artifact in {self.root}; it has: {have}")
+            raise ArtifactError(f"{ref}: no such artifact in {redact_credentials(self.root)}; it has: {have}")
         version = versions[-1] if sel in ("", "latest") else int(sel[1:])
         manifest = self._read_manifest(name, version) if version in versions else None
         if manifest is None:
@@ -278,7 +279,8 @@ class ArtifactStore:
         if kind is not None and len({m["kind"] for m in matches}) > 1:
             matches = [m for m in matches if m["kind"] == kind]
         if not matches:
-            raise ArtifactError(f"{prefix}: no artifact has a digest starting with it in {self.root}")
+            raise ArtifactError(
+                f"{prefix}: no artifact has a digest starting with it in {redact_credentials(self.root)}")
         if len(matches) > 1:
             cands = ", ".join(f"{m['name']}@v{m['version']} ({m['digest'][:12]})" for m in matches)
             raise ArtifactError(

@@ -21,6 +21,7 @@ import time
 import uuid
 from pathlib import Path
 
+from stages.common.redact import redact_credentials
 from stages.common.store_files import (
     ArtifactCorrupted,
     check_file_names,
@@ -138,7 +139,7 @@ class RemoteBackend:
                 try:
                     self.fs.get_file(f"{obj}/{rel}", str(tmp / rel))
                 except FileNotFoundError:
-                    raise ArtifactCorrupted(f"{where}: file {rel!r} is missing from {self.root}") from None
+                    raise ArtifactCorrupted(f"{where}: file {rel!r} is missing from {redact_credentials(self.root)}") from None
             verify_dir(tmp, manifest["files"], where, force=True)
             try:
                 os.rename(tmp, target)
@@ -163,5 +164,5 @@ class RemoteBackend:
         for rel, sha in sorted(manifest["files"].items()):
             with self.fs.open(stored[rel], "rb") as f:
                 if hash_stream(f) != sha:
-                    raise ArtifactCorrupted(f"{where}: file {rel!r} fails its sha256 check in {self.root}")
+                    raise ArtifactCorrupted(f"{where}: file {rel!r} fails its sha256 check in {redact_credentials(self.root)}")
         return self.object_dir(manifest, where)
