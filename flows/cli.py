@@ -17,13 +17,9 @@ STAGE_NAMES = ["pretrain", "sft", "reward", "ppo", "grpo", "rloo", "dpo", "eval"
 
 
 def _store(args: argparse.Namespace):
-    from flows.plan import open_store
+    from flows.plan import open_store, store_root
 
-    if args.store:
-        return open_store(args.store, "--store")
-    if os.environ.get("RLHF_STORE"):
-        return open_store(os.environ["RLHF_STORE"], "RLHF_STORE")
-    return open_store("./artifacts")
+    return open_store(*store_root({"store": args.store}))
 
 
 def _print_json(obj: Any) -> None:
@@ -43,7 +39,7 @@ def _manifest_view(art) -> dict[str, Any]:
 
 
 def cmd_run(args: argparse.Namespace) -> int:
-    from flows.plan import answer_from_cache
+    from flows.plan import answer_from_cache, plan_run
 
     if args.verbose:
         os.environ["RLHF_VERBOSE"] = "1"  # read by stages.common.ray_train when Ray starts
@@ -58,24 +54,31 @@ def cmd_run(args: argparse.Namespace) -> int:
         raise UsageError("--input is only meaningful with --only STAGE")
     params = dict(preset=args.preset, config_file=args.config, overrides=args.set or [], store=args.store,
                   from_stage=args.from_stage, only=args.only, inputs=inputs, force=args.force)  # fmt: skip
+    plan = plan_run(params)  # every check, once; the cache answer and the flow take the plan as it is
+    if args.dry_run:
+        from flows.cached import dry_run, dry_run_text
+
+        report = dry_run(plan)
+        if args.json:
+            _print_json(report)
+        else:
+            print(dry_run_text(report))
+        return 0
     # Nothing to run? Then answer from the store, without starting Prefect or Ray (a no-op rerun in seconds).
-    summary = answer_from_cache(params)
+    summary = answer_from_cache(plan)
     if summary is None:
         from flows.pipeline import run_pipeline
 
-        summary = run_pipeline(**params)
+        summary = run_pipeline(plan)
     if args.json:
         _print_json(summary)
     else:
-        _print_run_summary(summary, _store(args) if args.store else None)
+        _print_run_summary(summary, plan.store)
     return 0
 
 
 def _print_run_summary(summary: dict[str, Any], store) -> None:
     """The end of `rlhf run` on the terminal: per stage, reused or ran, what it produced and its headline metrics."""
-    from stages.common.store import ArtifactStore
-
-    store = store or ArtifactStore(summary["store"])
     from stages.common.redact import redact_credentials
 
     print(
@@ -305,7 +308,12 @@ def build_parser() -> argparse.ArgumentParser:
     group.add_argument("--only", choices=STAGE_NAMES, help="run one stage on explicit --input artifacts")
     group.add_argument("--force", action="store_true", help="rerun every stage")
     p.add_argument("--input", action="append", metavar="ROLE=REF", help="with --only: an input artifact per role")
-    p.add_argument("--json", action="store_true", help="print the run summary as JSON")
+    p.add_argument("--json", action="store_true", help="print the run summary (or the --dry-run plan) as JSON")
+    p.add_argument(
+        "--dry-run",
+        action="store_true",
+        help="print the plan (per stage: reused or run, and why) without starting Prefect or Ray or publishing",
+    )
     p.add_argument(
         "--verbose",
         action="store_true",

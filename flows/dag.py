@@ -7,7 +7,7 @@
                                  +-> [dpo] (preferences) ------+-> [eval] -> eval-report (align.eval)
 ```
 The alignment methods are sibling branches: each depends only on sft (and reward for the RL ones), so they run
-concurrently when the cluster has room for them, and each is cached and rerun on its own. GRPO and RLOO are the
+concurrently when the cluster has room for them (flows/schedule.py), and each is cached and rerun on its own. GRPO and RLOO are the
 RL stage (stages/rl), each node with its own config section; DPO is its own stage.
 """
 
@@ -69,22 +69,3 @@ def build(methods: list[str], *, pretrain: bool, evaluate: bool) -> list[Node]:
         nodes.append(eval_node(methods))
     return nodes
 
-
-def branch_waves(branches: list[str], demand: dict[str, tuple[float, float]], cpus: float, gpus: float) -> list[list[str]]:
-    """Group sibling branches into waves that fit the cluster together: (CPUs, GPUs) demand per branch.
-
-    Greedy in the given order: a branch joins the current wave if the wave's total still fits, else starts the next
-    one. A branch that does not fit alone gets a wave of its own (the pre-flight check has refused what can never fit).
-    """
-    waves: list[list[str]] = []
-    used = (0.0, 0.0)
-    for branch in branches:
-        need_cpu, need_gpu = demand[branch]
-        fits = waves and used[0] + need_cpu <= cpus + 1e-9 and used[1] + need_gpu <= gpus + 1e-9
-        if fits:
-            waves[-1].append(branch)
-            used = (used[0] + need_cpu, used[1] + need_gpu)
-        else:
-            waves.append([branch])
-            used = (need_cpu, need_gpu)
-    return waves

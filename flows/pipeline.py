@@ -11,31 +11,19 @@ from __future__ import annotations
 import logging
 import os
 import time
+from contextvars import ContextVar
 from typing import Any
 
 from prefect import flow, get_run_logger, task
 from prefect.cache_policies import NO_CACHE
 from prefect.states import Completed, Failed
 
-from flows import assets, report
-from flows.config import STAGES, PipelineConfig, load_config
-from flows.dag import POLICY_ROLE_PREFIX, Node, branch_waves
-from flows.plan import (
-    check_only_inputs,
-    config_model_kind,
-    data_check,
-    import_reward_function,
-    ingest_data,
-    input_kind,
-    node_named,
-    plan_stages,
-    preflight,
-    resolve_model,
-    reward_model_needed,
-    stage_cache_key,
-    validate_run,
-    why_no_reward_model,
-)
+from flows import assets, report, schedule
+from flows.config import STAGES, PipelineConfig
+from flows.dag import POLICY_ROLE_PREFIX, Node
+from flows.inputs import InputSources, data_check, ingest_data, input_kind, resolve_inputs, resolve_model
+from flows.keys import key_parts
+from flows.plan import RunPlan, plan_run, plan_stages, preflight, run_params, stage_cache_key
 from flows.preflight import check_fits
 from flows.ray_driver import RayDriver
 from flows.tracking import Tracker
@@ -88,17 +76,17 @@ def _worth_retrying(task_obj, task_run, state) -> bool:
 
 
 @task(name="data", cache_policy=NO_CACHE, persist_result=False)
-def data_task(cfg: PipelineConfig, store: ArtifactStore, fmt: str, node: str | None = None, role: str | None = None,
-              model_refs: dict[str, str] | None = None) -> str:  # fmt: skip
+def data_task(cfg: PipelineConfig, store: ArtifactStore, fmt: str, node: Node | None = None, role: str | None = None,
+              models: dict[str, Any] | None = None, known: str | None = None) -> str:  # fmt: skip
     """Materialise one data source as a dataset artifact (identical data -> the same version), checked first by the
-    stage of `node` against its model inputs (`model_refs`) so that data it would refuse is never published."""
+    stage of `node` against its model inputs (`models`) so that data it would refuse is never published. `known`:
+    the ref the cache answer already ingested in this process (checked the same way): the file is not read again."""
     source = getattr(cfg.data, fmt)
+    if known is not None:
+        get_run_logger().info(f"data {fmt}: {source} -> {known} (ingested while planning)")
+        return known
     try:
-        try:
-            models = {r: store.get(ref) for r, ref in (model_refs or {}).items()}
-        except ArtifactError:  # a bad --input ref: the stage task reports it, this data set is checked there
-            models = {}
-        check = data_check(cfg, node_named(cfg, node), role, models) if node else None
+        check = data_check(cfg, node, role, models or {}) if node else None
         art = ingest_data(cfg, store, fmt, check=check)
     except USER_ERRORS as e:
         return _user_failure(e)
@@ -129,22 +117,21 @@ STAGE_TASK_OPTIONS = dict(
 )
 
 
-def stage_task(
-    name: str, cfg: PipelineConfig, store: ArtifactStore, ray_driver: RayDriver, input_refs: dict[str, str], force: bool
-):
+def stage_task(name: str, node: Node, cfg: PipelineConfig, store: ArtifactStore, ray_driver: RayDriver,
+               input_refs: dict[str, str], force: bool):  # fmt: skip
     """Reuse the stage's artifacts when its cache key matches; otherwise run it, publish, and record the key."""
     try:
-        return _run_or_reuse(name, cfg, store, ray_driver, input_refs, force)
+        return _run_or_reuse(name, node, cfg, store, ray_driver, input_refs, force)
     except USER_ERRORS as e:
         return _user_failure(e)
 
 
-def _run_or_reuse(name: str, cfg: PipelineConfig, store: ArtifactStore, ray_driver: RayDriver,
+def _run_or_reuse(name: str, node: Node, cfg: PipelineConfig, store: ArtifactStore, ray_driver: RayDriver,
                   input_refs: dict[str, str], force: bool):  # fmt: skip
     logger = get_run_logger()
-    node = node_named(cfg, name)
     inputs = {role: store.get(ref, kind=input_kind(node, role)) for role, ref in input_refs.items()}
-    key = stage_cache_key(name, cfg, inputs)
+    parts = key_parts(name, cfg, inputs, node.stage)
+    key = parts.key
     gate = getattr(cfg.stage_config(name), "gate", None)
     if not force:
         hit = store.cached(key)
@@ -170,7 +157,7 @@ def _run_or_reuse(name: str, cfg: PipelineConfig, store: ArtifactStore, ray_driv
     start = time.perf_counter()
     outputs = call_stage(node, cfg.stage_config(name), store=store, ctx=ctx, inputs=inputs)
     wall = time.perf_counter() - start
-    store.record_cache(key, outputs)
+    store.record_cache(key, outputs, parts=parts.to_record())  # the parts: a later dry run says what changed
     assets.record(store.root, outputs.values())
     report.stage_markdown(name, "ran", outputs, inputs, wall_seconds=wall)
     check_gate(name, gate, outputs)
@@ -188,21 +175,6 @@ def call_stage(node: Node, config, *, store: ArtifactStore, ctx: StageContext, i
         kwargs["policies"] = {role.removeprefix(POLICY_ROLE_PREFIX): kwargs.pop(role)
                               for role in list(kwargs) if role.startswith(POLICY_ROLE_PREFIX)}  # fmt: skip
     return module.run(config, store=store, ctx=ctx, **kwargs)
-
-
-def branch_demand(cfg: PipelineConfig, name: str, total_gpus: float) -> tuple[float, float]:
-    """(CPUs, GPUs) one alignment branch holds while it runs, for grouping siblings into waves that fit."""
-    run = cfg.run
-    if name == "dpo":
-        return run.num_workers * run.cpus_per_worker, float(run.num_workers if run.use_gpu else 0)
-    from stages.rl import placement
-
-    rl = cfg.stage_config(name).resolved(run.num_workers)
-    actors = len(placement.roles_of(rl)) * rl.actors_per_role  # GRPO and RLOO have no critic
-    gpus = 0.0
-    if run.use_gpu:  # derived fractions spread the roles over every GPU: a branch then holds them all
-        gpus = actors * rl.gpus_per_actor if rl.gpus_per_actor else total_gpus
-    return actors * rl.cpus_per_actor + placement.function_cpus(rl), gpus
 
 
 # log_prints stays off: libraries print to stdout internally (dill disassembles functions while hashing them).
@@ -223,61 +195,64 @@ def rlhf(
     flow Failed with that one-line message and re-raises it to the caller; no traceback is logged, nothing retried.
     """
     try:
-        return _pipeline(preset, config_file, overrides, store, from_stage, only, inputs, force)
+        return _pipeline(dict(preset=preset, config_file=config_file, overrides=overrides, store=store,
+                              from_stage=from_stage, only=only, inputs=inputs, force=force))  # fmt: skip
     except USER_ERRORS as e:
         return _user_failure(e)
 
 
-def _pipeline(preset, config_file, overrides, store, from_stage, only, inputs, force) -> dict[str, Any]:
+# The plan `run_pipeline` made, for the flow it calls: the flow then plans nothing again.
+_PLANNED: ContextVar[RunPlan | None] = ContextVar("rlhf_planned_run", default=None)
+
+
+def _pipeline(params: dict[str, Any]) -> dict[str, Any]:
     logger = get_run_logger()
     flow_start = time.perf_counter()
-    cfg = load_config(preset, config_file, overrides or [])
-    stages, forced = plan_stages(from_stage, only, cfg)
-    inputs = dict(inputs or {})
-    if only:
-        check_only_inputs(only, inputs, cfg)
-    preflight(cfg, stages)
-    art_store = ArtifactStore(store or os.environ.get("RLHF_STORE") or cfg.run.store)
+    plan = _PLANNED.get()
+    if plan is None or plan.params != run_params(params):  # the flow called directly (tests, a deployment)
+        plan = plan_run(params, resolve_inputs=False)
+    cfg, art_store, stages = plan.cfg, plan.store, list(plan.stages)
     ray_driver = RayDriver(cfg.run.ray_address, art_store.root, cfg.run.work_dir,
                            check=lambda resources: check_fits(cfg, resources, stages))  # fmt: skip
     tracker = Tracker(cfg.tracking, warn=logger.warning)
     tracker.start_pipeline(_run_name(), params=cfg.to_dict(),
-                           tags={"preset": preset, "store": art_store.root, "stages": ",".join(stages)})  # fmt: skip
+                           tags={"preset": plan.params["preset"], "store": art_store.root, "stages": ",".join(stages)})  # fmt: skip
     status = "FAILED"
     try:
-        produced: dict[str, str] = {}  # output name -> ref, as the DAG proceeds
-        summary: dict[str, Any] = {"store": art_store.root, "stages": {}, "skipped": {}}
-        if not reward_model_needed(cfg) and not only:
-            summary["skipped"]["reward"] = why_no_reward_model(cfg)
-            logger.info(f"reward: not run; {summary['skipped']['reward']}")
-        if cfg.sft.base_model and not only:
-            summary["skipped"]["pretrain"] = f"sft.base_model = {cfg.sft.base_model}"
-            produced["base-model"] = _raise_failed(model_task("sft.base_model", cfg.sft.base_model, "causal-lm",
-                                                              art_store))  # fmt: skip
-            logger.info(f"pretrain: not run; sft starts from {cfg.sft.base_model} ({produced['base-model']})")
-        for group in _groups(cfg, stages, only):
-            for wave in _waves(cfg, group, ray_driver):
+        produced: dict[str, Any] = {}  # output name -> Artifact, as the DAG proceeds
+        summary: dict[str, Any] = {"store": art_store.root, "stages": {}, "skipped": dict(plan.skipped)}
+        if "reward" in plan.skipped:
+            logger.info(f"reward: not run; {plan.skipped['reward']}")
+        if "pretrain" in plan.skipped:
+            ref = _raise_failed(model_task("sft.base_model", cfg.sft.base_model, "causal-lm", art_store))
+            produced["base-model"] = art_store.get(ref)
+            logger.info(f"pretrain: not run; sft starts from {cfg.sft.base_model} ({ref})")
+        sources = _FlowSources(plan)
+        for group in schedule.groups(plan.nodes, stages, plan.only):
+            for wave in schedule.waves(cfg, group, ray_driver.resources):
                 runs = {}
                 for name in wave:
-                    refs = _input_refs(cfg, art_store, node_named(cfg, name), inputs, produced)
-                    task_obj = _stage_task_for(node_named(cfg, name), art_store, refs)
-                    future = task_obj.submit(name, cfg, art_store, ray_driver, refs, force or name in forced)
+                    node = plan.node(name)
+                    arts = resolve_inputs(cfg, art_store, node, plan.inputs, produced, sources)
+                    refs = {role: _ref(art) for role, art in arts.items()}
+                    task_obj = _stage_task_for(node, art_store, refs)
+                    future = task_obj.submit(name, node, cfg, art_store, ray_driver, refs, name in plan.forced)
                     runs[name] = (future, refs, time.perf_counter())
                 for future, _, _ in runs.values():
                     future.wait()
                 for name, (future, refs, task_start) in runs.items():
                     state = future.state
                     outputs = state.result()  # re-raises the stage's error after retries (a user error: at once)
-                    produced.update({ref.split("@")[0]: ref for ref in outputs.values()})
-                    tracker.log_stage(name, state=state.name, config=cfg.stage_config(name).to_dict(),
-                                      outputs={o: art_store.get(r) for o, r in outputs.items()},
+                    made = {o: art_store.get(r) for o, r in outputs.items()}
+                    produced.update({art.name: art for art in made.values()})
+                    tracker.log_stage(name, state=state.name, config=cfg.stage_config(name).to_dict(), outputs=made,
                                       inputs={role: art_store.get(r) for role, r in refs.items()})  # fmt: skip
                     summary["stages"][name] = {
                         "state": state.name,
                         "outputs": outputs,
                         "inputs": refs,
                         "task_seconds": round(time.perf_counter() - task_start, 2),
-                        "stage_seconds": 0.0 if state.name == "Cached" else _stage_seconds(art_store, outputs),
+                        "stage_seconds": 0.0 if state.name == "Cached" else _stage_seconds(made),
                     }
         summary["wall_seconds"] = round(time.perf_counter() - flow_start, 2)
         stage_total = sum(info["stage_seconds"] for info in summary["stages"].values())
@@ -293,28 +268,42 @@ def _pipeline(preset, config_file, overrides, store, from_stage, only, inputs, f
         ray_driver.close()
 
 
+class _FlowSources(InputSources):
+    """A node's data sets and config models as Prefect tasks (each a task run in the UI); a data set the cache
+    answer ingested in this process is taken from the plan."""
+
+    def __init__(self, plan: RunPlan):
+        super().__init__(plan.cfg, plan.store)
+        self.plan = plan
+
+    def data(self, node: Node, role: str, fmt: str, models: dict[str, Any]):
+        known = self.plan.ingested.get((node.name, role))
+        models = {r: a for r, a in models.items() if not isinstance(a, str)}  # an unresolved ref: no check here
+        ref = _raise_failed(data_task(self.cfg, self.store, fmt, node, role, models, known.ref if known else None))
+        return self.store.get(ref)
+
+    def explicit(self, node: Node, role: str, ref: str):
+        """A ref as given when it does not resolve: the stage's task reports it (a Failed task run of its own)."""
+        try:
+            return super().explicit(node, role, ref)
+        except ArtifactError:
+            return ref
+
+    def model(self, node: Node, role: str, value: str):
+        from flows.nodes import config_model_key, config_model_kind
+
+        ref = _raise_failed(model_task(config_model_key(node, role), value, config_model_kind(node, role), self.store))
+        return self.store.get(ref)
+
+
 def _stage_task_for(node: Node, store: ArtifactStore, input_refs: dict[str, str]):
     """`stage_task` as the Prefect task that materializes the node's outputs from its inputs (Prefect assets)."""
     return assets.materializing(stage_task, STAGE_TASK_OPTIONS, store.root, node.outputs,
                                 [assets.ref_name(r) for r in input_refs.values()])  # fmt: skip
 
 
-def _input_refs(cfg: PipelineConfig, store: ArtifactStore, node: Node, explicit: dict[str, str],
-                produced: dict[str, str]) -> dict[str, str]:  # fmt: skip
-    """A node's input refs: explicit --input refs, data sets (a `data` task each), or what upstream nodes produced."""
-    refs = {}
-    for role, (source, what) in node.inputs.items():
-        if role in explicit:
-            refs[role] = explicit[role]
-        elif source == "data":
-            refs[role] = _raise_failed(data_task(cfg, store, what, node.name, role, dict(refs)))
-        elif source == "config":
-            refs[role] = _raise_failed(model_task(f"{node.name}.{role}", what, config_model_kind(node, role), store))
-        elif source == "reward-fn":
-            refs[role] = import_reward_function(cfg, store, node, what).ref
-        else:
-            refs[role] = produced[what]
-    return refs
+def _ref(art) -> str:
+    return art if isinstance(art, str) else art.ref
 
 
 def _raise_failed(value):
@@ -326,27 +315,6 @@ def _raise_failed(value):
     return value.result() if isinstance(value, State) else value
 
 
-def _groups(cfg: PipelineConfig, stages: list[str], only: str | None) -> list[list[str]]:
-    """Consecutive sibling branches form one group (they may run together); every other node is a group of one."""
-    groups: list[list[str]] = []
-    for name in stages:
-        is_branch = node_named(cfg, name).is_branch and not only
-        if is_branch and groups and node_named(cfg, groups[-1][0]).is_branch:
-            groups[-1].append(name)
-        else:
-            groups.append([name])
-    return groups
-
-
-def _waves(cfg: PipelineConfig, group: list[str], ray_driver: RayDriver) -> list[list[str]]:
-    """Split a group of sibling branches into waves that fit the cluster at the same time (one by one if not)."""
-    if len(group) == 1 or not cfg.align.concurrent:
-        return [[name] for name in group]
-    resources = ray_driver.resources()
-    demand = {name: branch_demand(cfg, name, resources.gpus) for name in group}
-    return branch_waves(group, demand, resources.cpus, resources.gpus)
-
-
 def _run_name() -> str:
     """The Prefect flow run's name (e.g. 'sophisticated-kakapo'), so MLflow and Prefect name a run the same way."""
     from prefect.runtime import flow_run
@@ -354,15 +322,20 @@ def _run_name() -> str:
     return flow_run.name or "rlhf"
 
 
-def _stage_seconds(store: ArtifactStore, outputs: dict[str, str]) -> float:
+def _stage_seconds(outputs: dict[str, Any]) -> float:
     """The stage's own wall time, as it recorded in its artifacts' timings (the longest of its outputs)."""
-    return round(max(store.get(ref).manifest.get("timings", {}).get("wall_seconds", 0.0) for ref in outputs.values()), 2)
+    return round(max(art.manifest.get("timings", {}).get("wall_seconds", 0.0) for art in outputs.values()), 2)
 
 
-def run_pipeline(**params: Any) -> dict[str, Any]:
-    """Validate cheaply first (config, stage names, inputs, Ray address), so a user mistake costs no Prefect start-up."""
-    validate_run(params)
-    return rlhf(**params)
+def run_pipeline(plan: RunPlan | None = None, **params: Any) -> dict[str, Any]:
+    """The flow for a plan made by `plan_run` (which checked everything cheap, so a user mistake cost no Prefect
+    start-up); the flow takes the plan as it is. Given parameters instead, plans them first."""
+    plan = plan if plan is not None else plan_run(params)
+    token = _PLANNED.set(plan)
+    try:
+        return rlhf(**plan.params)
+    finally:
+        _PLANNED.reset(token)
 
 
 __all__ = ["rlhf", "run_pipeline", "plan_stages", "preflight", "stage_cache_key"]

@@ -3,7 +3,8 @@
 Layout under the root:
   objects/<digest>/...          the files, shared by every manifest with identical content
   manifests/<name>/v<N>.json    the commit marker of name@vN, written last and created exclusively
-  cache/<cache_key>.json        {output_name: {name, version, digest}} for stage-level caching
+  cache/<cache_key>.json        {outputs: {output_name: {name, version, digest}}, parts, recorded_at} for stage-level
+                                caching (older records: the outputs mapping alone)
   tmp/                          half-written objects of publishers in flight (or killed); readers ignore it
 
 This module holds the public API and the manifest logic (refs, versions, lineage, the stage cache). How files are
@@ -25,6 +26,7 @@ from pathlib import Path
 import fsspec
 from fsspec.implementations.local import LocalFileSystem
 
+from stages.common.redact import redact_credentials
 from stages.common.store_files import (
     ArtifactCorrupted,
     ArtifactError,
@@ -33,7 +35,6 @@ from stages.common.store_files import (
     local_files,
     tree_digest,
 )
-from stages.common.redact import redact_credentials
 from stages.common.store_local import LocalBackend
 from stages.common.store_remote import RemoteBackend
 
@@ -369,16 +370,22 @@ class ArtifactStore:
             raise ArtifactError(f"cache key {cache_key!r}: expected 1-128 letters, digits, '_' or '-'")
         return self._p("cache", f"{cache_key}.json")
 
-    def record_cache(self, cache_key: str, outputs: dict[str, Artifact]) -> None:
-        """Remember that cache_key produced outputs ({output_name: artifact}), so a rerun can be skipped."""
-        entry = {out: {"name": a.name, "version": a.version, "digest": a.digest} for out, a in outputs.items()}
+    def record_cache(self, cache_key: str, outputs: dict[str, Artifact], parts: dict | None = None) -> None:
+        """Remember that cache_key produced outputs ({output_name: artifact}), so a rerun can be skipped.
+
+        `parts`: what the key was computed from ({"node", "code", "config", "inputs"}, flows/keys.py), kept beside
+        the outputs so that a later plan can say which part changed (`latest_cache_record`). Without it the record
+        is the outputs alone, as records were before the parts were kept (both shapes are read)."""
+        entry: dict = {out: {"name": a.name, "version": a.version, "digest": a.digest} for out, a in outputs.items()}
+        if parts is not None:
+            entry = {"outputs": entry, "parts": parts, "recorded_at": datetime.now(UTC).isoformat(timespec="milliseconds")}
         data = _to_json(entry, f"cache {cache_key}")
         self._backend.replace(self._cache_path(cache_key), data)  # readers see the old entry or the new one
 
     def cached(self, cache_key: str) -> dict[str, Artifact] | None:
         """The verified outputs recorded for cache_key, or None if any is missing or corrupt (meaning: rerun)."""
         try:
-            entry = json.loads(self.fs.cat_file(self._cache_path(cache_key)))
+            entry = _cache_outputs(json.loads(self.fs.cat_file(self._cache_path(cache_key))))
             outputs = {}
             for out, rec in entry.items():
                 art = self.get(f"{rec['name']}@v{rec['version']}")
@@ -389,3 +396,33 @@ class ArtifactStore:
         except (FileNotFoundError, ArtifactError, ValueError, KeyError, TypeError, AttributeError):
             return None
 
+    def latest_cache_record(self, node: str) -> dict | None:
+        """The newest cache record of `node` that kept its key's parts: {"key", "parts", "recorded_at", "outputs"};
+        None when it has none (records written before the parts were kept name no node)."""
+        base = self._p("cache")
+        self.fs.invalidate_cache(base)
+        if not self.fs.exists(base):
+            return None
+        latest = None
+        for path in self.fs.ls(base, detail=False):
+            name = path.rstrip("/").rsplit("/", 1)[-1]
+            if not name.endswith(".json"):
+                continue
+            try:
+                entry = json.loads(self.fs.cat_file(path))
+            except (FileNotFoundError, ValueError):
+                continue
+            parts = entry.get("parts") if isinstance(entry, dict) else None
+            if not isinstance(parts, dict) or parts.get("node") != node:
+                continue
+            if latest is None or str(entry.get("recorded_at", "")) > latest["recorded_at"]:
+                latest = {"key": name[: -len(".json")], "parts": parts, "recorded_at": str(entry.get("recorded_at", "")),
+                          "outputs": entry.get("outputs", {})}  # fmt: skip
+        return latest
+
+
+def _cache_outputs(entry: dict) -> dict:
+    """A cache record's outputs, in either shape (with its key's parts, or the outputs alone)."""
+    if isinstance(entry, dict) and isinstance(entry.get("parts"), dict) and isinstance(entry.get("outputs"), dict):
+        return entry["outputs"]
+    return entry

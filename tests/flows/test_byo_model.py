@@ -18,7 +18,7 @@ import pytest
 from flows.cli import main as cli
 from flows.config import load_config
 from flows.pipeline import rlhf
-from flows.plan import all_cached, plan_stages, stage_cache_key
+from flows.plan import all_cached, plan_run, stage_cache_key
 from stages.common.store import ArtifactStore
 from stages.data.demo import DemoConfig, generate
 from tests.tiny_models import save_tiny_model_dir
@@ -76,17 +76,17 @@ def test_a_local_directory_is_content_hashed_and_changed_files_rerun_sft(llama_r
     model_dir = tmp_path / "local-llama"
     shutil.copytree(llama_run["model_dir"], model_dir)
     overrides = [o for o in llama_run["overrides"] if not o.startswith("sft.base_model=")]
-    cfg = load_config("tiny", overrides=[*overrides, f"sft.base_model={model_dir}"])
-    stages, _ = plan_stages(None, None, cfg)
+    params = dict(preset="tiny", overrides=[*overrides, f"sft.base_model={model_dir}"], store=llama_run["store"].root)
+    cfg = load_config("tiny", overrides=params["overrides"])
     store = llama_run["store"]
-    summary = all_cached(cfg, store, stages, {})
+    summary = all_cached(plan_run(params))
     assert summary is not None and {i["state"] for i in summary["stages"].values()} == {"Cached"}
     first = store.get("local-llama@latest")
     assert first.digest == store.get("my-llama@v1").digest
 
     save_tiny_model_dir(llama_run["arch"], llama_run["texts"], model_dir, pad_token=False,
                         seed=1)  # same path, new weights
-    assert all_cached(cfg, store, stages, {}) is None  # sft (and so everything after it) must run again
+    assert all_cached(plan_run(params)) is None  # sft (and so everything after it) must run again
     changed = store.get("local-llama@latest")
     assert changed.digest != first.digest and changed.version == first.version + 1
     data = store.get("sft-data@latest")

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from flows import dag
+from flows import dag, schedule
 from flows.config import load_config
 from flows.plan import check_only_inputs, downstream, pipeline_nodes, plan_stages
 from stages.common.config import ConfigError
@@ -59,11 +59,11 @@ def test_methods_are_unique_and_known():
 def test_branch_waves_pack_what_fits_together():
     demand = {"ppo": (2.0, 1.0), "grpo": (1.5, 0.75), "rloo": (1.5, 0.75), "dpo": (1.0, 0.0)}
     # 4 CPUs, 2 GPUs: ppo + grpo fill 3.5 CPUs / 1.75 GPUs; rloo would exceed both; rloo + dpo fit together
-    assert dag.branch_waves(["ppo", "grpo", "rloo", "dpo"], demand, cpus=4, gpus=2) == [["ppo", "grpo"], ["rloo", "dpo"]]
+    assert schedule.branch_waves(["ppo", "grpo", "rloo", "dpo"], demand, cpus=4, gpus=2) == [["ppo", "grpo"], ["rloo", "dpo"]]
     # 2 CPUs: one at a time, except dpo (1 CPU) cannot join rloo (1.5)
-    assert dag.branch_waves(["ppo", "rloo", "dpo"], demand, cpus=2, gpus=2) == [["ppo"], ["rloo"], ["dpo"]]
+    assert schedule.branch_waves(["ppo", "rloo", "dpo"], demand, cpus=2, gpus=2) == [["ppo"], ["rloo"], ["dpo"]]
     # a branch that does not fit alone still gets its own wave (pre-flight refuses what can never fit)
-    assert dag.branch_waves(["ppo", "dpo"], {"ppo": (9.0, 0.0), "dpo": (1.0, 0.0)}, cpus=8, gpus=0) == [["ppo"], ["dpo"]]
+    assert schedule.branch_waves(["ppo", "dpo"], {"ppo": (9.0, 0.0), "dpo": (1.0, 0.0)}, cpus=8, gpus=0) == [["ppo"], ["dpo"]]
 
 
 def test_cli_knows_every_node():
