@@ -101,7 +101,8 @@ class RLLoop:
             pending = self.functions.submit(prompts, texts, ids, columns, step)
         view = {k: batch[k] for k in ("tokens", "attention_mask", "reply_mask", "prompt_len")}
         policy = None if "logprobs" in batch else self.pool["policy"].submit("logprobs", view)
-        ref = self.pool["reference"].submit("logprobs", view)
+        ref = (self.pool["reference"].submit("logprobs", view) if "reference" in self.pool.roles
+               else self.pool["policy"].submit("reference_logprobs", view))  # LoRA: the policy, adapter off
         rm = self.pool["reward"].submit("scores", view) if sources.uses_model else None
         values = self.pool["critic"].submit("values", view) if with_values else None
         if policy is not None:
@@ -341,6 +342,9 @@ class CheckpointState:
 
     def save(self, pool: ActorPool, *, iteration: int, kl_controller, history: list[dict], eval_before: dict) -> None:
         """Every actor of the trainable roles writes its shard, then the driver commits state.json."""
+        import uuid
+
+        import fsspec.implementations.local
         import ray
 
         tag = f"iter-{iteration:06d}"
@@ -349,13 +353,29 @@ class CheckpointState:
                  for ref in pool[role].broadcast("save_checkpoint", f"{self.root}/{role}", tag)])  # fmt: skip
         state = {"iteration": iteration, "tag": tag, "kl_controller": kl_controller.state_dict(),
                  "history": history, "eval_before": eval_before}  # fmt: skip
-        if self.is_uri:
-            with self.fs.open(f"{self._path}/{STATE_FILE}", "w") as f:
-                json.dump(state, f)
+        # The marker is committed whole or not at all, on every backend: serialised before any I/O; on a local disk
+        # (a folder or a file:// URI) written to a temp file, synced and renamed over the old one; on an object
+        # store one put of the full bytes (an object appears whole). An in-place write cut short by a kill left a
+        # truncated state.json that failed every retry.
+        data = json.dumps(state).encode()
+        target = f"{self._path}/{STATE_FILE}"
+        if isinstance(self.fs, fsspec.implementations.local.LocalFileSystem):
+            tmp = Path(self._path) / f".{STATE_FILE}.{os.getpid()}.{uuid.uuid4().hex[:8]}.tmp"
+            try:
+                with open(tmp, "wb") as f:
+                    f.write(data)
+                    f.flush()
+                    os.fsync(f.fileno())
+                os.replace(tmp, target)
+            finally:
+                tmp.unlink(missing_ok=True)
+            dir_fd = os.open(self._path, os.O_RDONLY)
+            try:
+                os.fsync(dir_fd)  # the rename itself survives a power cut
+            finally:
+                os.close(dir_fd)
         else:
-            tmp = Path(self._path) / f".{STATE_FILE}.tmp"
-            tmp.write_text(json.dumps(state))
-            os.replace(tmp, Path(self._path) / STATE_FILE)
+            self.fs.pipe_file(target, data)
         for role in pool.trainable_roles:  # keep only the committed tag
             for old in self.fs.glob(f"{self._path}/{role}/iter-*"):
                 if old.rstrip("/").rsplit("/", 1)[-1] != tag:
