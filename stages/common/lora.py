@@ -40,6 +40,14 @@ class LoraSection(Section):
     quantize: Literal["4bit"] | None = None
 
 
+def refuse_zero3(lora: LoraSection | None, zero_stage: int | None) -> None:
+    """LoRA with ZeRO-3 is refused: merging the adapter into weights that ZeRO-3 shards across ranks would need a
+    gather this project has not written or tested; ZeRO 0-2 keep whole weights on every rank, and an adapter's
+    optimizer state is small enough that ZeRO-3 buys little."""
+    if lora is not None and zero_stage == 3:
+        raise ValueError("lora with zero_stage 3 is not supported (use zero_stage 2 or less)")
+
+
 class LoraError(StageInputError):
     """A `lora:` section that cannot wrap its model (one line)."""
 

@@ -2,11 +2,11 @@
 
 from __future__ import annotations
 
-from pydantic import Field
+from pydantic import Field, model_validator
 
 from stages.common.config import Section
 from stages.common.gates import Gate
-from stages.common.lora import LoraSection
+from stages.common.lora import LoraSection, refuse_zero3
 
 
 class RewardGate(Gate):
@@ -33,3 +33,8 @@ class Config(Section):
     bf16: bool = False  # bf16 mixed precision (GPU clusters); CPU runs stay in fp32
     lora: LoraSection | None = None  # train a LoRA adapter (peft) instead of every weight; null = full
     gate: RewardGate = Field(default_factory=RewardGate)  # checked by the flow; not part of the cache key
+
+    @model_validator(mode="after")
+    def _lora_without_zero3(self) -> Config:
+        refuse_zero3(self.lora, self.zero_stage)
+        return self

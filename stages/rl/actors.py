@@ -184,7 +184,8 @@ class PolicyActor(_Trainable):
 
     def __init__(self, source: dict, settings: dict):
         super().__init__(settings)
-        self.model = models.load_policy(source, self.dtype).to(self.device)
+        self.model = models.load_policy(source, self.dtype, settings.get("lora")).to(self.device)
+        self.base_path = source["path"]  # the SFT artifact's path: a LoRA adapter's base
         self.pad_id = int(settings["pad_token_id"])
         self.eos_ids = [int(i) for i in settings["eos_token_ids"]]
 
@@ -236,6 +237,13 @@ class PolicyActor(_Trainable):
             (lp,) = self._per_token(TokenLogprobs(self.engine.module, self.settings["temperature"]), b)
         return (lp * b["reply_mask"]).cpu()
 
+    @torch.no_grad()
+    def reference_logprobs(self, batch: dict) -> torch.Tensor:
+        """With LoRA, the reference's log-probs: this policy's with its adapter off, which is the SFT model exactly
+        (the base weights never train), so no reference actor holds a second copy. [B, T], zero on padding."""
+        with self.engine.module.disable_adapter():
+            return self.logprobs(batch)
+
     def train(self, batch: dict, epochs: int, seed: int) -> dict[str, float]:
         """`epochs` passes of clipped-surrogate minibatch steps over this actor's shard; returns mean statistics.
 
@@ -276,15 +284,27 @@ class PolicyActor(_Trainable):
                 return []
             if "://" not in staging:
                 Path(staging).mkdir(parents=True, exist_ok=True)
-                self.engine.module.save_pretrained(staging, safe_serialization=True)
+                self._save(staging)
                 return sorted(p.name for p in Path(staging).iterdir() if p.is_file())
             import fsspec
 
             with tempfile.TemporaryDirectory() as d:
-                self.engine.module.save_pretrained(d, safe_serialization=True)
+                self._save(d)
                 fs, remote = fsspec.core.url_to_fs(staging)
                 fs.put(f"{d}/", f"{remote.rstrip('/')}/", recursive=True)
                 return sorted(p.name for p in Path(d).iterdir() if p.is_file())
+
+
+    def _save(self, directory: str) -> None:
+        """The HF files; with LoRA the merged model plus the adapter under adapter/, naming the SFT model as base."""
+        module = self.engine.module
+        if self.settings.get("lora") is None:
+            module.save_pretrained(directory, safe_serialization=True)
+            return
+        from stages.common.lora import merged, save_adapter
+
+        merged(module).save_pretrained(directory, safe_serialization=True)
+        save_adapter(module, directory, base_path=self.base_path)
 
 
 class CriticActor(_Trainable):
@@ -292,7 +312,7 @@ class CriticActor(_Trainable):
 
     def __init__(self, source: dict, settings: dict):
         super().__init__(settings)
-        self.model = models.load_critic(source, self.dtype).to(self.device)
+        self.model = models.load_critic(source, self.dtype, settings.get("lora")).to(self.device)
 
     @torch.no_grad()
     def values(self, batch: dict) -> torch.Tensor:

@@ -12,6 +12,7 @@ from pydantic import Field, model_validator
 
 from stages.common.config import Section
 from stages.common.gates import Gate
+from stages.common.lora import LoraSection, refuse_zero3
 from stages.reward_functions.config import RewardSources
 
 
@@ -101,6 +102,9 @@ class RLConfig(Section):
     log_interval: int | None = Field(None, ge=1)  # iterations between progress lines; None = about ten per run
     # where the reward comes from: the reward model, Python reward functions, or a weighted sum of both
     reward: RewardSources = Field(default_factory=RewardSources)
+    # train a LoRA adapter on the policy (and the critic, its value head in full); the reference is then the policy
+    # with its adapter off: no reference actor, one model copy fewer. null = full fine-tuning
+    lora: LoraSection | None = None
     gate: RLGate = Field(default_factory=RLGate)  # checked by the flow; not part of the cache key
 
     @property
@@ -132,6 +136,11 @@ class RLConfig(Section):
             raise ValueError(f"{what} must be a multiple of mini_batch_size ({self.mini_batch_size})")
         if self.adaptive_kl and self.kl_penalty == "loss":
             raise ValueError("adaptive_kl steers the KL penalty in the reward; it needs kl_penalty 'reward', not 'loss'")
+        return self
+
+    @model_validator(mode="after")
+    def _lora_without_zero3(self) -> RLConfig:
+        refuse_zero3(self.lora, self.zero_stage)
         return self
 
     @model_validator(mode="after")

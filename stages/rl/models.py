@@ -1,9 +1,9 @@
 """Where every RL role's model comes from: one loader per role, each from an artifact directory (never the driver).
 
 All roles hold their weights in the run's precision (`devices.py`), with dropout off (PPO's ratio must be exactly 1
-before the first step) and GPT-2's tanh-GELU as one kernel. The policy and the reference load the same SFT model
-today; a role that changes how it is built (an adapter on the policy, the reference as the policy with its adapter
-off) changes it here.
+before the first step) and GPT-2's tanh-GELU as one kernel. The policy and the reference load the same SFT model;
+with LoRA the policy and the critic carry an adapter and there is no reference role (the policy's adapter off is the
+reference: `PolicyActor.reference_logprobs`).
 """
 
 from __future__ import annotations
@@ -48,9 +48,15 @@ def _frozen(model: torch.nn.Module) -> torch.nn.Module:
     return model
 
 
-def load_policy(source: dict, dtype: torch.dtype) -> torch.nn.Module:
-    """The trainable policy: the SFT causal LM (`source`: a `ModelSource` as a dict)."""
-    return load_role_model("AutoModelForCausalLM", resolve_model_dir(**source), dtype)
+def load_policy(source: dict, dtype: torch.dtype, lora: dict | None = None) -> torch.nn.Module:
+    """The trainable policy: the SFT causal LM (`source`: a `ModelSource` as a dict); with `lora` (a LoraSection
+    as a dict) a peft model whose fresh adapter leaves every log-prob exactly as the SFT model's."""
+    model = load_role_model("AutoModelForCausalLM", resolve_model_dir(**source), dtype)
+    if lora is None:
+        return model
+    from stages.common.lora import LoraSection, wrap
+
+    return wrap(model, LoraSection(**lora), task_type="CAUSAL_LM", where="policy.lora")
 
 
 def load_reference(source: dict, dtype: torch.dtype) -> torch.nn.Module:
@@ -58,10 +64,15 @@ def load_reference(source: dict, dtype: torch.dtype) -> torch.nn.Module:
     return _frozen(load_role_model("AutoModelForCausalLM", resolve_model_dir(**source), dtype))
 
 
-def load_critic(source: dict, dtype: torch.dtype) -> TokenValueModel:
+def load_critic(source: dict, dtype: torch.dtype, lora: dict | None = None) -> TokenValueModel:
     """The trainable value model: a one-output sequence classifier (the SFT model or the reward model) read per
-    token."""
+    token; with `lora` an adapter on its transformer and its value head trained in full (peft's SEQ_CLS task keeps
+    `score` whole: a fresh head must be learnt, not nudged)."""
     base = load_role_model("AutoModelForSequenceClassification", resolve_model_dir(**source), dtype, num_labels=1)
+    if lora is not None:
+        from stages.common.lora import LoraSection, wrap
+
+        base = wrap(base, LoraSection(**lora), task_type="SEQ_CLS", where="critic.lora").base_model.model
     return TokenValueModel(base)
 
 

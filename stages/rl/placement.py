@@ -30,16 +30,18 @@ TRAINABLE_ROLES = ("policy", "critic")  # each forms one torch.distributed group
 RAY_RESOURCE_UNIT = 10_000
 
 
-def roles_for(critic_free: bool, reward_model: bool = True) -> tuple[str, ...]:
-    """The actor roles a method runs: all four for ppo, no critic for the critic-free grpo and rloo, and no reward
-    role when the reward comes from reward functions alone (they run in actors of their own, outside the group)."""
+def roles_for(critic_free: bool, reward_model: bool = True, reference: bool = True) -> tuple[str, ...]:
+    """The actor roles a method runs: all four for ppo, no critic for the critic-free grpo and rloo, no reward
+    role when the reward comes from reward functions alone (they run in actors of their own, outside the group),
+    and no reference with LoRA (the policy with its adapter off is the reference)."""
     roles = CRITIC_FREE_ROLES if critic_free else ROLES
-    return roles if reward_model else tuple(r for r in roles if r != "reward")
+    dropped = {*(() if reward_model else ("reward",)), *(() if reference else ("reference",))}
+    return tuple(r for r in roles if r not in dropped)
 
 
 def roles_of(config) -> tuple[str, ...]:
     """The roles of an RL method's section (`stages.rl.config.RLConfig`)."""
-    return roles_for(config.critic_free, config.reward.uses_model)
+    return roles_for(config.critic_free, config.reward.uses_model, reference=config.lora is None)
 
 
 def function_cpus(config) -> float:

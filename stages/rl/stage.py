@@ -137,6 +137,7 @@ def run(
             },
             cache_key=ctx.cache_key,
             code_fingerprint=code_fingerprint(NAME),
+            extra=_lora_record(config, out),
         )
     shown = ", ".join(f"{k}={v:.4g}" if isinstance(v, int | float) else f"{k}={v}" for k, v in metrics.items())
     ctx.log(f"{algo}: published {artifact.ref} {shown}")
@@ -155,6 +156,17 @@ def _fresh_staging(work_dir: str) -> str:
     else:
         shutil.rmtree(staging, ignore_errors=True)  # a crashed run's leftovers must not mix with these weights
     return staging
+
+
+def _lora_record(config: RLConfig, out: Path) -> dict:
+    """The manifest's record of a LoRA policy (the section, where its adapter is); {} for full fine-tuning."""
+    from stages.common.lora import ADAPTER_CONFIG, ADAPTER_DIR
+
+    if config.lora is None:
+        return {}
+    if not (out / ADAPTER_DIR / ADAPTER_CONFIG).is_file():
+        raise RuntimeError(f"{out}: the policy trained with LoRA but its {ADAPTER_DIR}/ was not exported")
+    return {"lora": config.lora.to_dict(), "adapter": ADAPTER_DIR}
 
 
 def _local_copy(staging: str, target: Path) -> Path:
