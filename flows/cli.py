@@ -147,11 +147,23 @@ def cmd_artifacts_list(args: argparse.Namespace) -> int:
     if not manifests:
         print("no artifacts yet")
         return 0
-    print(f"{'REF':<28} {'KIND':<13} {'STAGE':<9} {'DIGEST':<14} CREATED")
+    print(f"{'REF':<28} {'KIND':<13} {'STAGE':<9} {'GATE':<7} {'DIGEST':<14} CREATED")
     for m in manifests:
         ref = f"{m['name']}@v{m['version']}"
-        print(f"{ref:<28} {m['kind']:<13} {m['stage']:<9} {m['digest'][:12]:<14} {m['created_at']}")
+        gate = "-" if not isinstance(m.get("gate"), dict) else "passed" if m["gate"].get("passed") else "missed"
+        print(f"{ref:<28} {m['kind']:<13} {m['stage']:<9} {gate:<7} {m['digest'][:12]:<14} {m['created_at']}")
     return 0
+
+
+def _gate_text(art) -> str:
+    """`rlhf artifacts show`'s gate line: the verdict recorded at publish time, and what it means for @latest."""
+    gate = art.manifest.get("gate")
+    if not isinstance(gate, dict):
+        return "not recorded"
+    if gate.get("passed") is False:
+        return f"missed: {'; '.join(gate.get('missed') or ['(no detail)'])}; not {art.name}@latest"
+    checks = ", ".join(f"{field} {threshold:g}" for field, threshold in (gate.get("checks") or {}).items())
+    return f"passed ({checks})" if checks else "passed (no checks on)"
 
 
 def cmd_artifacts_show(args: argparse.Namespace) -> int:
@@ -164,6 +176,7 @@ def cmd_artifacts_show(args: argparse.Namespace) -> int:
     print(f"  digest   {art.digest}")
     print(f"  path     {art.path}")
     print(f"  created  {view['created_at']}")
+    print(f"  gate     {_gate_text(art)}")
     for role, inp in sorted(view.get("inputs", {}).items()):
         print(f"  input    {role} = {inp['name']}@v{inp['version']} ({inp['digest'][:12]})")
     for key, value in sorted(view.get("metrics", {}).items()):

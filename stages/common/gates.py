@@ -91,6 +91,28 @@ def check(stage: str, gate: Gate | None, metrics: dict[str, Any]) -> list[GateMi
     return misses
 
 
+def verdict(stage: str, gate: Gate | None, metrics: dict[str, Any]) -> dict[str, Any] | None:
+    """What a manifest records about its stage's gate at publish time (`gate`): passed, the checks that were on
+    (field -> threshold) and each miss as its one-line text; None when the stage has no gate. `NAME@latest` skips a
+    version whose record says it missed (ArtifactStore._resolve); the flow still re-checks with the thresholds of
+    the day, since gates are not part of the cache key."""
+    if gate is None:
+        return None
+    misses = check(stage, gate, metrics)
+    return {
+        "passed": not misses,
+        "checks": {f"{bound}_{metric}": threshold for metric, bound, threshold in gate.checks()},
+        "missed": [str(m) for m in misses],
+    }
+
+
+def passed(manifest: dict[str, Any]) -> bool:
+    """False only for a manifest whose recorded gate was missed; one with no record (older, or a stage without a
+    gate: imports, data, eval) counts as passed."""
+    gate = manifest.get("gate")
+    return not (isinstance(gate, dict) and gate.get("passed") is False)
+
+
 class GateFailed(ValueError):
     """A stage's output missed its quality gate; the message names the metric, its value and the threshold."""
 

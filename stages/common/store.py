@@ -128,12 +128,15 @@ class ArtifactStore:
         cache_key: str = "",
         extra: dict | None = None,
         reports: str | os.PathLike | None = None,
+        gate: dict | None = None,
     ) -> Artifact:
         """Copy src_dir's files in and commit a new version of name; identical content returns the existing version.
 
         `reports`: a folder of what the run wrote about itself (curves, plots, samples, timings). Its files are
         stored and verified like the content's, but outside the digest: the same weights trained again are the same
         artifact, whatever the wall-clock numbers in their logs say.
+        `gate`: the stage's quality-gate verdict (stages.common.gates.verdict); a version that missed it is never
+        `NAME@latest`.
         """
         if not _NAME_RE.match(name or "") or name == "latest":
             raise ArtifactError(
@@ -172,6 +175,8 @@ class ArtifactStore:
         }
         if report_entry is not None:
             manifest["reports"] = report_entry
+        if gate is not None:
+            manifest["gate"] = gate
         _to_json(manifest, f"publish {name}")  # fail early, before claiming a version number
         manifest = self._commit(manifest)
         where = f"{name}@v{manifest['version']}"
@@ -269,11 +274,31 @@ class ArtifactStore:
             known = self._names()
             have = ", ".join(known[:20]) + (", ..." if len(known) > 20 else "") if known else "nothing"
             raise ArtifactError(f"{ref}: no such artifact in {redact_credentials(self.root)}; it has: {have}")
-        version = versions[-1] if sel in ("", "latest") else int(sel[1:])
+        if sel in ("", "latest"):
+            return self._latest_passed(ref, name, versions)
+        version = int(sel[1:])
         manifest = self._read_manifest(name, version) if version in versions else None
         if manifest is None:
             raise ArtifactError(f"{ref}: no such version; {name} has {_versions_text(versions)}")
         return manifest
+
+    def _latest_passed(self, ref: str, name: str, versions: list[int]) -> dict:
+        """The newest version of name that did not miss its quality gate (one with no record counts as passed)."""
+        from stages.common.gates import passed
+
+        missed = []
+        for version in reversed(versions):
+            manifest = self._read_manifest(name, version)
+            if manifest is None:
+                continue
+            if passed(manifest):
+                return manifest
+            missed.append(version)
+        if not missed:
+            raise ArtifactError(f"{ref}: no such version; {name} has {_versions_text(versions)}")
+        listed = ", ".join(f"v{v}" for v in sorted(missed))
+        raise ArtifactError(f"{ref}: every version missed its quality gate ({listed}); name one to use it anyway, "
+                            f"e.g. {name}@v{max(missed)}")
 
     def _resolve_digest(self, prefix: str, kind: str | None) -> dict:
         matches = [m for m in self.list() if m["digest"].startswith(prefix)]

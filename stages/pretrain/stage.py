@@ -315,8 +315,12 @@ def _publish(
             history, reports / "loss_curve.png", unigram_loss=float(np.log(metrics["unigram_perplexity"]))
         )
         tok_metrics = {"vocab_size": len(tokenizer)}
-        tokenizer_artifact = store.publish(tok_dir, name="tokenizer", kind="tokenizer", metrics=tok_metrics, **common)
+        from stages.common.gates import verdict  # the flow checks the gate on both outputs' metrics together
+
+        gate = verdict(NAME, config.gate, {**tok_metrics, **metrics})
+        tokenizer_artifact = store.publish(tok_dir, name="tokenizer", kind="tokenizer", metrics=tok_metrics,
+                                           gate=gate, **common)  # fmt: skip
         model_artifact = store.publish(model_dir, name="base-model", kind="causal-lm", metrics=metrics,
-                                       reports=reports, **common)  # fmt: skip
+                                       reports=reports, gate=gate, **common)  # fmt: skip
     ctx.log(f"pretrain: published {tokenizer_artifact.ref} and {model_artifact.ref}")
     return {"tokenizer": tokenizer_artifact, "base-model": model_artifact}

@@ -109,6 +109,7 @@ def run(
         functions.shutdown()
 
     metrics = _final_metrics(config, history, eval_before, eval_after, gold is not None)
+    from stages.common.gates import verdict
     with tempfile.TemporaryDirectory(prefix=f"rlhf-{algo}-") as tmp:
         out = _local_copy(staging, Path(tmp) / "policy")
         _save_tokenizer(sft_model.path, out)
@@ -138,6 +139,7 @@ def run(
             cache_key=ctx.cache_key,
             code_fingerprint=code_fingerprint(NAME),
             extra=_lora_record(config, out),
+            gate=verdict(algo, config.gate, metrics),  # recorded, so a version that missed its gate is never @latest
         )
     shown = ", ".join(f"{k}={v:.4g}" if isinstance(v, int | float) else f"{k}={v}" for k, v in metrics.items())
     ctx.log(f"{algo}: published {artifact.ref} {shown}")

@@ -265,6 +265,8 @@ def train_and_publish(train_loop: Callable[[dict], None], loop: TrainLoopConfig,
         timings = {"startup_seconds": round(first_step - started, 2)} if first_step and first_step > started else {}
         metrics["wall_seconds"] = round(time.time() - started, 2)
         timings["wall_seconds"] = metrics["wall_seconds"]
+        from stages.common.gates import verdict  # recorded, so a version that missed its gate is never @latest
+
         artifact = store.publish(
             out,
             name=output,
@@ -284,6 +286,7 @@ def train_and_publish(train_loop: Callable[[dict], None], loop: TrainLoopConfig,
                 **lora_record(out, loop.lora),
             },
             reports=reports,
+            gate=verdict(stage, getattr(config, "gate", None), metrics),
         )
     ctx.log(f"{stage}: published {artifact.ref} " + ", ".join(f"{k}={v:.4g}" for k, v in metrics.items()))
     return artifact
