@@ -109,6 +109,7 @@ def plan_run(params: dict[str, Any], *, resolve_inputs: bool = True) -> RunPlan:
     if resolve_inputs:
         inputs = {role: get_input(store, role, ref, input_kind(nodes[params["only"]], role))
                   for role, ref in inputs.items()}  # fmt: skip
+    check_lora(cfg, nodes, stages, inputs if resolve_inputs else {}, store)
     skipped = {}
     if not params["only"]:
         if not reward_model_needed(cfg):
@@ -117,6 +118,56 @@ def plan_run(params: dict[str, Any], *, resolve_inputs: bool = True) -> RunPlan:
             skipped["pretrain"] = f"sft.base_model = {cfg.sft.base_model}"
     return RunPlan(params, cfg, nodes, tuple(stages), frozenset(set(stages) if params["force"] else forced), store.root,
                    where, store, inputs, skipped)  # fmt: skip
+
+
+def check_lora(cfg: PipelineConfig, nodes: dict, stages: list[str], inputs: dict[str, Any], store) -> None:
+    """Wrap a weightless copy of the model each `lora:` section trains (every stage after pretrain trains the same
+    architecture: the SFT base's), so targets that match nothing or a model peft cannot wrap fail before anything
+    starts. The critic of ppo is a sequence classifier, as the reward model is."""
+    from stages.common.lora import check_wraps
+
+    sections = {name: section for name in stages
+                if (section := getattr(cfg.stage_config(name), "lora", None)) is not None}  # fmt: skip
+    if not sections:
+        return
+    model_config = _base_model_config(cfg, inputs, store)
+    for name, section in sections.items():
+        stage = nodes[name].stage
+        heads = {"reward": ["reward-model"], "rl": ["causal-lm"] + (["reward-model"] if name == "ppo" else [])}
+        for head in heads.get(stage, ["causal-lm"]):
+            check_wraps(section, model_config, head=head, where=f"{name}.lora")
+
+
+def _base_model_config(cfg: PipelineConfig, inputs: dict[str, Any], store) -> dict[str, Any]:
+    """The config.json of the model the run's trainable stages start from, read without loading weights: an
+    explicit input model, `sft.base_model` (a folder or an artifact), `pretrain.init_from`, or the from-scratch
+    architecture pretrain would build."""
+    import json
+
+    from stages.pretrain.model import scratch_spec
+
+    given = next((art for role, art in inputs.items() if role in ("sft_model", "base_model", "policy")
+                  and getattr(art, "path", None)), None)  # fmt: skip
+    source = given.path if given is not None else cfg.sft.base_model or cfg.pretrain.init_from
+    if source is not None:
+        folder = Path(source).expanduser()
+        if not folder.is_dir():
+            folder = Path(store.get(source).path)
+        return json.loads((folder / "config.json").read_text())
+    spec = scratch_spec(cfg.pretrain, _Sized(cfg.pretrain.vocab_size))
+    return {"model_type": spec["architecture"], **spec["config"]}
+
+
+class _Sized:
+    """A stand-in tokenizer for `scratch_spec`: only its length and special ids shape the config."""
+
+    pad_token_id, eos_token_id = 0, 1
+
+    def __init__(self, n: int):
+        self._n = n
+
+    def __len__(self) -> int:
+        return self._n
 
 
 def answer_from_cache(plan: RunPlan) -> dict[str, Any] | None:
