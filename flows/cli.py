@@ -16,10 +16,23 @@ from typing import Any
 STAGE_NAMES = ["pretrain", "sft", "reward", "ppo", "grpo", "rloo", "dpo", "eval"]  # flows/dag.py ALL_NODE_NAMES
 
 
-def _store(args: argparse.Namespace):
-    from flows.plan import open_store, store_root
+def _store(args: argparse.Namespace, *, existing: bool = True):
+    """The store the command names. A command that only reads (`existing`) refuses a store that is not there,
+    instead of creating an empty one at a mistyped path and answering from it."""
+    from flows.plan import check_store_uri, open_store, store_root
 
-    return open_store(*store_root({"store": args.store}))
+    root, where = store_root({"store": args.store})
+    if existing:
+        import fsspec
+
+        check_store_uri(root, where)
+        fs, path = fsspec.core.url_to_fs(str(root))
+        if fs.isfile(path):
+            raise UsageError(f"{where} {root!r}: expected an artifact store folder, found a file")
+        if not fs.isdir(path):
+            raise UsageError(f"{where} {root!r}: no artifact store there (a typo? `rlhf run` or `rlhf artifacts "
+                             "import` creates one)")
+    return open_store(root, where)
 
 
 def _print_json(obj: Any) -> None:
@@ -218,7 +231,7 @@ def cmd_artifacts_import(args: argparse.Namespace) -> int:
         raise ArtifactImportError(
             f"import {args.path}: --format applies to --kind dataset only, found --kind {args.kind}"
         )
-    store = _store(args)
+    store = _store(args, existing=False)  # an import may start a store
     check_name(args.name)
     known = {m["digest"] for m in store.list(args.name)}
     if args.kind == "dataset":

@@ -13,9 +13,14 @@ LOCAL_SCHEMES = ("",)
 
 
 def probe_ray_address(address: str, timeout: float = 3.0) -> None:
-    """A TCP connect to the Ray address, so a dead address is an error within seconds rather than a long hang."""
-    if address in ("auto", "local"):
+    """A TCP connect to the Ray address, so a dead address is an error within seconds rather than a long hang.
+    `auto` is first looked up as Ray would (RAY_ADDRESS, the last `ray start`, a running GCS): none is one line."""
+    if address == "local":
         return
+    if address == "auto":
+        address = _auto_address()
+        if address is None:
+            return
     parsed = urlparse(address if "://" in address else f"ray://{address}")
     host, port = parsed.hostname, parsed.port
     if not host or not port:
@@ -25,6 +30,23 @@ def probe_ray_address(address: str, timeout: float = 3.0) -> None:
             pass
     except OSError as e:
         raise ConfigError(f"ray address {address!r} does not answer ({e.strerror or e}); is the cluster up?") from None
+
+
+def _auto_address() -> str | None:
+    """The cluster `ray.init(address="auto")` would join, or ConfigError when there is none (Ray's own ConnectionError
+    came as a traceback after Prefect had started). None when this Ray has no such lookup: Ray then decides."""
+    try:
+        from ray._private.services import get_ray_address_from_environment
+    except ImportError:  # pragma: no cover - a Ray without the private helper
+        return None
+    try:
+        found = get_ray_address_from_environment("auto", None)
+    except ConnectionError:
+        raise ConfigError(
+            "ray address 'auto': no running Ray cluster found on this machine; start one (`ray start --head`), name "
+            "it (run.ray_address=HOST:PORT) or leave run.ray_address unset for a local Ray"
+        ) from None
+    return None if found in (None, "auto") else found
 
 
 class RayDriver:

@@ -46,7 +46,7 @@ TOKENIZER_SUFFIXES = (".tiktoken",)
 CHAT_TEMPLATE_DIR = "additional_chat_templates"
 # Weights that unpickle on load: arbitrary code execution, so they never enter the store.
 PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl", ".pickle")
-_NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*$")  # the rule ArtifactStore.publish applies, checked before hashing
+_NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*\Z")  # the rule ArtifactStore.publish applies, checked before hashing
 _MAX_HEADER_BYTES = 100 << 20  # safetensors caps its JSON header at 100 MB
 
 

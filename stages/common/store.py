@@ -40,7 +40,7 @@ from stages.common.store_remote import RemoteBackend
 
 __all__ = ["Artifact", "ArtifactCorrupted", "ArtifactError", "ArtifactStore", "library_versions", "tree_digest"]
 
-_NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*$")
+_NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*\Z")  # \Z: `$` would let a trailing newline through
 _MANIFEST_RE = re.compile(r"^v([1-9][0-9]*)\.json$")
 _HEX_RE = re.compile(r"^[0-9a-f]{6,64}$")
 _LIBRARIES = ("torch", "transformers", "trl", "deepspeed", "ray", "datasets")
@@ -103,7 +103,12 @@ class ArtifactStore:
         # callers can tell a shared s3:// or file:// root from a plain local folder).
         self._base = os.path.abspath(os.path.expanduser(path)) if self.is_local else path.rstrip("/")
         self.root = str(root) if "://" in str(root) else self._base
-        self._backend = LocalBackend(self._base) if self.is_local else RemoteBackend(self.fs, self._base, self.root)
+        if self.is_local and os.path.exists(self._base) and not os.path.isdir(self._base):
+            raise ArtifactError(f"artifact store {self.root!r}: expected a folder, found a file")
+        try:
+            self._backend = LocalBackend(self._base) if self.is_local else RemoteBackend(self.fs, self._base, self.root)
+        except OSError as e:  # a parent that is a file, no permission: one line, not a traceback
+            raise ArtifactError(f"artifact store {self.root!r}: cannot create its folders ({e.strerror or e})") from None
 
     def __repr__(self) -> str:
         return f"ArtifactStore({redact_credentials(self.root)!r})"

@@ -16,6 +16,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import ray
 
 from flows.cli import main
 from stages.common.store import ArtifactStore
@@ -286,6 +287,68 @@ def test_import_of_a_dir_without_config_json(store, tmp_path, capfd):
 def test_show_of_a_missing_ref(store, capfd):
     code, out, err = cli(["artifacts", "show", "policy@v3", "--store", str(store)], capfd)
     assert_one_line_error(code, out, err, "policy@v3", "no such")
+
+
+# --- issue 27 item 12: inputs that used to end in a traceback, and read commands that created a store ---------------
+
+
+@pytest.mark.parametrize("command", [
+    ["artifacts", "list"], ["artifacts", "show", "tiny-lm@v1"], ["artifacts", "lineage", "tiny-lm"],
+    ["artifacts", "verify", "tiny-lm"], ["run", "--preset", "tiny"],
+], ids=["list", "show", "lineage", "verify", "run"])  # fmt: skip
+def test_store_naming_a_file(command, tmp_path, capfd):
+    a_file = tmp_path / "artifacts.txt"
+    a_file.write_text("not a store\n")
+    code, out, err = cli([*command, "--store", str(a_file)], capfd)
+    assert_one_line_error(code, out, err, str(a_file), "a file")
+    assert a_file.read_text() == "not a store\n" and sorted(p.name for p in tmp_path.iterdir()) == ["artifacts.txt"]
+
+
+@pytest.mark.parametrize("command", [
+    ["artifacts", "list"], ["artifacts", "list", "--json"], ["artifacts", "show", "tiny-lm@v1"],
+    ["artifacts", "lineage", "tiny-lm"], ["artifacts", "verify", "tiny-lm"], ["generate", "tiny-lm", "--prompt", "hi"],
+    ["eval", "tiny-lm"],
+], ids=["list", "list-json", "show", "lineage", "verify", "generate", "eval"])  # fmt: skip
+def test_read_command_on_a_mistyped_store_creates_nothing(command, tmp_path, capfd):
+    typo = tmp_path / "artifcats"
+    code, out, err = cli([*command, "--store", str(typo)], capfd)
+    assert_one_line_error(code, out, err, str(typo), "no artifact store")
+    assert not typo.exists()
+
+
+@pytest.mark.parametrize("command", [["config"], ["run", "--preset", "tiny", "--store", "artifacts"]],
+                         ids=["config", "run"])  # fmt: skip
+def test_config_file_not_utf8(command, store, tmp_path, capfd):
+    bad = tmp_path / "latin1.yaml"
+    bad.write_bytes("run:\n  seed: 3  # d\xe9j\xe0 vu\n".encode("latin-1"))
+    before = snapshot(store)
+    code, out, err = cli([*command, "--config", str(bad)], capfd)
+    assert_one_line_error(code, out, err, str(bad), "UTF-8")
+    assert snapshot(store) == before
+
+
+def test_ray_address_auto_without_a_cluster(store, tmp_path, capfd, monkeypatch):
+    """`auto` joins a running cluster; with none, one line before Prefect or Ray start (Ray's own discovery is told
+    there is none, so a Ray another test left running on this machine does not count)."""
+    import ray._private.services as services
+
+    monkeypatch.setattr(services, "find_gcs_addresses", lambda: [])
+    monkeypatch.setattr(services, "find_bootstrap_address", lambda temp_dir: None)
+    before = snapshot(store)
+    code, out, err = cli(run_args(store, tmp_path, "--set", "run.ray_address=auto"), capfd)
+    assert_one_line_error(code, out, err, "ray address 'auto'", "no running Ray cluster")
+    assert snapshot(store) == before
+    assert not ray.is_initialized()
+
+
+@pytest.mark.parametrize("name", ["tiny-data\n", "tiny-data\r\n", " tiny-data", "tiny data"],
+                         ids=["newline", "crlf", "leading-space", "space"])  # fmt: skip
+def test_artifact_name_with_whitespace(name, store, tmp_path, capfd):
+    data = write_jsonl(tmp_path / "sft.jsonl", SFT_ROWS)
+    before = snapshot(store)
+    code, out, err = cli(["artifacts", "import", data, "--kind", "dataset", "--name", name, "--store", str(store)], capfd)
+    assert_one_line_error(code, out, err, f"artifact name {name!r}")
+    assert snapshot(store) == before
 
 
 # --- the real console script: the same evidence from a separate process --------------------------------------------
