@@ -61,7 +61,9 @@ class SampledLogprobs:
         self._pending = torch.log_softmax(output.logits[:, -1].float() / self.temperature, dim=-1)
 
     def __enter__(self) -> SampledLogprobs:
-        self._handle = self.model.register_forward_hook(self._hook, with_kwargs=True)
+        # generate on a peft model runs its base model's forward, not the wrapper's: hook the module generate steps
+        stepped = self.model.get_base_model() if hasattr(self.model, "get_base_model") else self.model
+        self._handle = stepped.register_forward_hook(self._hook, with_kwargs=True)
         return self
 
     def __exit__(self, *exc) -> None:

@@ -97,3 +97,18 @@ def test_qlora_is_refused_without_cuda(tokenizer):
     config = build_tiny_model("llama", tokenizer).config.to_dict()
     with pytest.raises(LoraError, match=r"^sft\.lora\.quantize: 4bit \(QLoRA\) needs a CUDA device"):
         check_wraps(LoraSection(quantize="4bit"), config, head="causal-lm", where="sft.lora")
+
+
+def test_log_probs_are_recorded_while_a_peft_model_samples(tokenizer):
+    # generate on a PeftModel steps its base model's forward: the recorder must hook that module, not the wrapper
+    from stages.common.sampling import SampledLogprobs
+
+    model = wrap(build_tiny_model("llama", tokenizer).eval(), LoraSection(r=4), task_type="CAUSAL_LM", where="x")
+    ids = torch.tensor([[5, 6, 7, 8]])
+    with SampledLogprobs(model, 1.0) as recorder:
+        out = model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), max_new_tokens=3, do_sample=True,
+                             pad_token_id=0)  # fmt: skip
+    sampled = recorder.result(out)
+    assert sampled.shape == (1, out.shape[1] - 4)
+    expected = _logprobs(model, out)[0, 3:-1].gather(-1, out[0, 4:, None]).squeeze(-1)
+    torch.testing.assert_close(sampled[0], expected, atol=1e-5, rtol=1e-5)

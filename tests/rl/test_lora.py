@@ -40,10 +40,12 @@ def test_ppo_with_lora_starts_at_kl_zero_and_publishes_both_forms(setup, local_r
     from peft import PeftModel
     from transformers import AutoModelForCausalLM
 
-    policy = _run(setup, tmp_path / "work", iterations=3)
+    # old log-probs read from the sampling pass (the fp32 default): generate runs the peft model's base forward
+    policy = _run(setup, tmp_path / "work", iterations=3, old_logprobs="sampling")
     history = _history(policy)
-    # iteration 1's rollout is scored before any update: the policy's fresh adapter (B = 0) against its own base
-    assert history[0]["kl"] == 0.0
+    # iteration 1's rollout is scored before any update: the policy's fresh adapter (B = 0) against its own base, up
+    # to the rounding between the sampling pass and a full forward (exactly 0 with recomputed log-probs: below)
+    assert abs(history[0]["kl"]) < 1e-5
     assert abs(history[-1]["kl"]) > 0  # ... and by iteration 3 the adapter has moved the policy
     logs = {p.name for p in (tmp_path / "work" / "logs").glob("*-rank0.log")}
     assert logs == {"policy-rank0.log", "critic-rank0.log", "reward-rank0.log"}  # no reference actor
@@ -70,6 +72,7 @@ def test_grpo_with_lora_resumes_from_its_checkpoint(setup, local_ray, tmp_path):
     resumed = _run(setup, tmp_path / "work", logs, iterations=4, **fast)
     assert any("resuming from the checkpoint after iteration 2" in line for line in logs)
     h_straight, h_resumed = _history(straight), _history(resumed)
+    assert h_straight[0]["kl"] == 0.0  # recomputed old log-probs: the same forward as the reference, adapter off
     assert [h["iteration"] for h in h_resumed] == [1, 2, 3, 4]
     for key in ("kl", "policy_loss", "reward_score"):  # iteration 3 from the restored adapter and optimizer
         assert h_resumed[2][key] == pytest.approx(h_straight[2][key], rel=1e-3, abs=1e-4), key
