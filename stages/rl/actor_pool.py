@@ -200,6 +200,13 @@ class ActorPool:
     def __getitem__(self, role: str) -> RoleGroup:
         return self.groups[role]
 
+    def peak_rss(self) -> dict[str, int]:
+        """Each role's peak resident memory so far, in bytes: the sum of its actors' `ru_maxrss`."""
+        import ray
+
+        refs = {role: [h.peak_rss.remote() for h in group.handles] for role, group in self.groups.items()}
+        return {role: sum(ray.get(r)) for role, r in refs.items()}
+
     def shutdown(self) -> None:
         """Kill the actors and free the placement group."""
         import ray

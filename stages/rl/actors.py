@@ -81,6 +81,14 @@ class _Role:
 
         return ray.util.get_node_ip_address(), port
 
+    def peak_rss(self) -> int:
+        """This actor process's peak resident set size in bytes (host memory, ru_maxrss; GPU memory not included)."""
+        import resource
+        import sys
+
+        peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+        return int(peak if sys.platform == "darwin" else peak * 1024)  # bytes on macOS, KiB on Linux
+
     def _to(self, batch: dict) -> dict:
         return {k: v.to(self.device) if isinstance(v, torch.Tensor) else v for k, v in batch.items()}
 

@@ -104,6 +104,7 @@ def run(
         eval_after = loop.evaluate(eval_prompts, eval_seed, eval_columns)  # before/after: on the "published" line
         staging = _fresh_staging(ctx.work_dir)
         ray.get(pool["policy"].broadcast("export_to", staging))
+        peak_rss = pool.peak_rss()  # the actors' host memory at its peak, read before they are killed
     finally:
         pool.shutdown()
         functions.shutdown()
@@ -135,6 +136,8 @@ def run(
                 "generation_seconds": sum(m["seconds_generation"] for m in history),
                 "scoring_seconds": sum(m["seconds_scoring"] for m in history),
                 "training_seconds": sum(m["seconds_training"] for m in history),
+                # each role's peak RSS (the sum over its actors) and their total, MiB: host memory, not GPU memory
+                "peak_rss_mib": _mib({**peak_rss, "total": sum(peak_rss.values())}),
             },
             cache_key=ctx.cache_key,
             code_fingerprint=code_fingerprint(NAME),
@@ -144,6 +147,10 @@ def run(
     shown = ", ".join(f"{k}={v:.4g}" if isinstance(v, int | float) else f"{k}={v}" for k, v in metrics.items())
     ctx.log(f"{algo}: published {artifact.ref} {shown}")
     return {"policy": artifact}
+
+
+def _mib(sizes: dict[str, int]) -> dict[str, float]:
+    return {k: round(v / 2**20, 1) for k, v in sizes.items()}
 
 
 def _fresh_staging(work_dir: str) -> str:

@@ -175,6 +175,9 @@ def test_tiny_ppo_publishes_a_policy_that_loads_with_transformers(setup, local_r
                 "samples_per_second"):  # fmt: skip
         assert isinstance(m[key], float), key
     assert m["iterations"] == 3 and m["samples_per_second"] > 0 and 0.0 <= m["gold_win_rate"] <= 1.0
+    rss = policy.manifest["timings"]["peak_rss_mib"]  # each role's actors' peak RSS and their total
+    assert set(rss) == {"policy", "critic", "reference", "reward", "total"} and rss["reward"] > 50
+    assert rss["total"] == pytest.approx(sum(v for k, v in rss.items() if k != "total"), abs=0.3)
 
     model = AutoModelForCausalLM.from_pretrained(policy.path)
     tok = AutoTokenizer.from_pretrained(policy.path)
