@@ -30,6 +30,13 @@ class _PlanSources(InputSources):
         return art
 
 
+def answer_from_cache(plan: RunPlan) -> dict[str, Any] | None:
+    """If nothing would run, the run's summary from the store (no Prefect, no Ray); else None."""
+    if plan.params["force"] or plan.params["from_stage"]:
+        return None
+    return all_cached(plan)
+
+
 def all_cached(plan: RunPlan) -> dict[str, Any] | None:
     """The run's summary if every stage would be reused (gates checked), else None: then the flow must run.
 
@@ -154,7 +161,9 @@ def _remove(scratch) -> None:
 
 def dry_run_text(report: dict[str, Any]) -> str:
     """`rlhf run --dry-run` on the terminal: one line per node, reuse or run, and why."""
-    lines = [f"dry run (nothing started, nothing published; store: {report['store']})"]
+    from stages.common.redact import redact_credentials
+
+    lines = [f"dry run (nothing started, nothing published; store: {redact_credentials(report['store'])})"]
     for name, reason in report["skipped"].items():
         lines.append(f"  {name:<8} {'skip':<6} {reason}")
     for node in report["nodes"]:

@@ -1,4 +1,4 @@
-"""`rlhf`: run the pipeline, inspect artifacts, write the demo data, sample from a model.
+"""`rlhf`: run the pipeline, inspect artifacts (flows/cli_artifacts.py), write the demo data, sample from a model.
 
 User mistakes end with one line on stderr and exit code 2; a corrupted artifact or a failed run exits 1.
 Heavy libraries are imported inside the commands so that `rlhf --help` answers at once.
@@ -7,52 +7,22 @@ Heavy libraries are imported inside the commands so that `rlhf --help` answers a
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import sys
 from pathlib import Path
 from typing import Any
 
+from flows.cli_artifacts import UsageError, add_artifacts_commands, add_store, named_store, print_json
+
 STAGE_NAMES = ["pretrain", "sft", "reward", "ppo", "grpo", "rloo", "dpo", "eval"]  # flows/dag.py ALL_NODE_NAMES
-
-
-def _store(args: argparse.Namespace, *, existing: bool = True):
-    """The store the command names. A command that only reads (`existing`) refuses a store that is not there,
-    instead of creating an empty one at a mistyped path and answering from it."""
-    from flows.plan import check_store_uri, open_store, store_root
-
-    root, where = store_root({"store": args.store})
-    if existing:
-        import fsspec
-
-        check_store_uri(root, where)
-        fs, path = fsspec.core.url_to_fs(str(root))
-        if fs.isfile(path):
-            raise UsageError(f"{where} {root!r}: expected an artifact store folder, found a file")
-        if not fs.isdir(path):
-            raise UsageError(f"{where} {root!r}: no artifact store there (a typo? `rlhf run` or `rlhf artifacts "
-                             "import` creates one)")
-    return open_store(root, where)
-
-
-def _print_json(obj: Any) -> None:
-    from stages.common.redact import redact_credentials
-
-    print(redact_credentials(json.dumps(obj, indent=2, sort_keys=True, default=str)))  # a store URI's password too
-
-
-def _manifest_view(art) -> dict[str, Any]:
-    m = dict(art.manifest)
-    m["path"] = art.path
-    m["ref"] = art.ref
-    return m
 
 
 # --- commands -------------------------------------------------------------------------------------------------------
 
 
 def cmd_run(args: argparse.Namespace) -> int:
-    from flows.plan import answer_from_cache, plan_run
+    from flows.cached import answer_from_cache
+    from flows.plan import plan_run
 
     if args.verbose:
         os.environ["RLHF_VERBOSE"] = "1"  # read by stages.common.ray_train when Ray starts
@@ -73,7 +43,7 @@ def cmd_run(args: argparse.Namespace) -> int:
 
         report = dry_run(plan)
         if args.json:
-            _print_json(report)
+            print_json(report)
         else:
             print(dry_run_text(report))
         return 0
@@ -84,7 +54,7 @@ def cmd_run(args: argparse.Namespace) -> int:
 
         summary = run_pipeline(plan)
     if args.json:
-        _print_json(summary)
+        print_json(summary)
     else:
         _print_run_summary(summary, plan.store)
     return 0
@@ -152,105 +122,6 @@ def cmd_config(args: argparse.Namespace) -> int:
     return 0
 
 
-def cmd_artifacts_list(args: argparse.Namespace) -> int:
-    manifests = _store(args).list()
-    if args.json:
-        _print_json(manifests)
-        return 0
-    if not manifests:
-        print("no artifacts yet")
-        return 0
-    print(f"{'REF':<28} {'KIND':<13} {'STAGE':<9} {'GATE':<7} {'DIGEST':<14} CREATED")
-    for m in manifests:
-        ref = f"{m['name']}@v{m['version']}"
-        gate = "-" if not isinstance(m.get("gate"), dict) else "passed" if m["gate"].get("passed") else "missed"
-        print(f"{ref:<28} {m['kind']:<13} {m['stage']:<9} {gate:<7} {m['digest'][:12]:<14} {m['created_at']}")
-    return 0
-
-
-def _gate_text(art) -> str:
-    """`rlhf artifacts show`'s gate line: the verdict recorded at publish time, and what it means for @latest."""
-    gate = art.manifest.get("gate")
-    if not isinstance(gate, dict):
-        return "not recorded"
-    if gate.get("passed") is False:
-        return f"missed: {'; '.join(gate.get('missed') or ['(no detail)'])}; not {art.name}@latest"
-    checks = ", ".join(f"{field} {threshold:g}" for field, threshold in (gate.get("checks") or {}).items())
-    return f"passed ({checks})" if checks else "passed (no checks on)"
-
-
-def cmd_artifacts_show(args: argparse.Namespace) -> int:
-    art = _store(args).get(args.ref)
-    view = _manifest_view(art)
-    if args.json:
-        _print_json(view)
-        return 0
-    print(f"{art.ref}  ({art.kind}, stage {view['stage']})")
-    print(f"  digest   {art.digest}")
-    print(f"  path     {art.path}")
-    print(f"  created  {view['created_at']}")
-    print(f"  gate     {_gate_text(art)}")
-    for role, inp in sorted(view.get("inputs", {}).items()):
-        print(f"  input    {role} = {inp['name']}@v{inp['version']} ({inp['digest'][:12]})")
-    for key, value in sorted(view.get("metrics", {}).items()):
-        print(f"  metric   {key} = {value}")
-    return 0
-
-
-def _print_tree(node: dict[str, Any], role: str | None, indent: str) -> None:
-    label = f"{role}: " if role else ""
-    print(f"{indent}{label}{node['ref']} ({node['kind']}, {node['digest'][:12]})")
-    for child_role, child in sorted(node.get("inputs", {}).items()):
-        _print_tree(child, child_role, indent + "  ")
-
-
-def cmd_artifacts_lineage(args: argparse.Namespace) -> int:
-    tree = _store(args).lineage(args.ref)
-    if args.json:
-        _print_json(tree)
-    else:
-        _print_tree(tree, None, "")
-    return 0
-
-
-def cmd_artifacts_verify(args: argparse.Namespace) -> int:
-    art = _store(args).verify(args.ref)
-    print(f"ok: {art.ref} ({len(art.manifest['files'])} files, digest {art.digest[:12]})")
-    return 0
-
-
-def cmd_artifacts_import(args: argparse.Namespace) -> int:
-    from stages.common.artifact_import import KINDS, ArtifactImportError, check_name, import_model
-    from stages.data.ingest import import_dataset
-
-    if args.kind not in KINDS:
-        raise ArtifactImportError(
-            f"import {args.path}: unknown kind {args.kind!r} (expected one of {', '.join(KINDS)})"
-        )
-    if args.format is not None and args.kind != "dataset":
-        raise ArtifactImportError(
-            f"import {args.path}: --format applies to --kind dataset only, found --kind {args.kind}"
-        )
-    store = _store(args, existing=False)  # an import may start a store
-    check_name(args.name)
-    known = {m["digest"] for m in store.list(args.name)}
-    if args.kind == "dataset":
-        art = import_dataset(store, args.path, args.name, args.format)
-    else:
-        art = import_model(store, args.path, args.kind, args.name)
-    existed = art.digest in known
-    if existed:
-        print(f"already in the store as {art.ref} (digest {art.digest[:12]})")
-        return 0
-    facts = ", ".join(f"{k} {v}" for k, v in sorted(art.metrics.items()))
-    print(
-        f"imported {args.path} as {art.ref} ({art.kind}, {len(art.manifest['files'])} files, digest "
-        f"{art.digest[:12]}{', ' + facts if facts else ''})"
-    )
-    print(f"  path     {art.path}")
-    return 0
-
-
 def cmd_data_demo(args: argparse.Namespace) -> int:
     from stages.data.demo import DemoConfig, generate, write_jsonl_dir
 
@@ -266,7 +137,7 @@ def cmd_generate(args: argparse.Namespace) -> int:
     from flows.generate import generate_text
 
     for text in generate_text(
-        _store(args).get(args.ref),
+        named_store(args).get(args.ref),
         args.prompt,
         max_new_tokens=args.max_new_tokens,
         temperature=args.temperature,
@@ -282,10 +153,10 @@ def cmd_eval(args: argparse.Namespace) -> int:
     from stages.eval.report import summary_table
 
     log = (lambda line: print(line, file=sys.stderr)) if args.json else print
-    artifact, report = evaluate_refs(_store(args), args.refs, sft=args.sft, reward_model=args.reward_model,
+    artifact, report = evaluate_refs(named_store(args), args.refs, sft=args.sft, reward_model=args.reward_model,
                                      prompts=args.prompts, log=log)  # fmt: skip
     if args.json:
-        _print_json({"ref": artifact.ref, "path": artifact.path, **report})
+        print_json({"ref": artifact.ref, "path": artifact.path, **report})
     else:
         print(summary_table(report["summaries"]))
         print(f"published {artifact.ref} ({artifact.path})")
@@ -295,20 +166,12 @@ def cmd_eval(args: argparse.Namespace) -> int:
 # --- parser ---------------------------------------------------------------------------------------------------------
 
 
-class UsageError(Exception):
-    """Bad command-line usage (exit 2)."""
-
-
 class _Parser(argparse.ArgumentParser):
     """argparse with the CLI's one error line: usage first, then `error: ...` last (exit 2), like every user error."""
 
     def error(self, message: str):
         self.print_usage(sys.stderr)
         self.exit(2, f"error: {self.prog}: {message}\n")
-
-
-def _add_store(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--store", help="artifact store root: a folder or fsspec URI (default: $RLHF_STORE or ./artifacts)")
 
 
 def _add_config(p: argparse.ArgumentParser) -> None:
@@ -328,7 +191,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("run", help="run the pipeline (cached stages are reused)")
     _add_config(p)
-    _add_store(p)
+    add_store(p)
     group = p.add_mutually_exclusive_group()
     group.add_argument("--from", dest="from_stage", choices=STAGE_NAMES, help="force this stage and all downstream")
     group.add_argument("--only", choices=STAGE_NAMES, help="run one stage on explicit --input artifacts")
@@ -351,37 +214,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_config(p)
     p.set_defaults(func=cmd_config)
 
-    art = sub.add_parser("artifacts", help="list, show, trace, verify and import artifacts").add_subparsers(
-        dest="artifacts_command", required=True, metavar="ACTION"
-    )
-    p = art.add_parser("list", help="every artifact version in the store")
-    _add_store(p)
-    p.add_argument("--json", action="store_true")
-    p.set_defaults(func=cmd_artifacts_list)
-    for name, func, text in (
-        ("show", cmd_artifacts_show, "an artifact's manifest"),
-        ("lineage", cmd_artifacts_lineage, "the tree of inputs back to the data"),
-        ("verify", cmd_artifacts_verify, "re-hash every file (exit 1 when corrupted)"),
-    ):
-        p = art.add_parser(name, help=text)
-        p.add_argument("ref", help="name, name@latest, name@vN or a digest prefix")
-        _add_store(p)
-        if name != "verify":
-            p.add_argument("--json", action="store_true")
-        p.set_defaults(func=func)
-    p = art.add_parser("import", help="bring a local HF model or tokenizer directory, or a data set, into the store")
-    p.add_argument(
-        "path", help="a HF directory (safetensors), or a data file/folder (jsonl, json, parquet, txt, save_to_disk)"
-    )
-    p.add_argument("--kind", required=True, choices=["causal-lm", "reward-model", "tokenizer", "dataset"])
-    p.add_argument("--name", required=True, help="artifact name, e.g. base-model")
-    p.add_argument(
-        "--format",
-        choices=["corpus", "sft", "preferences", "prompts"],
-        help="data format of a dataset (default: inferred from its columns)",
-    )
-    _add_store(p)
-    p.set_defaults(func=cmd_artifacts_import)
+    add_artifacts_commands(sub)
 
     data = sub.add_parser("data", help="data utilities").add_subparsers(
         dest="data_command", required=True, metavar="ACTION"
@@ -399,7 +232,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--temperature", type=float, default=0.0, help="0 = greedy")
     p.add_argument("--num-samples", type=int, default=1)
     p.add_argument("--seed", type=int, default=0)
-    _add_store(p)
+    add_store(p)
     p.set_defaults(func=cmd_generate)
 
     p = sub.add_parser("eval", help="score causal-LM artifacts and the SFT model on the same held-out prompts")
@@ -409,7 +242,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--prompts", default="prompt-data@latest", help="dataset whose test split is used (default prompt-data@latest)"
     )
-    _add_store(p)
+    add_store(p)
     p.add_argument("--json", action="store_true", help="print report.json (progress goes to stderr)")
     p.set_defaults(func=cmd_eval)
     return parser

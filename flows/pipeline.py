@@ -1,4 +1,5 @@
-"""The Prefect flow `rlhf`: data -> pretrain -> sft -> reward -> ppo, with staleness detection.
+"""The Prefect flow `rlhf`: data -> pretrain -> sft -> reward -> ppo / grpo / rloo / dpo -> eval, with staleness
+detection.
 
 The flow holds no ML logic. It resolves the config, turns data sources into dataset artifacts, decides per stage whether
 a verified artifact for the stage's cache key already exists (then the task ends `Cached`), and otherwise calls the
@@ -32,6 +33,7 @@ from stages.common.context import StageContext
 from stages.common.errors import StageInputError
 from stages.common.gates import GateFailed, check_gate
 from stages.common.ray_train import console_log_dir, verbose
+from stages.common.redact import redact_credentials
 from stages.common.store import ArtifactError, ArtifactStore
 from stages.data.read import DataError
 from stages.reward_functions.artifact import ROLE_PREFIX as REWARD_FN_ROLE_PREFIX
@@ -205,11 +207,18 @@ def rlhf(
 _PLANNED: ContextVar[RunPlan | None] = ContextVar("rlhf_planned_run", default=None)
 
 
+def flow_params(params: dict[str, Any]) -> dict[str, Any]:
+    """The run's parameters as the flow run records them (Prefect stores and shows them): the store URI and the
+    --set overrides with their credentials masked. The flow connects with the planned store's real URI."""
+    return {**params, "store": None if params["store"] is None else redact_credentials(params["store"]),
+            "overrides": [redact_credentials(o) for o in params["overrides"]]}  # fmt: skip
+
+
 def _pipeline(params: dict[str, Any]) -> dict[str, Any]:
     logger = get_run_logger()
     flow_start = time.perf_counter()
     plan = _PLANNED.get()
-    if plan is None or plan.params != run_params(params):  # the flow called directly (tests, a deployment)
+    if plan is None or flow_params(plan.params) != flow_params(run_params(params)):  # called directly (a deployment)
         plan = plan_run(params, resolve_inputs=False)
     cfg, art_store, stages = plan.cfg, plan.store, list(plan.stages)
     ray_driver = RayDriver(cfg.run.ray_address, art_store.root, cfg.run.work_dir,
@@ -333,7 +342,7 @@ def run_pipeline(plan: RunPlan | None = None, **params: Any) -> dict[str, Any]:
     plan = plan if plan is not None else plan_run(params)
     token = _PLANNED.set(plan)
     try:
-        return rlhf(**plan.params)
+        return rlhf(**flow_params(plan.params))
     finally:
         _PLANNED.reset(token)
 

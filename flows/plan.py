@@ -1,10 +1,11 @@
 """What a run will do, decided once and without Prefect: `plan_run` checks everything cheap and returns a `RunPlan`
 (the resolved config, the nodes, the stages to run and the forced ones, the opened store, the explicit inputs).
 
-`rlhf run` plans once and hands the plan on: first to `answer_from_cache` (when every stage's verified artifacts
-already exist for its cache key there is nothing to run, and the command answers from the store without starting
-Prefect or Ray; a temporary Prefect server alone costs several seconds), then, if something must run, to the flow
-(flows/pipeline.py), which does not check again. `rlhf run --dry-run` prints the plan (flows/cached.py).
+`rlhf run` plans once and hands the plan on: first to `answer_from_cache` (flows/cached.py: when every stage's
+verified artifacts already exist for its cache key there is nothing to run, and the command answers from the store
+without starting Prefect or Ray; a temporary Prefect server alone costs several seconds), then, if something must
+run, to the flow (flows/pipeline.py), which does not check again. `rlhf run --dry-run` prints the plan (cached.py
+too).
 """
 
 from __future__ import annotations
@@ -15,7 +16,6 @@ from pathlib import Path
 from typing import Any
 
 from flows import dag
-from flows.cached import all_cached
 from flows.config import STAGES, PipelineConfig
 from flows.dag import Node
 from flows.inputs import data_columns, get_input, import_reward_function, input_kind, resolve_inputs
@@ -25,7 +25,7 @@ from flows.preflight import Resources, check_fits
 from stages.common.config import ConfigError
 
 __all__ = [
-    "NOT_IN_CACHE_KEY", "RunPlan", "all_cached", "answer_from_cache", "check_only_inputs", "downstream",
+    "NOT_IN_CACHE_KEY", "RunPlan", "check_only_inputs", "downstream",
     "import_reward_function", "node_named", "open_store", "pipeline_nodes", "plan_run", "plan_stages", "preflight",
     "resolve_inputs", "stage_cache_key", "store_root",
 ]  # fmt: skip
@@ -168,13 +168,6 @@ class _Sized:
 
     def __len__(self) -> int:
         return self._n
-
-
-def answer_from_cache(plan: RunPlan) -> dict[str, Any] | None:
-    """If nothing would run, the run's summary from the store (no Prefect, no Ray); else None."""
-    if plan.params["force"] or plan.params["from_stage"]:
-        return None
-    return all_cached(plan)
 
 
 def plan_stages(from_stage: str | None, only: str | None, cfg: PipelineConfig | None = None) -> tuple[list[str], set[str]]:

@@ -1,1 +1,1 @@
-"""Plumbing shared by the four stages: config base, artifact store, data, demo task, HF and Ray helpers."""
+"""Plumbing every stage shares: the config base, the artifact store, HF, Ray Train, LoRA, sampling and forwards."""

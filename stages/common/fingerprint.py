@@ -23,7 +23,8 @@ _PROJECT_ROOT = Path(__file__).resolve().parents[2]  # the folder holding the `s
 NOT_RESULT_SHAPING = frozenset({
     "stages.common.artifact_import", "stages.common.config", "stages.common.context", "stages.common.errors",
     "stages.common.fingerprint", "stages.common.gates", "stages.common.plots", "stages.common.store",
-    "stages.common.store_files", "stages.common.store_local", "stages.common.store_remote",
+    "stages.common.store_cache", "stages.common.store_files", "stages.common.store_local",
+    "stages.common.store_remote",
 })  # fmt: skip
 
 

@@ -7,9 +7,10 @@ Layout under the root:
                                 caching (older records: the outputs mapping alone)
   tmp/                          half-written objects of publishers in flight (or killed); readers ignore it
 
-This module holds the public API and the manifest logic (refs, versions, lineage, the stage cache). How files are
-written is the backend's: store_local.py (atomic rename, os.link) or store_remote.py (upload, exclusive claims).
-Hashing and the once-per-process verification record are in store_files.py.
+This module holds the public API and the manifest logic (refs, versions, lineage). The stage cache's records are
+store_cache.py's (`StageCache`, a part of `ArtifactStore`). How files are written is the backend's: store_local.py
+(atomic rename, os.link) or store_remote.py (upload, exclusive claims). Hashing and the once-per-process
+verification record are in store_files.py.
 """
 
 from __future__ import annotations
@@ -27,12 +28,14 @@ import fsspec
 from fsspec.implementations.local import LocalFileSystem
 
 from stages.common.redact import redact_credentials
+from stages.common.store_cache import StageCache
 from stages.common.store_files import (
     ArtifactCorrupted,
     ArtifactError,
     check_file_names,
     file_sha256,
     local_files,
+    to_json,
     tree_digest,
 )
 from stages.common.store_local import LocalBackend
@@ -86,15 +89,9 @@ def _versions_text(versions: list[int]) -> str:
     return ", ".join(f"v{v}" for v in versions)
 
 
-def _to_json(manifest: dict, where: str) -> bytes:
-    try:
-        return (json.dumps(manifest, indent=2, sort_keys=True) + "\n").encode()
-    except (TypeError, ValueError) as e:
-        raise ArtifactError(f"{where}: manifest is not JSON-serialisable ({e})") from None
-
-
-class ArtifactStore:
-    """Publish and load immutable artifacts, versioned per name, on a local folder or an fsspec URI."""
+class ArtifactStore(StageCache):
+    """Publish and load immutable artifacts, versioned per name, on a local folder or an fsspec URI (its stage-cache
+    records: `StageCache`, store_cache.py)."""
 
     def __init__(self, root: str | os.PathLike = "./artifacts"):
         self.fs, path = fsspec.core.url_to_fs(str(root))
@@ -182,7 +179,7 @@ class ArtifactStore:
             manifest["reports"] = report_entry
         if gate is not None:
             manifest["gate"] = gate
-        _to_json(manifest, f"publish {name}")  # fail early, before claiming a version number
+        to_json(manifest, f"publish {name}")  # fail early, before claiming a version number
         manifest = self._commit(manifest)
         where = f"{name}@v{manifest['version']}"
         return self._artifact(manifest, self._backend.object_dir(manifest, where), self._reports_dir(manifest, where))
@@ -210,7 +207,7 @@ class ArtifactStore:
                     return existing
             manifest["version"] = (versions[-1] if versions else 0) + 1
             if self._backend.create_exclusive(
-                self._p("manifests", name, f"v{manifest['version']}.json"), _to_json(manifest, f"publish {name}")
+                self._p("manifests", name, f"v{manifest['version']}.json"), to_json(manifest, f"publish {name}")
             ):
                 return manifest
 
@@ -367,7 +364,7 @@ class ArtifactStore:
         """Remove leftovers of killed publishers from tmp/ (local roots), sparing recent ones still being written."""
         return self._backend.clean_tmp(older_than_s) if self.is_local else 0
 
-    # ---------------------------------------------------------------- lineage and cache
+    # ---------------------------------------------------------------- lineage
 
     def lineage(self, ref: str) -> dict:
         """The input tree of ref: {"ref", "kind", "digest", "inputs": {role: <same shape>}}, recursively."""
@@ -394,65 +391,3 @@ class ArtifactStore:
             else:
                 node["inputs"][role] = self._lineage(parent)
         return node
-
-    def _cache_path(self, cache_key: str) -> str:
-        if not re.match(r"^[A-Za-z0-9_-]{1,128}$", cache_key or ""):
-            raise ArtifactError(f"cache key {cache_key!r}: expected 1-128 letters, digits, '_' or '-'")
-        return self._p("cache", f"{cache_key}.json")
-
-    def record_cache(self, cache_key: str, outputs: dict[str, Artifact], parts: dict | None = None) -> None:
-        """Remember that cache_key produced outputs ({output_name: artifact}), so a rerun can be skipped.
-
-        `parts`: what the key was computed from ({"node", "code", "config", "inputs"}, flows/keys.py), kept beside
-        the outputs so that a later plan can say which part changed (`latest_cache_record`). Without it the record
-        is the outputs alone, as records were before the parts were kept (both shapes are read)."""
-        entry: dict = {out: {"name": a.name, "version": a.version, "digest": a.digest} for out, a in outputs.items()}
-        if parts is not None:
-            entry = {"outputs": entry, "parts": parts, "recorded_at": datetime.now(UTC).isoformat(timespec="milliseconds")}
-        data = _to_json(entry, f"cache {cache_key}")
-        self._backend.replace(self._cache_path(cache_key), data)  # readers see the old entry or the new one
-
-    def cached(self, cache_key: str) -> dict[str, Artifact] | None:
-        """The verified outputs recorded for cache_key, or None if any is missing or corrupt (meaning: rerun)."""
-        try:
-            entry = _cache_outputs(json.loads(self.fs.cat_file(self._cache_path(cache_key))))
-            outputs = {}
-            for out, rec in entry.items():
-                art = self.get(f"{rec['name']}@v{rec['version']}")
-                if art.digest != rec["digest"]:
-                    return None
-                outputs[out] = art
-            return outputs
-        except (FileNotFoundError, ArtifactError, ValueError, KeyError, TypeError, AttributeError):
-            return None
-
-    def latest_cache_record(self, node: str) -> dict | None:
-        """The newest cache record of `node` that kept its key's parts: {"key", "parts", "recorded_at", "outputs"};
-        None when it has none (records written before the parts were kept name no node)."""
-        base = self._p("cache")
-        self.fs.invalidate_cache(base)
-        if not self.fs.exists(base):
-            return None
-        latest = None
-        for path in self.fs.ls(base, detail=False):
-            name = path.rstrip("/").rsplit("/", 1)[-1]
-            if not name.endswith(".json"):
-                continue
-            try:
-                entry = json.loads(self.fs.cat_file(path))
-            except (FileNotFoundError, ValueError):
-                continue
-            parts = entry.get("parts") if isinstance(entry, dict) else None
-            if not isinstance(parts, dict) or parts.get("node") != node:
-                continue
-            if latest is None or str(entry.get("recorded_at", "")) > latest["recorded_at"]:
-                latest = {"key": name[: -len(".json")], "parts": parts, "recorded_at": str(entry.get("recorded_at", "")),
-                          "outputs": entry.get("outputs", {})}  # fmt: skip
-        return latest
-
-
-def _cache_outputs(entry: dict) -> dict:
-    """A cache record's outputs, in either shape (with its key's parts, or the outputs alone)."""
-    if isinstance(entry, dict) and isinstance(entry.get("parts"), dict) and isinstance(entry.get("outputs"), dict):
-        return entry["outputs"]
-    return entry

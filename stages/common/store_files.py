@@ -1,5 +1,6 @@
 """An artifact's files on local disk: hashing, listing, checking them against a manifest, and the per-process record
-of directories already verified (so a run that reads one artifact four times hashes it once).
+of directories already verified (so a run that reads one artifact four times hashes it once); and `to_json`, the
+bytes of a manifest or cache record as the store writes them.
 
 The record is keyed by directory and content digest and holds each file's size, mtime, ctime and inode as seen when
 the hash passed. A later check that finds the same signature skips the hashing; any write, replace, chmod or
@@ -10,6 +11,7 @@ truncate changes the signature, so an in-place corruption after the first check 
 from __future__ import annotations
 
 import hashlib
+import json
 import os
 import threading
 from collections.abc import Iterable
@@ -24,6 +26,14 @@ class ArtifactError(Exception):
 
 class ArtifactCorrupted(ArtifactError):
     """A file of an artifact is missing, extra or fails its sha256 check; the message names the file."""
+
+
+def to_json(manifest: dict, where: str) -> bytes:
+    """A manifest (or cache record) as the store writes it: indented, sorted keys, one final newline."""
+    try:
+        return (json.dumps(manifest, indent=2, sort_keys=True) + "\n").encode()
+    except (TypeError, ValueError) as e:
+        raise ArtifactError(f"{where}: manifest is not JSON-serialisable ({e})") from None
 
 
 def tree_digest(files: dict[str, str]) -> str:

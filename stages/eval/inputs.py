@@ -18,7 +18,7 @@ from stages.eval.config import Config
 from stages.eval.worker import SFT
 from stages.reward_functions.artifact import load_functions
 
-_MODEL_NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_-]*$")  # no dots: names become `<name>.<metric>` keys
+_MODEL_NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_-]*\Z")  # no dots: names become `<name>.<metric>` keys; \Z: no "\n"
 
 
 @dataclass

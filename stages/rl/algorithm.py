@@ -7,6 +7,7 @@ adaptive KL controller) and Stiennon et al. 2020 / Ouyang et al. 2022 (the recip
 critic-free methods Shao et al. 2024 (GRPO), Liu et al. 2025 (Dr. GRPO) and Ahmadian et al. 2024 (RLOO); for their
 variants Yu et al. 2025 (DAPO: asymmetric clip, dynamic sampling, overlong penalty) and Zheng et al. 2025 (GSPO).
 Critic-free batches hold `group_size` replies per prompt in consecutive rows: rows [g*k, (g+1)*k) are group g.
+The masked statistics these use are masked.py's; the KL coefficient's controllers, kl_control.py's.
 """
 
 from __future__ import annotations
@@ -15,41 +16,11 @@ from typing import Literal, NamedTuple
 
 import torch
 
+from stages.rl.masked import masked_mean, masked_sum, masked_var, masked_whiten
+
 KLEstimator = Literal["k1", "k3"]
 Method = Literal["ppo", "grpo", "rloo"]
 ImportanceRatio = Literal["token", "sequence"]
-
-
-# --------------------------------------------------------------------------------------------------- masked stats
-def masked_sum(x: torch.Tensor, mask: torch.Tensor, dim: int | None = None) -> torch.Tensor:
-    """Sum of `x` where mask is 1 (over all elements, or along `dim`)."""
-    return (x * mask).sum() if dim is None else (x * mask).sum(dim)
-
-
-def masked_mean(x: torch.Tensor, mask: torch.Tensor, dim: int | None = None) -> torch.Tensor:
-    """Mean of `x` over the positions where mask is 1; an all-zero mask gives 0 rather than NaN."""
-    return masked_sum(x, mask, dim) / masked_sum(torch.ones_like(x), mask, dim).clamp(min=1.0)
-
-
-def masked_var(x: torch.Tensor, mask: torch.Tensor, unbiased: bool = True) -> torch.Tensor:
-    """Variance of `x` over the masked positions (Bessel-corrected by default, like torch.var)."""
-    mean = masked_mean(x, mask)
-    n = mask.sum()
-    var = masked_mean((x - mean) ** 2, mask)
-    if unbiased:
-        if n < 2:
-            raise ValueError(f"masked_var: need at least 2 unmasked values for an unbiased variance, found {int(n)}")
-        var = var * n / (n - 1)
-    return var
-
-
-def masked_whiten(x: torch.Tensor, mask: torch.Tensor, shift_mean: bool = True, eps: float = 1e-8) -> torch.Tensor:
-    """Normalise `x` to unit variance (and zero mean if `shift_mean`) using only masked positions; padding -> 0."""
-    mean, var = masked_mean(x, mask), masked_var(x, mask)
-    white = (x - mean) * torch.rsqrt(var + eps)
-    if not shift_mean:
-        white = white + mean
-    return white * mask
 
 
 # --------------------------------------------------------------------------------------------------------- KL
@@ -384,47 +355,3 @@ def policy_objective(
         loss = loss + loss_kl_coef * kl_term
         stats = {**stats, "kl_loss": kl_term}
     return loss, {"policy_loss": loss, "entropy": entropy, **stats}
-
-
-# ------------------------------------------------------------------------------------------------ KL controllers
-class FixedKLController:
-    """A constant KL coefficient (the default: 0.05 with the k1 estimator)."""
-
-    def __init__(self, kl_coef: float = 0.05):
-        self.value = float(kl_coef)
-
-    def update(self, current_kl: float, n_steps: int) -> None:
-        """No-op: the coefficient is fixed."""
-
-    def state_dict(self) -> dict[str, float]:
-        return {"value": self.value}
-
-    def load_state_dict(self, state: dict[str, float]) -> None:
-        self.value = float(state["value"])
-
-
-class AdaptiveKLController:
-    """Ziegler et al. 2019: move kl_coef proportionally so the measured KL tracks `target`.
-
-    error = clip(KL / target - 1, -0.2, 0.2); kl_coef *= 1 + error * n_steps / horizon.
-    """
-
-    def __init__(self, init_kl_coef: float, target: float, horizon: int):
-        if target <= 0 or horizon <= 0:
-            raise ValueError(f"adaptive KL: expected target > 0 and horizon > 0, found {target} and {horizon}")
-        self.value = float(init_kl_coef)
-        self.target = float(target)
-        self.horizon = int(horizon)
-
-    def update(self, current_kl: float, n_steps: int) -> None:
-        """Adjust the coefficient after a batch of `n_steps` samples whose mean sequence KL was `current_kl`."""
-        error = min(max(current_kl / self.target - 1.0, -0.2), 0.2)
-        self.value *= 1.0 + error * n_steps / self.horizon
-
-    def state_dict(self) -> dict[str, float]:
-        return {"value": self.value, "target": self.target, "horizon": self.horizon}
-
-    def load_state_dict(self, state: dict[str, float]) -> None:
-        self.value = float(state["value"])
-        self.target = float(state["target"])
-        self.horizon = int(state["horizon"])

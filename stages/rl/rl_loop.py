@@ -1,7 +1,8 @@
 """The RL loop on the driver (PPO, GRPO, RLOO): rollout -> scoring -> advantages -> updates, evaluation, checkpoints.
 
 The driver holds only the tokenizer and small tensors (token ids, log-probs, values, scores); every model lives in
-its actor (see `actor_pool.py`). Rollout batch layout: `stages/common/sequences.py`; the objective: `algorithm.py`.
+its actor (see `actor_pool.py`). Rollout batch layout: `stages/common/sequences.py`; the objective: `algorithm.py`
+(the KL coefficient's controllers: `kl_control.py`).
 """
 
 from __future__ import annotations
@@ -20,16 +21,18 @@ from stages.reward_functions.runner import RewardFunctions, pass_rates, weighted
 from stages.rl import algorithm as A
 from stages.rl.actor_pool import ActorPool, gather, pad_to_multiple
 from stages.rl.config import RLConfig
+from stages.rl.kl_control import AdaptiveKLController, FixedKLController
+from stages.rl.masked import masked_sum
 
 GoldFn = Callable[[str, str], float]
 STATE_FILE = "state.json"
 
 
-def make_kl_controller(cfg: RLConfig) -> A.FixedKLController | A.AdaptiveKLController:
+def make_kl_controller(cfg: RLConfig) -> FixedKLController | AdaptiveKLController:
     """The fixed controller by default; Ziegler et al.'s adaptive one when `adaptive_kl`."""
     if cfg.adaptive_kl:
-        return A.AdaptiveKLController(cfg.kl_coef, cfg.kl_target, cfg.kl_horizon)
-    return A.FixedKLController(cfg.kl_coef)
+        return AdaptiveKLController(cfg.kl_coef, cfg.kl_target, cfg.kl_horizon)
+    return FixedKLController(cfg.kl_coef)
 
 
 def rows_for_iteration(n: int, iteration: int, batch_size: int, seed: int) -> list[int]:
@@ -189,7 +192,7 @@ class RLLoop:
         t3 = time.perf_counter()
 
         # the sequence KL (k1, summed over the reply) is what the controller tracks and what we report
-        seq_kl = A.masked_sum(batch["logprobs"] - ref_logprobs, mask, dim=1)
+        seq_kl = masked_sum(batch["logprobs"] - ref_logprobs, mask, dim=1)
         self.kl_controller.update(float(seq_kl.mean()), len(replies_prompts))
         gold = scored.gold
         metrics = {
@@ -236,7 +239,7 @@ class RLLoop:
                               for c, v in columns.items()}  # fmt: skip
             batch = self._generate(padded, seed=seed + start)
             scored = self._score(batch, padded, padded_columns, -1, with_values=False)
-            seq_kl = A.masked_sum(batch["logprobs"] - scored.ref_logprobs, batch["reply_mask"], dim=1)
+            seq_kl = masked_sum(batch["logprobs"] - scored.ref_logprobs, batch["reply_mask"], dim=1)
             for i, prompt in enumerate(chunk):
                 rows.append({
                     "prompt": prompt, "response": scored.texts[i], "reward_score": float(scored.reward[i]),
@@ -320,8 +323,9 @@ class CheckpointState:
     `state.json` (the commit marker).
 
     state.json holds the iteration, the KL controller, the metric history and the pre-training evaluation, so a
-    restarted stage continues the same curves. It is written last (atomically on a local disk): a crash mid-save
-    leaves the previous checkpoint in force. work_dir may be an fsspec URI shared by the nodes of a cluster.
+    restarted stage continues the same curves. It is written last and whole on every backend (a local disk: a temp
+    file synced and renamed over the old one; an object store: one put of the full bytes), so a crash mid-save leaves
+    the previous checkpoint in force. work_dir may be an fsspec URI shared by the nodes of a cluster.
     """
 
     def __init__(self, work_dir: str):

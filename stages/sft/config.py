@@ -37,6 +37,10 @@ class Config(Section):
     generation_batch_size: int = Field(32, ge=1)  # prompts per batched, left-padded generate call
     zero_stage: int | None = Field(None, ge=0, le=3)  # DeepSpeed ZeRO stage; None = plain DDP (the CPU default)
     bf16: bool = False  # bf16 mixed precision (GPU clusters); CPU runs stay in fp32
+    # TRL's packing (best-fit decreasing into rows of max_length tokens, padding-free: one flattened row per
+    # micro-batch, position ids restarting per sequence); batch_size then counts packed rows. Refused before the run
+    # for a model whose attention would see across packed sequences (stages/sft/packing.py)
+    packing: bool = False
     lora: LoraSection | None = None  # train a LoRA adapter (peft) instead of every weight; null = full
     gate: SFTGate = Field(default_factory=SFTGate)  # checked by the flow; not part of the cache key
 

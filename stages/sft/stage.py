@@ -9,8 +9,10 @@ from __future__ import annotations
 import time
 
 from stages.common.context import Scaling, StageContext
+from stages.common.hf import model_load_kwargs
 from stages.sft.config import Config
 from stages.sft.inputs import check_lengths, to_prompt_completion
+from stages.sft.packing import preflight as packing_preflight
 from stages.sft.train import SFTLoopConfig, train_loop
 from stages.trl.demo_eval import DemoEval
 from stages.trl.driver import build_loop_config, check_kind, load_rows, model_context, token_limit, train_and_publish
@@ -39,6 +41,9 @@ def prepare(config: Config, base_model, data, *, scaling: Scaling, seed: int = 0
         for split in ("train", "test")
     }
     limit = token_limit(config.max_length, context, f"{NAME}: config vs base_model {base_model.ref}")
+    if config.packing:
+        packing_preflight(base_model.path, model_load_kwargs(config.bf16)["attn_implementation"],
+                          f"{NAME}: base_model {base_model.ref}")  # fmt: skip
     for split, rows in splits.items():
         check_lengths(rows, tokenizer, limit, f"{NAME}: data {data.ref} {split}.jsonl")
     demo_task = (data.manifest.get("extra") or {}).get("task") == "demo"
@@ -49,7 +54,7 @@ def prepare(config: Config, base_model, data, *, scaling: Scaling, seed: int = 0
     )
     return build_loop_config(
         SFTLoopConfig, config, base_model, splits, stage=NAME, limit=limit, scaling=scaling, seed=seed, store=store,
-        tokenizer=plan, demo_task=demo_task, demo_eval=demo_eval,
+        tokenizer=plan, demo_task=demo_task, demo_eval=demo_eval, packing=config.packing,
     )
 
 

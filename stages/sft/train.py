@@ -11,6 +11,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from stages.sft.packing import check_packed_attention
 from stages.trl.demo_eval import DemoEval, demo_metrics
 from stages.trl.loop_config import FINAL_DIR, TrainLoopConfig
 from stages.trl.worker import (
@@ -31,6 +32,7 @@ class SFTLoopConfig(TrainLoopConfig):
     """What the SFT workers get beyond the shared fields: the held-out demo evaluation."""
 
     demo_eval: DemoEval
+    packing: bool = False  # sft.packing: TRL's "bfd" packing, padding-free (see stages/sft/packing.py)
 
 
 def build_trainer(cfg: SFTLoopConfig, output_dir: str):
@@ -43,8 +45,11 @@ def build_trainer(cfg: SFTLoopConfig, output_dir: str):
         **training_args(cfg, output_dir),
         max_length=cfg.max_length,
         completion_only_loss=True,  # labels of prompt tokens are -100 (tested in tests/trl/test_sft.py)
+        packing=cfg.packing,  # strategy "bfd" (TRL's default) turns padding_free on (tests/trl/test_sft_packing.py)
     )
     model, tokenizer = load_causal_lm(cfg)
+    if cfg.packing and not _zero3(cfg):  # the model as loaded keeps packed sequences apart, or this is refused
+        check_packed_attention(model, f"{cfg.stage}: model {cfg.model_dir}")
     return SFTTrainer(
         model=model,
         args=args,
@@ -52,6 +57,10 @@ def build_trainer(cfg: SFTLoopConfig, output_dir: str):
         peft_config=peft_config(cfg, "CAUSAL_LM"),
         **trainer_datasets(cfg),
     )
+
+
+def _zero3(cfg: SFTLoopConfig) -> bool:
+    return bool(cfg.deepspeed) and (cfg.deepspeed.get("zero_optimization") or {}).get("stage") == 3
 
 
 def train_loop(config: dict[str, Any]) -> None:

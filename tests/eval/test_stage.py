@@ -73,6 +73,15 @@ def test_reply_mask_stops_after_first_eos_and_generated_columns():
     assert mask.tolist() == [[1, 1, 0, 0], [1, 1, 1, 0], [1, 0, 0, 0]]
 
 
+def test_policy_names_are_refused_with_a_trailing_newline():
+    from stages.eval.inputs import check_policy_names
+
+    check_policy_names({"ppo": None, "policy-dpo_2": None})
+    for bad in ("ppo\n", "policy.v1", "sft", ""):  # `$` matched before a final newline and let "ppo\n" through
+        with pytest.raises(StageInputError, match="model name"):
+            check_policy_names({bad: None})
+
+
 def test_left_pad():
     ids, mask = left_pad([[4, 5, 6], [7]], pad_id=0, device=torch.device("cpu"))
     assert ids.tolist() == [[4, 5, 6], [0, 0, 7]] and mask.tolist() == [[1, 1, 1], [0, 0, 1]]

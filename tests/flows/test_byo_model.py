@@ -15,10 +15,11 @@ import shutil
 
 import pytest
 
+from flows.cached import all_cached
 from flows.cli import main as cli
 from flows.config import load_config
 from flows.pipeline import rlhf
-from flows.plan import all_cached, plan_run, stage_cache_key
+from flows.plan import plan_run, stage_cache_key
 from stages.common.store import ArtifactStore
 from stages.data.demo import DemoConfig, generate
 from tests.tiny_models import save_tiny_model_dir

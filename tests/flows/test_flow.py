@@ -1,4 +1,4 @@
-"""The Prefect flow over the four stages, with a real Prefect API and a real local Ray on the tiny preset."""
+"""The Prefect flow over every stage, with a real Prefect API and a real local Ray on the tiny preset."""
 
 from __future__ import annotations
 

@@ -92,6 +92,29 @@ def test_cli_dry_run_json_holds_no_credentials(capsys, tmp_path, monkeypatch):
     _no_secret(out + err)
 
 
+def test_cli_dry_run_text_holds_no_credentials(capsys, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    assert main(["run", "--preset", "tiny", "--dry-run", "--store", "memory://user:s3cr3t-pw@redact-test/dry-text"]) == 0
+    out, err = capsys.readouterr()
+    assert "store: memory://user:***@redact-test/dry-text)" in out, out
+    _no_secret(out + err)
+
+
+def test_flow_run_parameters_hold_no_credentials():
+    """Prefect records and shows the flow run's parameters: the store and the --set overrides go there masked, and
+    the flow still takes the plan made with the real URI (the masked parameters match it)."""
+    from flows.pipeline import flow_params
+    from flows.plan import run_params
+
+    params = run_params({"store": STORE_URI, "overrides": [f"tracking.uri={DB_URI}", "sft.max_steps=2"]})
+    shown = flow_params(params)
+    assert shown["store"] == "s3://AKIAEXAMPLE:***@bucket/prefix"
+    assert shown["overrides"] == ["tracking.uri=postgresql://mlflow:***@db.example:5432/mlflow", "sft.max_steps=2"]
+    _no_secret(json.dumps(shown))
+    assert flow_params(shown) == shown and params["store"] == STORE_URI
+    assert flow_params(run_params({}))["store"] is None
+
+
 def test_probe_reaches_a_server_named_with_credentials():
     """urllib cannot open a URL with a user part (it reads `admin:pw@127.0.0.1` as the host name), so the probe asked
     nobody and turned tracking off for every password-protected server; it now asks the host without them."""

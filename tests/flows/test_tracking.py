@@ -1,4 +1,5 @@
-"""flows/tracking.py: the pure helpers with hand-computed values, then a Tracker against a real local MLflow store.
+"""flows/tracking_values.py (the pure helpers) with hand-computed values, then flows/tracking.py's Tracker against a
+real local MLflow store.
 
 Real artifacts are published into a real ArtifactStore in a temp dir; the MLflow side is a real sqlite store read back
 with MlflowClient / mlflow.search_runs. One sqlite database serves the module (creating one runs MLflow's migrations,
@@ -17,10 +18,9 @@ from pathlib import Path
 import pytest
 from pydantic import ValidationError
 
-from flows.tracking import (
+from flows.tracking import Tracker, TrackingSection
+from flows.tracking_values import (
     PARAM_VALUE_MAX,
-    Tracker,
-    TrackingSection,
     by_output,
     clip,
     flatten,

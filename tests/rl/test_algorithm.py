@@ -1,4 +1,4 @@
-"""PPO math against values computed by hand (stages/rl/algorithm.py imports only torch)."""
+"""PPO math against values computed by hand (stages/rl/algorithm.py, masked.py, kl_control.py: torch or nothing)."""
 
 from __future__ import annotations
 
@@ -9,6 +9,8 @@ import torch
 
 from stages.common.forwards import entropy_from_logits, logprobs_from_logits
 from stages.rl import algorithm as A
+from stages.rl import masked as M
+from stages.rl.kl_control import AdaptiveKLController, FixedKLController
 
 
 def close(a, b, tol=1e-5):
@@ -19,25 +21,25 @@ def close(a, b, tol=1e-5):
 def test_masked_mean_ignores_padding_and_empty_rows():
     x = torch.tensor([[1.0, 2.0, 3.0, 100.0], [4.0, 50.0, 60.0, 70.0]])
     m = torch.tensor([[1.0, 1.0, 1.0, 0.0], [1.0, 0.0, 0.0, 0.0]])
-    assert close(A.masked_mean(x, m), (1 + 2 + 3 + 4) / 4)
-    assert close(A.masked_mean(x, m, dim=1), [2.0, 4.0])
-    assert close(A.masked_mean(x, torch.zeros_like(m)), 0.0)
+    assert close(M.masked_mean(x, m), (1 + 2 + 3 + 4) / 4)
+    assert close(M.masked_mean(x, m, dim=1), [2.0, 4.0])
+    assert close(M.masked_mean(x, torch.zeros_like(m)), 0.0)
 
 
 def test_masked_var_and_whiten_by_hand():
     # unmasked values 1, 2, 3: mean 2, unbiased variance ((1)^2 + 0 + (1)^2) / 2 = 1 -> whitened -1, 0, 1.
     x = torch.tensor([[1.0, 2.0, 3.0, 100.0]])
     m = torch.tensor([[1.0, 1.0, 1.0, 0.0]])
-    assert close(A.masked_var(x, m), 1.0)
-    assert close(A.masked_var(x, m, unbiased=False), 2.0 / 3.0)
-    assert close(A.masked_whiten(x, m), [[-1.0, 0.0, 1.0, 0.0]], tol=1e-4)
+    assert close(M.masked_var(x, m), 1.0)
+    assert close(M.masked_var(x, m, unbiased=False), 2.0 / 3.0)
+    assert close(M.masked_whiten(x, m), [[-1.0, 0.0, 1.0, 0.0]], tol=1e-4)
     # without shifting the mean, the mean (2) is added back: 1, 2, 3 stay centred on 2 with unit variance.
-    assert close(A.masked_whiten(x, m, shift_mean=False), [[1.0, 2.0, 3.0, 0.0]], tol=1e-4)
+    assert close(M.masked_whiten(x, m, shift_mean=False), [[1.0, 2.0, 3.0, 0.0]], tol=1e-4)
 
 
 def test_masked_var_needs_two_values():
     with pytest.raises(ValueError, match="at least 2"):
-        A.masked_var(torch.tensor([[1.0, 2.0]]), torch.tensor([[1.0, 0.0]]))
+        M.masked_var(torch.tensor([[1.0, 2.0]]), torch.tensor([[1.0, 0.0]]))
 
 
 # -------------------------------------------------------------------------------------------------- KL, entropy
@@ -155,24 +157,24 @@ def test_value_loss_clipping():
 
 # -------------------------------------------------------------------------------------------------- controllers
 def test_adaptive_kl_controller_update_by_hand():
-    c = A.AdaptiveKLController(0.1, target=6.0, horizon=10000)
+    c = AdaptiveKLController(0.1, target=6.0, horizon=10000)
     c.update(current_kl=6.6, n_steps=1000)  # error 0.1 -> x (1 + 0.1 * 0.1)
     assert c.value == pytest.approx(0.101)
     c.update(current_kl=60.0, n_steps=1000)  # error 9 clipped to 0.2 -> x 1.02
     assert c.value == pytest.approx(0.101 * 1.02)
     c.update(current_kl=0.0, n_steps=1000)  # error -1 clipped to -0.2 -> x 0.98
     assert c.value == pytest.approx(0.101 * 1.02 * 0.98)
-    restored = A.AdaptiveKLController(1.0, target=1.0, horizon=1)
+    restored = AdaptiveKLController(1.0, target=1.0, horizon=1)
     restored.load_state_dict(c.state_dict())
     assert (restored.value, restored.target, restored.horizon) == (c.value, 6.0, 10000)
 
 
 def test_fixed_kl_controller_does_not_move():
-    c = A.FixedKLController()
+    c = FixedKLController()
     assert c.value == 0.05
     c.update(100.0, 1000)
     assert c.value == 0.05
-    c2 = A.FixedKLController(0.3)
+    c2 = FixedKLController(0.3)
     c2.load_state_dict(c.state_dict())
     assert c2.value == 0.05
 

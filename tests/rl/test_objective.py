@@ -10,6 +10,7 @@ import torch
 
 from stages.rl import algorithm as A
 from stages.rl.config import GRPOConfig, PPOConfig, RLOOConfig
+from stages.rl.masked import masked_whiten
 from stages.rl.rl_loop import RLLoop
 
 
@@ -64,7 +65,7 @@ def test_ppo_advantages_clip_shape_and_gae_by_hand():
     # mean -0.125; unbiased variance 2 * 0.175^2 / 1
     assert out.stats == pytest.approx({"advantage_mean": -0.125, "advantage_std": math.sqrt(2 * 0.175**2)})
     whitened = A.advantages("ppo", c["scores"], c["kl"], c["mask"], c["values"], 0.5, reward_clip=0.5, lam=1.0)
-    assert close(whitened.advantages, A.masked_whiten(out.advantages, c["mask"]))
+    assert close(whitened.advantages, masked_whiten(out.advantages, c["mask"]))
 
 
 GROUP_CASE = {"scores": torch.tensor([1.0, 2.0, 3.0, 6.0]), "mask": torch.tensor([[1.0, 1.0], [1.0, 0.0], [1.0, 1.0], [1.0, 1.0]]),
@@ -100,7 +101,7 @@ def test_the_loop_chooses_each_sections_advantages():
     assert close(adv, [[-0.3, 0.05]]) and close(returns, [[0.2, 0.3]]) and close(rewards, [0.2])
     whitened, *_ = loop(PPOConfig(reward_clip=0.5, lam=1.0))._advantages(c["scores"], c["kl"], c["mask"],
                                                                          c["values"], 0.5)  # fmt: skip
-    assert close(whitened, A.masked_whiten(adv, c["mask"]))  # whiten_advantages defaults to on
+    assert close(whitened, masked_whiten(adv, c["mask"]))  # whiten_advantages defaults to on
     g = GROUP_CASE
     # GRPO: scale_rewards on by default, off for Dr. GRPO; RLOO: the leave-one-out baseline; no returns either way
     expected = [
