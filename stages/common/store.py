@@ -309,12 +309,13 @@ class ArtifactStore(StageCache):
         if not matches:
             raise ArtifactError(
                 f"{prefix}: no artifact has a digest starting with it in {redact_credentials(self.root)}")
-        if len(matches) > 1:
+        if len({m["digest"] for m in matches}) > 1:  # one content under several names (an import and a
+            # config-named copy of it) is not ambiguous: the objects are the same files, so any manifest serves
             cands = ", ".join(f"{m['name']}@v{m['version']} ({m['digest'][:12]})" for m in matches)
             raise ArtifactError(
                 f"{prefix}: ambiguous digest prefix, candidates: {cands}; use a longer prefix or NAME@vN"
             )
-        return matches[0]
+        return min(matches, key=lambda m: (m["name"], m["version"]))
 
     def _artifact(self, manifest: dict, path: str = "", reports_path: str = "") -> Artifact:
         return Artifact(

@@ -18,7 +18,6 @@ from stages.common.artifact_import import ArtifactImportError, check_name
 from stages.data import arithmetic, demo
 from stages.data.demo import DemoConfig
 from stages.data.read import (
-    _BUILDERS,
     FORMATS,
     SPLITS,
     DataError,
@@ -85,9 +84,7 @@ def check_source(source: str, fmt: str, *, columns: dict[str, str] | None = None
         if columns:
             raise DataError(f"demo: a column map ({columns}) applies to a user's file, not to the generated demo data")
         return
-    path = Path(source).expanduser()
-    local = path.exists() or path.suffix.lower() in _BUILDERS or source.startswith((".", "/", "~"))
-    if source.startswith("hf:") or not local:
+    if source.startswith("hf:"):  # downloaded by ingest itself
         return
     if not 0.0 < test_fraction < 1.0:
         raise DataError(f"test_fraction must be in (0, 1), found {test_fraction}")

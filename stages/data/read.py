@@ -1,7 +1,8 @@
 """Reading and validating data sets with `datasets`: a user's source, or one split of a dataset artifact.
 
 A source is a local file (.jsonl, .json, .parquet, .txt), a local directory holding train/test files, or a Hugging
-Face dataset name (`hf:NAME` or `NAME`). Every problem with the data is a `DataError` whose message is one line naming
+Face dataset name (`hf:NAME`: the prefix is required, so a mistyped or missing local path is an error, not a Hub
+lookup under that name, which is what a Ray job whose upload left the data folder out would silently do). Every problem with the data is a `DataError` whose message is one line naming
 the source, what was expected and what was found. ingest.py turns what is read here into dataset artifacts.
 """
 
@@ -135,9 +136,13 @@ def read_splits(source: str) -> dict[str, datasets.Dataset]:
         return _read_saved(path) if _is_saved_dataset(path) else _read_dir(path)
     if path.is_file():
         return {"train": _read_file(path)}
-    if path.suffix.lower() in _BUILDERS or source.startswith((".", "/", "~")):
-        raise DataError(f"{source}: no such file or directory")
-    return _read_hub(source)
+    raise DataError(f"{source}: no such file or directory{_cwd_hint(source)} (a Hugging Face Hub data set is named "
+                    f"hf:{source})")
+
+
+def _cwd_hint(source: str) -> str:
+    """Where a relative path was looked for: under `ray job submit` that is the job's uploaded working dir."""
+    return "" if Path(source).expanduser().is_absolute() else f" under {Path.cwd()}"
 
 
 # Columns that may hold TRL's conversational form (a list of {role, content} turns) instead of a string; a row is

@@ -121,9 +121,12 @@ def test_hub_name_without_network(monkeypatch: pytest.MonkeyPatch) -> None:
     # offline mode makes the hub client fail at once instead of retrying for ~25 s; the path taken is the real one
     monkeypatch.setattr(datasets.config, "HF_HUB_OFFLINE", True)
     monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)
-    for source in ("hf:someone/no-such-set", "imdb"):
+    for source in ("hf:someone/no-such-set", "hf:imdb"):
         msg = error_of(load_source, source, "corpus")
         assert source.removeprefix("hf:") in msg and "cannot load from the Hugging Face Hub" in msg
+    # a bare name is a local path: not there, it says so and how to name a Hub set, and never asks the Hub
+    msg = error_of(load_source, "imdb", "corpus")
+    assert "imdb: no such file or directory" in msg and "hf:imdb" in msg and "Hugging Face Hub data set" in msg
 
 
 # --- each file type loads ---

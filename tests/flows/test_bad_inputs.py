@@ -149,6 +149,16 @@ def test_bad_data_is_refused_before_publishing(only, key, name, rows, expected, 
     assert snapshot(store) == before
 
 
+@pytest.mark.parametrize("source", ["demo-data/sft", "my_sft_rows", "org/data-set"])
+def test_a_missing_relative_path_is_not_looked_up_on_the_hub(source, store, tmp_path, capfd):
+    """A relative path that is not there (a Ray job's upload excludes demo-data/) was fetched from the Hugging Face
+    Hub under that name; the Hub is reached only through `hf:NAME` (issue 27 item 10)."""
+    before = snapshot(store)
+    code, out, err = cli(run_args(store, tmp_path, *SFT_ONLY, "--set", f"data.sft={source}"), capfd)
+    assert_one_line_error(code, out, err, source, "no such file or directory", f"hf:{source}")
+    assert snapshot(store) == before
+
+
 def test_bad_data_of_a_late_stage_fails_before_the_first_stage(tmp_path, capfd):
     """The whole pipeline on a fresh store: the preference file is refused before the demo corpus is published or
     pretraining starts (the run is validated first, nothing waits for the stages ahead of reward)."""
