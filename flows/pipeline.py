@@ -35,6 +35,7 @@ from stages.common.gates import GateFailed, check_gate
 from stages.common.ray_train import console_log_dir, verbose
 from stages.common.redact import redact_credentials
 from stages.common.store import ArtifactError, ArtifactStore
+from stages.common.store_files import is_no_space
 from stages.data.read import DataError
 from stages.reward_functions.artifact import ROLE_PREFIX as REWARD_FN_ROLE_PREFIX
 
@@ -74,7 +75,8 @@ def _worth_retrying(task_obj, task_run, state) -> bool:
             exc = state.result(raise_on_failure=False)
         except Exception as e:  # noqa: BLE001 - reading the state is best effort
             exc = e
-    return not isinstance(exc, USER_ERRORS)
+    # a full disk or spent quota (a checkpoint write, say) fails the same way on every try
+    return not isinstance(exc, USER_ERRORS) and not is_no_space(exc)
 
 
 @task(name="data", cache_policy=NO_CACHE, persist_result=False)

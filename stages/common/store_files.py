@@ -10,6 +10,7 @@ truncate changes the signature, so an in-place corruption after the first check 
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import json
 import os
@@ -26,6 +27,27 @@ class ArtifactError(Exception):
 
 class ArtifactCorrupted(ArtifactError):
     """A file of an artifact is missing, extra or fails its sha256 check; the message names the file."""
+
+
+class StoreFull(ArtifactError):
+    """The store's disk (or quota) refused a write: one line, nothing published, and not retried, since another
+    try fills the same disk again."""
+
+
+# no room (a full disk, a spent quota, a file over the size limit): trying again changes nothing
+NO_SPACE_ERRNOS = frozenset({errno.ENOSPC, errno.EDQUOT, errno.EFBIG})
+
+
+def is_no_space(exc: BaseException | None) -> bool:
+    return isinstance(exc, OSError) and exc.errno in NO_SPACE_ERRNOS
+
+
+def raise_if_full(exc: BaseException, root: str, what: str) -> None:
+    """Turn a no-space OSError into StoreFull's one line (the caller has removed its partial files already)."""
+    if is_no_space(exc):
+        raise StoreFull(f"artifact store {root}: no space left while {what} ({exc.strerror or exc}); nothing was "
+                        "published and the partial copy was removed; free space (`rlhf artifacts gc` lists orphans) "
+                        "and run again") from None
 
 
 def to_json(manifest: dict, where: str) -> bytes:

@@ -3,6 +3,7 @@ os.link, which is atomic and exclusive where O_EXCL + write is not (a reader cou
 
 from __future__ import annotations
 
+import contextlib
 import os
 import shutil
 import time
@@ -13,6 +14,7 @@ from stages.common.store_files import (
     ArtifactCorrupted,
     copy_and_hash,
     mark_verified,
+    raise_if_full,
     tree_digest,
     verify_dir,
 )
@@ -32,22 +34,29 @@ class LocalBackend:
         return "/".join([self.base, *parts])
 
     def put_object(self, sources: dict[str, Path]) -> tuple[dict[str, str], str]:
-        """Copy the files to objects/<digest>, hashing as they are copied; the directory appears whole or not at all."""
+        """Copy the files to objects/<digest>, hashing as they are copied; the directory appears whole or not at all.
+        A copy that fails (a full disk, a read error, an interrupt) removes its temp folder before raising."""
         tmp = Path(self._p("tmp", f"obj-{uuid.uuid4().hex}"))
-        files: dict[str, str] = {}
-        for rel, p in sources.items():
-            (tmp / rel).parent.mkdir(parents=True, exist_ok=True)
-            files[rel] = copy_and_hash(p, tmp / rel)
-            os.chmod(tmp / rel, 0o444)  # artifacts are immutable; guard against in-place edits
-        digest = tree_digest(files)
-        target = Path(self._p("objects", digest))
+        rel = ""
         try:
-            os.rename(tmp, target)  # atomic: the object directory appears complete or not at all
-            mark_verified(target, files)  # hashed while copying: the first get need not read it again
-        except OSError:
-            if not target.is_dir():
-                raise
-            self._keep_or_repair(target, tmp, files)
+            files: dict[str, str] = {}
+            for rel, p in sources.items():
+                (tmp / rel).parent.mkdir(parents=True, exist_ok=True)
+                files[rel] = copy_and_hash(p, tmp / rel)
+                os.chmod(tmp / rel, 0o444)  # artifacts are immutable; guard against in-place edits
+            digest = tree_digest(files)
+            target = Path(self._p("objects", digest))
+            try:
+                os.rename(tmp, target)  # atomic: the object directory appears complete or not at all
+                mark_verified(target, files)  # hashed while copying: the first get need not read it again
+            except OSError:
+                if not target.is_dir():
+                    raise
+                self._keep_or_repair(target, tmp, files)
+        except BaseException as e:
+            shutil.rmtree(tmp, ignore_errors=True)  # else every failed try leaves a partial copy in tmp/
+            raise_if_full(e, self.base, f"copying {rel!r} of a new object")
+            raise
         return files, digest
 
     def _keep_or_repair(self, target: Path, fresh: Path, files: dict[str, str]) -> None:
@@ -64,30 +73,46 @@ class LocalBackend:
                 if not target.is_dir():  # another publisher's repair won the race; theirs is as good
                     raise
             shutil.rmtree(trash, ignore_errors=True)
+        else:
+            os.utime(target)  # in use again: `rlhf artifacts gc` spares an object this young until its manifest lands
         shutil.rmtree(fresh, ignore_errors=True)
 
     def create_exclusive(self, path: str, data: bytes) -> bool:
         """Create path holding data unless it exists; readers see the whole file or nothing. False if it existed."""
         os.makedirs(os.path.dirname(path), exist_ok=True)
         tmp = self._p("tmp", f"manifest-{uuid.uuid4().hex}")
-        with open(tmp, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
         try:
-            os.link(tmp, path)  # atomic and exclusive, unlike O_EXCL + write
-            return True
-        except FileExistsError:
-            return False
+            self._write_synced(tmp, data)
+            try:
+                os.link(tmp, path)  # atomic and exclusive, unlike O_EXCL + write
+                return True
+            except FileExistsError:
+                return False
+        except OSError as e:
+            raise_if_full(e, self.base, f"writing {os.path.relpath(path, self.base)!r}")
+            raise
         finally:
-            os.unlink(tmp)
+            with contextlib.suppress(FileNotFoundError):  # a failed write leaves no manifest-* behind either
+                os.unlink(tmp)
 
     def replace(self, path: str, data: bytes) -> None:
         """Write path whole: readers see the old content or the new, never half of either."""
         tmp = self._p("tmp", f"replace-{uuid.uuid4().hex}")
-        with open(tmp, "wb") as f:
+        try:
+            self._write_synced(tmp, data)
+            os.replace(tmp, path)
+        except BaseException as e:
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(tmp)
+            raise_if_full(e, self.base, f"writing {os.path.relpath(path, self.base)!r}")
+            raise
+
+    @staticmethod
+    def _write_synced(path: str, data: bytes) -> None:
+        with open(path, "wb") as f:
             f.write(data)
-        os.replace(tmp, path)
+            f.flush()
+            os.fsync(f.fileno())
 
     def object_dir(self, manifest: dict, where: str, *, force: bool = False) -> str:
         """The verified directory of manifest's files, inside the store (hashed once per process unless force)."""

@@ -28,6 +28,7 @@ from stages.common.store_files import (
     check_listing,
     hash_stream,
     mark_verified,
+    raise_if_full,
     tree_digest,
     verify_dir,
 )
@@ -69,9 +70,29 @@ class RemoteBackend:
         digest = tree_digest(files)
         # Object stores write each file whole, so uploading again is safe for concurrent readers, and it repairs
         # an object damaged since it was first published (else a rerun after corruption could never fix it).
-        for rel, p in sources.items():
-            self.fs.put_file(str(p), self._p("objects", digest, rel))
+        obj = self._p("objects", digest)
+        self.fs.invalidate_cache(obj)
+        new = not self.fs.exists(obj)  # an object that existed may be a manifest's: a failed upload never removes it
+        uploaded, rel = [], ""
+        try:
+            for rel, p in sources.items():
+                uploaded.append(f"{obj}/{rel}")  # before the upload: a failed one may have left a partial key
+                self.fs.put_file(str(p), uploaded[-1])
+        except BaseException as e:
+            if new:
+                self._remove_quietly(uploaded)
+            raise_if_full(e, redact_credentials(self.root), f"uploading {rel!r} of a new object")
+            raise
         return files, digest
+
+    def _remove_quietly(self, paths: list[str]) -> None:
+        """Best effort: what stays (the store unreachable now) is an unreferenced object `rlhf artifacts gc` finds."""
+        for path in paths:
+            try:
+                self.fs.rm_file(path)
+            except (OSError, ValueError):
+                pass
+        self.fs.invalidate_cache(self.base)
 
     # ---------------------------------------------------------------- exclusive create
 
