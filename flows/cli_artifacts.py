@@ -1,4 +1,4 @@
-"""`rlhf artifacts` (list, show, lineage, verify, import), and what every command that names a store shares: the store
+"""`rlhf artifacts` (list, show, lineage, verify, gc, import), and what every command that names a store shares: the store
 it names (`named_store`), `--store` (`add_store`), JSON output with credentials masked (`print_json`) and
 `UsageError`. flows/cli.py builds the rest of the command line and turns errors into exit codes.
 """
@@ -149,6 +149,48 @@ def cmd_artifacts_import(args: argparse.Namespace) -> int:
     return 0
 
 
+_UNITS = {"s": 1, "m": 60, "h": 3600, "d": 86400}
+
+
+def parse_duration(text: str, where: str) -> float:
+    """'90s', '30m', '1h', '2d' or plain seconds -> seconds; a bad one is a UsageError naming where."""
+    t = str(text).strip().lower()
+    number, unit = (t[:-1], t[-1]) if t and t[-1] in _UNITS else (t, "s")
+    try:
+        value = float(number)
+    except ValueError:
+        value = -1.0
+    if not (value >= 0 and value != float("inf")):
+        raise UsageError(f"{where} {text!r}: expected a duration like 90s, 30m, 1h or 2d (0 or more)")
+    return value * _UNITS[unit]
+
+
+def _size(n: int) -> str:
+    return f"{n / (1 << 20):.1f} MiB" if n >= 1 << 20 else f"{n / 1024:.1f} KiB"
+
+
+def cmd_artifacts_gc(args: argparse.Namespace) -> int:
+    from stages.common.store_gc import find_orphans, remove
+
+    grace = parse_duration(args.older_than, "--older-than")
+    store = named_store(args)
+    old, young = find_orphans(store, grace)
+    items = remove(store, old, grace) if args.yes else old
+    total = sum(i.bytes for i in items)
+    if args.json:
+        print_json({"dry_run": not args.yes, "older_than_s": grace, "items": [i.as_dict() for i in items],
+                    "count": len(items), "bytes": total, "kept_young": [i.as_dict() for i in young]})  # fmt: skip
+        return 0
+    for i in items:
+        print(f"{'removed' if args.yes else 'orphan '}  {i.kind:<6}  {i.path}  {_size(i.bytes)}  age "
+              f"{i.age_s / 3600:.1f}h  ({i.reason})")
+    verb = "removed" if args.yes else "would remove"
+    tail = "" if args.yes else "; dry run, --yes deletes them"
+    young_text = f"; kept {len(young)} younger than {args.older_than} (a publish may still need them)" if young else ""
+    print(f"{verb} {len(items)} orphan{'s' if len(items) != 1 else ''}, {_size(total)}{young_text}{tail}")
+    return 0
+
+
 def add_artifacts_commands(sub) -> None:
     """`rlhf artifacts ACTION` under the command line's subparsers `sub`."""
     art = sub.add_parser("artifacts", help="list, show, trace, verify and import artifacts").add_subparsers(
@@ -169,6 +211,13 @@ def add_artifacts_commands(sub) -> None:
         if name != "verify":
             p.add_argument("--json", action="store_true")
         p.set_defaults(func=func)
+    p = art.add_parser("gc", help="list (and with --yes remove) orphans: killed publishes' temp folders, objects "
+                                  "no manifest references; never a referenced object or a recent entry")
+    p.add_argument("--older-than", default="1h", help="grace period: spare anything younger (default 1h; 90s, 30m, 2d)")
+    p.add_argument("--yes", action="store_true", help="delete them (default: a dry run that only lists)")
+    p.add_argument("--json", action="store_true")
+    add_store(p)
+    p.set_defaults(func=cmd_artifacts_gc)
     p = art.add_parser("import", help="bring a local HF model or tokenizer directory, or a data set, into the store")
     p.add_argument(
         "path", help="a HF directory (safetensors), or a data file/folder (jsonl, json, parquet, txt, save_to_disk)"
