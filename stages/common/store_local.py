@@ -46,8 +46,11 @@ class LocalBackend:
                 os.chmod(tmp / rel, 0o444)  # artifacts are immutable; guard against in-place edits
             digest = tree_digest(files)
             target = Path(self._p("objects", digest))
+            # on disk before any manifest names them: else a power cut can leave a manifest over empty files
+            sync_tree(tmp)
             try:
                 os.rename(tmp, target)  # atomic: the object directory appears complete or not at all
+                sync_path(target.parent)  # ... and the rename itself
                 mark_verified(target, files)  # hashed while copying: the first get need not read it again
             except OSError:
                 if not target.is_dir():
@@ -85,6 +88,7 @@ class LocalBackend:
             self._write_synced(tmp, data)
             try:
                 os.link(tmp, path)  # atomic and exclusive, unlike O_EXCL + write
+                sync_path(os.path.dirname(path))  # the new name survives a power cut
                 return True
             except FileExistsError:
                 return False
@@ -132,3 +136,20 @@ class LocalBackend:
                 shutil.rmtree(entry.path) if entry.is_dir(follow_symlinks=False) else os.unlink(entry.path)
                 removed += 1
         return removed
+
+
+def sync_path(path: str | os.PathLike) -> None:
+    """fsync one file or folder (a folder's fsync makes the names created in it durable)."""
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def sync_tree(root: Path) -> None:
+    """fsync every file under root, then every folder bottom-up, root last."""
+    for dirpath, _dirs, names in os.walk(root, topdown=False):
+        for name in names:
+            sync_path(os.path.join(dirpath, name))
+        sync_path(dirpath)

@@ -41,6 +41,19 @@ def cache_root() -> Path:
     return Path(os.environ.get("RLHF_CACHE_DIR") or Path.home() / ".cache" / "rlhf-dag") / "objects"
 
 
+def lost_the_claim(error: OSError) -> bool:
+    """Does this error from a conditional put (`If-None-Match: *`) mean another publisher has or is taking the key?
+
+    412 PreconditionFailed (the key exists) reaches us from s3fs as FileExistsError. 409 ConditionalRequestConflict
+    (AWS: a conflicting put of the same key is in flight) reaches us as a plain OSError carrying botocore's error as
+    its cause; it too means "look again and try the next free version", not a failed publish.
+    """
+    if isinstance(error, FileExistsError):
+        return True
+    response = getattr(error.__cause__, "response", None) or {}
+    return response.get("Error", {}).get("Code") == "ConditionalRequestConflict"
+
+
 class RemoteBackend:
     """Objects, manifests and cache entries on an fsspec filesystem, under base (a path inside fs, no protocol)."""
 
@@ -101,7 +114,10 @@ class RemoteBackend:
         if self.exclusive == "conditional":
             try:
                 self.fs.pipe_file(path, data, mode="create")
-            except FileExistsError:
+            except OSError as e:
+                if not lost_the_claim(e):
+                    raise
+                time.sleep(self.claim_settle_s)  # a 409: another put of this key is in flight; let it land first
                 return False
         elif not self._claim_and_create(path, data):
             return False

@@ -179,14 +179,30 @@ def checkpoint_complete(path: Path) -> bool:
             return (path / FINAL_DIR / "config.json").is_file() and _whole_safetensors(path / FINAL_DIR)
         hf = path / HF_CHECKPOINT_DIR
         json.loads((hf / "trainer_state.json").read_text())
+        # Under DeepSpeed the Trainer writes no optimizer.pt: the engine's state is a global_step* folder that
+        # `latest` names, and `latest` is written after that folder.
+        optimizer = [hf / "optimizer.pt"] if (hf / "optimizer.pt").is_file() else _deepspeed_state(hf)
+        needed = [name for name in HF_CHECKPOINT_FILES if name != "optimizer.pt"]
         return (
-            all((hf / name).is_file() for name in HF_CHECKPOINT_FILES)
+            bool(optimizer)
+            and all((hf / name).is_file() for name in needed)
             and any((hf / name).is_file() for name in HF_CHECKPOINT_WEIGHTS)
             and _whole_safetensors(hf)
-            and all(zipfile.is_zipfile(hf / name) for name in ("optimizer.pt", "scheduler.pt"))  # torch.save = zip
+            and all(zipfile.is_zipfile(f) for f in [*optimizer, hf / "scheduler.pt"])  # torch.save = zip
         )
     except (OSError, ValueError, KeyError, TypeError):
         return False
+
+
+def _deepspeed_state(hf: Path) -> list[Path]:
+    """The `*.pt` files of the DeepSpeed step folder that hf/latest names ([] if there is none, or it is empty)."""
+    if not (hf / "latest").is_file():
+        return []
+    tag = (hf / "latest").read_text().strip()
+    step = hf / tag
+    if not tag.startswith("global_step") or "/" in tag or "\\" in tag or not step.is_dir():
+        return []
+    return sorted(step.glob("*.pt"))
 
 
 def _whole_safetensors(model_dir: Path) -> bool:
