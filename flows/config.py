@@ -44,6 +44,8 @@ class RunSection(Section):
     seed: int = 0
     store: str = Field("./artifacts", min_length=1, description="artifact store root: a folder or an fsspec URI")
     work_dir: str = Field("./runs", min_length=1, description="checkpoints and Ray Train storage, per stage run")
+    untrusted_checkpoints: Literal["refuse", "retrain"] = Field(
+        "refuse", description="a work_dir checkpoint whose files no run recorded writing: refuse it, or retrain")
     ray_address: str | None = Field(None, description="join this Ray cluster; None = RAY_ADDRESS or a local Ray")
     num_workers: int = Field(2, ge=1, description="Ray Train workers per training stage, actors per PPO role")
     cpus_per_worker: float = Field(1.0, gt=0)

@@ -152,6 +152,7 @@ def _run_or_reuse(name: str, node: Node, cfg: PipelineConfig, store: ArtifactSto
         scaling=cfg.run.scaling(),
         log=logger.info,
         report_to=tuple(cfg.tracking.report_to),
+        untrusted_checkpoints=cfg.run.untrusted_checkpoints,
     )
     ray_driver.ensure()
     log_dir = console_log_dir(ctx.work_dir)

@@ -31,3 +31,6 @@ class StageContext:
     report_to: tuple[str, ...] = ()  # experiment trackers the trainers report to as well (tensorboard, wandb, ...)
     # the runner already told the user where the workers' own output goes (the flow says it on its "running" line)
     logs_announced: bool = False
+    # a checkpoint in work_dir whose files this product did not record writing: "refuse" (one line) or
+    # "retrain" (pass it over); see stages/common/checkpoint_digests.py
+    untrusted_checkpoints: str = "refuse"

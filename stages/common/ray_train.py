@@ -28,13 +28,16 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
+from stages.common import checkpoint_digests
 from stages.common.context import StageContext
 
 _LOG_QUEUE_KEY = "__rlhf_log_queue"
 _TRAIN_LOOP_KEY = "__rlhf_train_loop"
 _RESUME_KEY = "__rlhf_resume_from"
 _LOG_DIR_KEY = "__rlhf_log_dir"
+_POLICY_KEY = "__rlhf_untrusted_checkpoints"
 _worker_log_queue = None  # set inside each worker process by _worker_entry
+_worker_policy = "refuse"  # run.untrusted_checkpoints, set by _worker_entry
 _worker_resume_from: str | None = None  # fallback checkpoint dir, set by _worker_entry
 
 
@@ -138,23 +141,24 @@ def storage_path(work_dir: str) -> str:
 
 
 def latest_checkpoint_dir(
-    work_dir: str, run_name: str, is_complete: Callable[[Path], bool] | None = None
+    work_dir: str, run_name: str, is_complete: Callable[[Path], bool] | None = None, policy: str = "refuse"
 ) -> str | None:
-    """The newest whole `checkpoint_*` directory a previous run left under work_dir/run_name (local storage only).
+    """The newest whole, trusted `checkpoint_*` directory a previous run left under work_dir/run_name (local only).
 
-    Ray uploads a checkpoint file by file (in threads, no marker), so a run killed mid-upload leaves a torn folder:
-    a folder counts only if `is_complete(folder)` says so (the stage knows what its checkpoints hold); without
-    `is_complete`, any non-empty folder counts.
+    Ray uploads a checkpoint file by file (in threads), so a run killed mid-upload leaves a torn folder: a folder
+    counts only if `is_complete(folder)` says so (the stage knows what its checkpoints hold; without it, any
+    non-empty folder) and its files match the digests its writers recorded (`checkpoint_digests.check`, which
+    raises under policy "refuse" for a folder whose files no run wrote).
     """
     if "://" in work_dir:
-        return None  # remote storage: Ray's own run snapshot does the restoring
+        return None  # remote storage: Ray's own run snapshot does the restoring, and resume_dir checks it
     run_dir = Path(storage_path(work_dir)) / run_name
-    found = [
-        p
-        for p in run_dir.glob("checkpoint_*")
-        if p.is_dir() and any(p.iterdir()) and (is_complete is None or is_complete(p))
-    ]
-    return str(max(found, key=lambda p: p.stat().st_mtime)) if found else None
+    candidates = sorted((p for p in run_dir.glob("checkpoint_*") if p.is_dir() and any(p.iterdir())),
+                        key=lambda p: p.stat().st_mtime, reverse=True)
+    for p in candidates:  # newest first: the older ones are hashed only if the newer are passed over
+        if (is_complete is None or is_complete(p)) and checkpoint_digests.check(p, policy):
+            return str(p)
+    return None
 
 
 def fit(
@@ -190,7 +194,7 @@ def fit(
     resources = {"CPU": scaling.cpus_per_worker}
     if scaling.use_gpu:
         resources["GPU"] = 1
-    previous = latest_checkpoint_dir(ctx.work_dir, run_name, checkpoint_complete)
+    previous = latest_checkpoint_dir(ctx.work_dir, run_name, checkpoint_complete, ctx.untrusted_checkpoints)
     if previous:
         ctx.log(f"{run_name}: a previous run left checkpoints; resuming from the latest ({Path(previous).name})")
     has_snapshot = previous is not None and any((Path(previous).parent).glob("checkpoint_manager_snapshot*"))
@@ -207,6 +211,7 @@ def fit(
             _LOG_QUEUE_KEY: queue,
             _RESUME_KEY: None if has_snapshot else previous,
             _LOG_DIR_KEY: f"{log_dir}/{run_name}" if log_dir else None,
+            _POLICY_KEY: ctx.untrusted_checkpoints,
         },
         scaling_config=ScalingConfig(
             num_workers=scaling.num_workers, use_gpu=scaling.use_gpu, resources_per_worker=resources
@@ -266,12 +271,13 @@ def _describe_failure(exc: Exception) -> str:
 
 def _worker_entry(config: dict) -> Any:
     """What each Ray Train worker runs: unpack the driver's helpers, then the stage's own train loop."""
-    global _worker_log_queue, _worker_resume_from
+    global _worker_log_queue, _worker_resume_from, _worker_policy
     config = dict(config)
     train_loop = config.pop(_TRAIN_LOOP_KEY)
     _worker_log_queue = config.pop(_LOG_QUEUE_KEY, None)
     _worker_resume_from = config.pop(_RESUME_KEY, None)
     log_prefix = config.pop(_LOG_DIR_KEY, None)
+    _worker_policy = config.pop(_POLICY_KEY, "refuse")
     if log_prefix:
         redirect_output(f"{log_prefix}-rank{world_rank()}.log")
     return train_loop(config)
@@ -308,15 +314,23 @@ def set_torch_threads(cpus: float) -> int:
 
 @contextlib.contextmanager
 def resume_dir() -> Iterator[str | None]:
-    """Local directory of the checkpoint this run resumes from (downloaded if remote), or None on a fresh start."""
+    """Local directory of the checkpoint this run resumes from (downloaded if remote), or None on a fresh start.
+
+    Only a checkpoint whose files match the digests its writers recorded is handed out: the stages unpickle it.
+    One that does not is refused (`UntrustedCheckpoint`) or, under run.untrusted_checkpoints=retrain, passed over.
+    """
     import ray.train
 
     checkpoint = ray.train.get_checkpoint()
     if checkpoint is None:
-        yield _worker_resume_from if _worker_resume_from and Path(_worker_resume_from).is_dir() else None
+        found = _worker_resume_from if _worker_resume_from and Path(_worker_resume_from).is_dir() else None
+        yield found if found and checkpoint_digests.check(found, _worker_policy) else None
         return
     with checkpoint.as_directory() as path:
-        yield path
+        trusted = checkpoint_digests.check(path, _worker_policy)
+        if not trusted:
+            log(f"passing over the checkpoint {Path(path).name}: not as this product's runs wrote it; starting afresh")
+        yield path if trusted else None
 
 
 def report(metrics: dict, checkpoint_dir: str | os.PathLike | None = None) -> None:
@@ -328,7 +342,10 @@ def report(metrics: dict, checkpoint_dir: str | os.PathLike | None = None) -> No
     import ray.train
     from ray.train import Checkpoint
 
-    checkpoint = Checkpoint.from_directory(str(checkpoint_dir)) if checkpoint_dir is not None else None
+    checkpoint = None
+    if checkpoint_dir is not None:
+        checkpoint_digests.record(checkpoint_dir, f"rank{world_rank()}")  # what a resume will accept
+        checkpoint = Checkpoint.from_directory(str(checkpoint_dir))
     ray.train.report(metrics, checkpoint=checkpoint)
 
 

@@ -27,8 +27,8 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any, TypeVar
 
+from stages.common import checkpoint_digests, ray_train
 from stages.common import deepspeed_config as ds
-from stages.common import ray_train
 from stages.common.errors import StageInputError
 from stages.common.hf import ROLE_NAMES, check_vocab_matches
 from stages.trl.loop_config import (
@@ -221,10 +221,10 @@ def _whole_safetensors(model_dir: Path) -> bool:
 # -------------------------------------------------------------------------------------------------- train, publish
 
 
-def _finished_checkpoint(work_dir: str, stage: str) -> Path | None:
-    """The latest whole checkpoint of the stage's run storage if it holds a finished result (local storage only;
-    on remote storage the workers find it themselves, see `train_and_save`)."""
-    latest = ray_train.latest_checkpoint_dir(work_dir, stage, checkpoint_complete)
+def _finished_checkpoint(work_dir: str, stage: str, policy: str) -> Path | None:
+    """The latest whole, trusted checkpoint of the stage's run storage if it holds a finished result (local
+    storage only; on remote storage the workers find it themselves, see `train_and_save`)."""
+    latest = ray_train.latest_checkpoint_dir(work_dir, stage, checkpoint_complete, policy)
     return Path(latest) if latest and (Path(latest) / RESULT_FILE).is_file() else None
 
 
@@ -256,7 +256,7 @@ def train_and_publish(train_loop: Callable[[dict], None], loop: TrainLoopConfig,
     if ctx.report_to:  # the HF Trainer's own integrations; their logs live beside the stage's checkpoints
         loop = dataclasses.replace(loop, report_to=tuple(ctx.report_to),
                                    logging_dir=f"{ray_train.storage_path(ctx.work_dir).rstrip('/')}/tracking")  # fmt: skip
-    finished = _finished_checkpoint(ctx.work_dir, stage)
+    finished = _finished_checkpoint(ctx.work_dir, stage, ctx.untrusted_checkpoints)
     if finished is not None:  # e.g. the publish failed after training: the result is there, no workers needed
         ctx.log(f"{stage}: training already finished in an earlier attempt ({finished.name}); reusing its result")
         checkpoint = contextlib.nullcontext(str(finished))
@@ -264,6 +264,9 @@ def train_and_publish(train_loop: Callable[[dict], None], loop: TrainLoopConfig,
         checkpoint = ray_train.fit(train_loop, to_ray(loop), ctx=ctx, run_name=stage,
                                    checkpoint_complete=checkpoint_complete).checkpoint.as_directory()  # fmt: skip
     with tempfile.TemporaryDirectory(prefix=f"rlhf-{stage}-out-") as tmp, checkpoint as ckpt:
+        state, what = checkpoint_digests.verdict(ckpt)  # final/ is published only as the run that wrote it left it
+        if state != "ok":
+            raise checkpoint_digests.UntrustedCheckpoint(f"{stage}: not publishing the final checkpoint: {what}")
         out, reports = Path(tmp) / "model", Path(tmp) / "reports"  # reports: outside the artifact's digest
         shutil.copytree(Path(ckpt) / FINAL_DIR, out)
         reports.mkdir()

@@ -125,6 +125,23 @@ def progress_callback(stage: str, max_steps: int, timing: dict[str, float], extr
     return Progress()
 
 
+def digests_callback(rank: int):
+    """A TrainerCallback that records the digests of each HF checkpoint this rank saved, so a resume can tell
+    its files from ones someone else put in the work_dir (stages/common/checkpoint_digests.py)."""
+    from transformers import TrainerCallback
+    from transformers.trainer_utils import get_last_checkpoint
+
+    from stages.common.checkpoint_digests import record
+
+    class RecordDigests(TrainerCallback):
+        def on_save(self, args, state, control, **kwargs):
+            saved = get_last_checkpoint(args.output_dir)
+            if saved is not None:
+                record(saved, f"rank{rank}")
+
+    return RecordDigests()
+
+
 def resume_state(scratch: Path) -> tuple[Path | None, Path | None]:
     """(local copy of a finished run's last checkpoint, local HF Trainer checkpoint to resume from); None if absent."""
     with ray_train.resume_dir() as resume:
@@ -178,6 +195,7 @@ def train_and_save(cfg: TrainLoopConfig, rank: int, scratch: Path, *, build_trai
     trainer = build_trainer(cfg, str(scratch / "trainer"))
     tokenizer = trainer.processing_class
     timing: dict[str, float] = {}
+    trainer.add_callback(digests_callback(rank))  # before Ray's callback, which uploads the folder on save
     trainer.add_callback(RayTrainReportCallback())
     trainer.add_callback(progress_callback(stage, cfg.max_steps, timing, log_keys))
     trainer = prepare_trainer(trainer)
