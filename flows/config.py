@@ -44,6 +44,10 @@ class RunSection(Section):
     seed: int = 0
     store: str = Field("./artifacts", min_length=1, description="artifact store root: a folder or an fsspec URI")
     work_dir: str = Field("./runs", min_length=1, description="checkpoints and Ray Train storage, per stage run")
+    # two runs of one stage and cache key share its work_dir: the second waits this long for the first, then
+    # refuses (0 = refuse at once); a lease not renewed for the ttl (a holder on another host that died) is stale
+    work_dir_lease_wait_s: float = Field(0.0, ge=0, description="wait for another run holding a stage's work_dir")
+    work_dir_lease_ttl_s: float = Field(600.0, gt=0, description="a work_dir lease not renewed this long is stale")
     untrusted_checkpoints: Literal["refuse", "retrain"] = Field(
         "refuse", description="a work_dir checkpoint whose files no run recorded writing: refuse it, or retrain")
     ray_address: str | None = Field(None, description="join this Ray cluster; None = RAY_ADDRESS or a local Ray")

@@ -36,6 +36,7 @@ from stages.common.ray_train import console_log_dir, verbose
 from stages.common.redact import redact_credentials
 from stages.common.store import ArtifactError, ArtifactStore
 from stages.common.store_files import is_no_space
+from stages.common.work_lease import work_dir_lease
 from stages.data.read import DataError
 from stages.reward_functions.artifact import ROLE_PREFIX as REWARD_FN_ROLE_PREFIX
 
@@ -137,14 +138,8 @@ def _run_or_reuse(name: str, node: Node, cfg: PipelineConfig, store: ArtifactSto
     parts = key_parts(name, cfg, inputs, node.stage)
     key = parts.key
     gate = getattr(cfg.stage_config(name), "gate", None)
-    if not force:
-        hit = store.cached(key)
-        if hit is not None:
-            refs = {out: art.ref for out, art in hit.items()}
-            logger.info(f"{name}: cache key {key[:12]} matches; reusing {', '.join(refs.values())}")
-            report.stage_markdown(name, "reused", hit, inputs, wall_seconds=0.0)
-            check_gate(name, gate, hit)
-            return Completed(name="Cached", message=f"reused {', '.join(refs.values())}", data=refs)
+    if not force and (reused := _reuse(name, key, gate, store, inputs)) is not None:
+        return reused
     ctx = StageContext(
         work_dir=os.path.join(cfg.run.work_dir, name, key[:16]),
         cache_key=key,
@@ -154,19 +149,37 @@ def _run_or_reuse(name: str, node: Node, cfg: PipelineConfig, store: ArtifactSto
         report_to=tuple(cfg.tracking.report_to),
         untrusted_checkpoints=cfg.run.untrusted_checkpoints,
     )
-    ray_driver.ensure()
-    log_dir = console_log_dir(ctx.work_dir)
-    ctx.logs_announced = log_dir is not None  # said once here instead of by the stage
-    logger.info(f"{name}: running (cache key {key[:12]}, inputs {', '.join(a.ref for a in inputs.values()) or 'none'})"
-                + (f"; worker output (Ray, DeepSpeed, HF) in {log_dir}/" if log_dir else ""))
-    start = time.perf_counter()
-    outputs = call_stage(node, cfg.stage_config(name), store=store, ctx=ctx, inputs=inputs)
-    wall = time.perf_counter() - start
-    store.record_cache(key, outputs, parts=parts.to_record())  # the parts: a later dry run says what changed
+    # another run of this stage and key shares the work_dir: one at a time (stages/common/work_lease.py)
+    with work_dir_lease(ctx.work_dir, wait_s=cfg.run.work_dir_lease_wait_s, ttl_s=cfg.run.work_dir_lease_ttl_s,
+                        log=logger.warning):  # fmt: skip
+        if not force and (reused := _reuse(name, key, gate, store, inputs)) is not None:
+            return reused  # the run we waited for published it
+        ray_driver.ensure()
+        log_dir = console_log_dir(ctx.work_dir)
+        ctx.logs_announced = log_dir is not None  # said once here instead of by the stage
+        logger.info(f"{name}: running (cache key {key[:12]}, inputs "
+                    f"{', '.join(a.ref for a in inputs.values()) or 'none'})"
+                    + (f"; worker output (Ray, DeepSpeed, HF) in {log_dir}/" if log_dir else ""))
+        start = time.perf_counter()
+        outputs = call_stage(node, cfg.stage_config(name), store=store, ctx=ctx, inputs=inputs)
+        wall = time.perf_counter() - start
+        store.record_cache(key, outputs, parts=parts.to_record())  # the parts: a later dry run says what changed
     assets.record(store.root, outputs.values())
     report.stage_markdown(name, "ran", outputs, inputs, wall_seconds=wall)
     check_gate(name, gate, outputs)
     return {out: art.ref for out, art in outputs.items()}
+
+
+def _reuse(name: str, key: str, gate, store: ArtifactStore, inputs: dict[str, Any]):
+    """The Cached state reusing the outputs recorded for key, or None when there are none."""
+    hit = store.cached(key)
+    if hit is None:
+        return None
+    refs = {out: art.ref for out, art in hit.items()}
+    get_run_logger().info(f"{name}: cache key {key[:12]} matches; reusing {', '.join(refs.values())}")
+    report.stage_markdown(name, "reused", hit, inputs, wall_seconds=0.0)
+    check_gate(name, gate, hit)
+    return Completed(name="Cached", message=f"reused {', '.join(refs.values())}", data=refs)
 
 
 def call_stage(node: Node, config, *, store: ArtifactStore, ctx: StageContext, inputs: dict[str, Any]) -> dict:
