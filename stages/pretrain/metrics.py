@@ -72,6 +72,7 @@ GPU_PEAK_FLOPS: dict[str, dict[str, float]] = {
     "H100 SXM": {"bf16": 989.4e12, "fp16": 989.4e12, "fp32": 67.0e12},
     "H100 PCIe": {"bf16": 756.0e12, "fp16": 756.0e12, "fp32": 51.0e12},
     "H100 NVL": {"bf16": 835.0e12, "fp16": 835.0e12, "fp32": 60.0e12},
+    "H200 NVL": {"bf16": 835.5e12, "fp16": 835.5e12, "fp32": 60.0e12},  # the PCIe card: 1671 TFLOP/s sparse
     "H200": {"bf16": 989.4e12, "fp16": 989.4e12, "fp32": 67.0e12},
     "GH200": {"bf16": 989.4e12, "fp16": 989.4e12, "fp32": 67.0e12},
     "B200": {"bf16": 2.25e15, "fp16": 2.25e15},
@@ -89,6 +90,7 @@ GPU_PEAK_FLOPS: dict[str, dict[str, float]] = {
 # (GH200 before H200, the H100 variants before plain H100, which is the SXM part: "NVIDIA H100 80GB HBM3").
 _GPU_NAME_PATTERNS: list[tuple[str, str]] = [
     (r"\bGH200\b", "GH200"),
+    (r"\bH200\b.*\bNVL\b", "H200 NVL"),
     (r"\bH200\b", "H200"),
     (r"\bH100\b.*\bNVL\b", "H100 NVL"),
     (r"\bH100\b.*\bPCIe\b", "H100 PCIe"),

@@ -22,10 +22,18 @@ from typing import Any
 import numpy as np
 
 from stages.common import ray_train as rt
+from stages.common.errors import check_finite_loss
 from stages.pretrain.blocks import batch_rows, read_shard
 
 DS_TAG = "state"
 WARMUP_STEPS = 2  # the first steps after a (re)start pay one-off costs (allocator, compilation): not timed
+
+
+def check_finite(records: list[dict]) -> None:
+    """Stop at the first logged step whose loss (averaged over ranks) is not finite: without DeepSpeed's per-step
+    overflow scan under bf16, this is where a diverged run is caught, at the cost of one read per logging window."""
+    for record in records:
+        check_finite_loss("pretrain", record["step"], record["loss"])
 
 
 def _evaluate(engine, val: np.ndarray, micro_batch_size: int) -> float:
@@ -175,6 +183,7 @@ def train_loop(cfg: dict[str, Any]) -> dict[str, Any]:
         cpu_seconds = time.process_time() - window["start_cpu"]
         for (step_done, _, lr), loss_mean in zip(pending, means, strict=True):
             history.append({"step": step_done, "loss": loss_mean, "lr": lr, "step_seconds": seconds / len(pending)})
+        check_finite(history[-len(pending):])  # bf16 has no per-step overflow scan (deepspeed_config.build)
         # windows never straddle the warm-up boundary: either every step in it is timed or none is
         if pending[0][0] - start_step > WARMUP_STEPS:
             state["train_seconds"] += seconds

@@ -68,7 +68,7 @@ def build_trainer(cfg: RewardLoopConfig, output_dir: str):
         max_length=cfg.max_length,  # the stage already rejected longer pairs, so TRL's filter drops none
     )
     set_seed(cfg.seed)  # the new score head starts from the same random weights on every rank and every rerun
-    model, tokenizer = load_reward_model(local_model_dir(cfg), bf16=cfg.bf16)
+    model, tokenizer = load_reward_model(local_model_dir(cfg), bf16=cfg.bf16_weights)
     return RewardTrainer(
         model=model,
         args=args,

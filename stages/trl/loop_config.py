@@ -73,6 +73,13 @@ class TrainLoopConfig:
     report_to: tuple[str, ...] = ()  # the HF Trainer's own integrations (tracking.report_to); () = none
     logging_dir: str | None = None  # where those integrations write (beside the stage's checkpoints)
 
+    @property
+    def bf16_weights(self) -> bool:
+        """Load the weights in bf16? Only under DeepSpeed, whose bf16 optimizer keeps an fp32 master copy. Plain DDP
+        with `bf16: true` is the Trainer's autocast over fp32 weights: bf16 weights there would take every AdamW step
+        in bf16, with no fp32 copy (issue 27 item 15)."""
+        return self.bf16 and self.deepspeed is not None
+
 
 def to_ray(loop: TrainLoopConfig) -> dict[str, Any]:
     """Ray Train's `train_loop_config` for `loop` (the object itself; Ray pickles it to the workers)."""

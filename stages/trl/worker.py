@@ -21,6 +21,7 @@ from pathlib import Path
 from typing import Any
 
 from stages.common import ray_train
+from stages.common.errors import check_finite_loss
 from stages.common.hf import model_load_kwargs
 from stages.trl.loop_config import FINAL_DIR, HF_CHECKPOINT_DIR, RESULT_FILE, TrainLoopConfig, from_ray
 from stages.trl.tokens import load_tokenizer
@@ -43,7 +44,7 @@ def load_causal_lm(cfg: TrainLoopConfig):
 
     model_dir = local_model_dir(cfg)
     tokenizer = load_tokenizer(model_dir)
-    model = AutoModelForCausalLM.from_pretrained(model_dir, **model_load_kwargs(cfg.bf16))
+    model = AutoModelForCausalLM.from_pretrained(model_dir, **model_load_kwargs(cfg.bf16_weights))
     model.config.pad_token_id = tokenizer.pad_token_id
     if model.generation_config is not None:
         model.generation_config.pad_token_id = tokenizer.pad_token_id
@@ -118,6 +119,7 @@ def progress_callback(stage: str, max_steps: int, timing: dict[str, float], extr
 
         def on_log(self, args, state, control, logs=None, **kwargs):
             if logs and "loss" in logs:
+                check_finite_loss(stage, state.global_step, float(logs["loss"]))  # bf16: no per-step overflow scan
                 extra = "".join(f" {k} {logs[k]:.3f}" for k in extra_keys if k in logs)
                 ray_train.log(f"{stage}: step {state.global_step}/{max_steps} loss {logs['loss']:.4f}{extra}"
                               f"{eta_text(timing.get('first_step_at'), state.global_step, max_steps)}")  # fmt: skip

@@ -42,7 +42,8 @@ def s3_endpoint():
         for k, v in env.items():
             mp_env.setenv(k, v)
         s3fs.S3FileSystem.clear_instance_cache()  # an instance made before would point elsewhere
-        s3fs.S3FileSystem().mkdir(BUCKET)
+        # moto's backend is one per process: a module that imported this fixture may have made the bucket already
+        s3fs.S3FileSystem().makedirs(BUCKET, exist_ok=True)
         yield env["AWS_ENDPOINT_URL"]
         s3fs.S3FileSystem.clear_instance_cache()
     server.stop()

@@ -124,6 +124,8 @@ def test_all_reduce_floats_in_a_gloo_group(gloo_group):
         ("NVIDIA H100 PCIe", "bf16", 756.0e12),
         ("NVIDIA H100 NVL", "fp16", 835.0e12),
         ("NVIDIA H200", "bf16", 989.4e12),
+        ("NVIDIA H200 NVL", "bf16", 835.5e12),  # not the SXM part's row
+        ("NVIDIA H200 NVL", "fp32", 60.0e12),
         ("NVIDIA GH200 480GB", "bf16", 989.4e12),
         ("NVIDIA A100-SXM4-80GB", "bf16", 312.0e12),
         ("NVIDIA A100-PCIE-40GB", "fp32", 19.5e12),

@@ -33,7 +33,7 @@ def test_bf16_on_a_cpu_with_native_bf16_is_bf16_end_to_end(monkeypatch):
     monkeypatch.setenv("RLHF_CPU_BF16", "1")
     assert native_cpu_bf16() and rl_precision(bf16=True, use_gpu=False) == "bf16"
     cpu = engine_config(_settings(False, bf16=True))
-    assert cpu["bf16"] == {"enabled": True} and cpu["fp16"] == {"enabled": False}
+    assert cpu["bf16"] == {"enabled": True, "check_grad_overflow": False} and cpu["fp16"] == {"enabled": False}
     monkeypatch.setenv("RLHF_CPU_BF16", "0")
     with pytest.raises(ValueError, match="needs a GPU"):
         engine_config({**_settings(False), "precision": "bf16"})
@@ -69,7 +69,7 @@ def test_actor_settings_carry_precision_micro_batch_and_special_tokens():
 
 def test_engine_config_comes_from_the_shared_builder():
     gpu = engine_config(_settings(True, bf16=True, zero_stage=3))
-    assert gpu["bf16"] == {"enabled": True} and gpu["fp16"] == {"enabled": False}
+    assert gpu["bf16"] == {"enabled": True, "check_grad_overflow": False} and gpu["fp16"] == {"enabled": False}
     assert gpu["train_micro_batch_size_per_gpu"] == 4 and gpu["gradient_clipping"] == 1.0
     assert gpu["zero_optimization"]["stage3_gather_16bit_weights_on_model_save"] is True
     assert "optimizer" not in gpu and not needs_compiled_op(gpu)  # the client torch AdamW: nothing to compile

@@ -293,5 +293,24 @@ def test_deepspeed_config_follows_the_typed_config():
     assert deepspeed_config(None, bf16=False) is None  # plain DDP: the CPU default
     zero3 = deepspeed_config(3, bf16=True, use_gpu=True)
     assert zero3["zero_optimization"] == {"stage": 3, "stage3_gather_16bit_weights_on_model_save": True}
-    assert zero3["bf16"] == {"enabled": True}
+    assert zero3["bf16"] == {"enabled": True, "check_grad_overflow": False}  # the loss is checked when logged
     assert deepspeed_config(2, bf16=False)["zero_optimization"] == {"stage": 2}
+
+
+def test_bf16_weights_only_under_deepspeed(setup):
+    """`bf16: true` under plain DDP is autocast over fp32 weights (AdamW keeps fp32 state); only DeepSpeed's bf16
+    optimizer, which holds its own fp32 master copy, gets bf16 weights."""
+    import dataclasses
+
+    import torch
+
+    from stages.trl.worker import load_causal_lm
+
+    sft = _sft()
+    cfg = sft.stage.prepare(sft.Config(max_steps=1), setup["base"], setup["data"], scaling=Scaling(num_workers=1))
+    ddp = dataclasses.replace(cfg, bf16=True, deepspeed=None)
+    assert not ddp.bf16_weights
+    assert {p.dtype for p in load_causal_lm(ddp)[0].parameters()} == {torch.float32}
+    zero = dataclasses.replace(cfg, bf16=True, deepspeed={"bf16": {"enabled": True}})
+    assert zero.bf16_weights
+    assert {p.dtype for p in load_causal_lm(zero)[0].parameters()} == {torch.bfloat16}
