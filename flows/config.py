@@ -54,9 +54,12 @@ class RunSection(Section):
     num_workers: int = Field(2, ge=1, description="Ray Train workers per training stage, actors per PPO role")
     cpus_per_worker: float = Field(1.0, gt=0)
     use_gpu: bool = False
+    placement_strategy: Literal["PACK", "SPREAD", "STRICT_PACK", "STRICT_SPREAD"] = Field(
+        "PACK", description="how Ray places a training stage's workers: PACK fills a node first, SPREAD spreads them")
 
     def scaling(self) -> Scaling:
-        return Scaling(num_workers=self.num_workers, cpus_per_worker=self.cpus_per_worker, use_gpu=self.use_gpu)
+        return Scaling(num_workers=self.num_workers, cpus_per_worker=self.cpus_per_worker, use_gpu=self.use_gpu,
+                       placement_strategy=self.placement_strategy)
 
 
 class ColumnMaps(Section):

@@ -82,7 +82,8 @@ def probe(uri: str) -> None:
     """Fail fast, in seconds, when the tracking location cannot work; raise TrackingUnavailable saying why.
 
     http(s): any HTTP answer to GET /health counts (even 401/404: something is listening). sqlite: the database file
-    opens (its folder is created, as MLflow would). Other schemes are left to MLflow.
+    opens for writing (its folder is created, as MLflow would; a read-only folder, such as a Ray job's unpacked
+    working directory, fails here). Other schemes are left to MLflow.
     """
     scheme = uri.split("://", 1)[0].lower() if "://" in uri else ""
     if scheme in ("http", "https"):
@@ -104,6 +105,11 @@ def probe(uri: str) -> None:
         try:
             Path(db).expanduser().parent.mkdir(parents=True, exist_ok=True)
             sqlite3.connect(db).execute("select 1").close()
+            # MLflow writes the file and its journal beside it: a read-only file, folder or mount fails here
+            path = Path(db).expanduser()
+            for target in (path, path.parent) if path.exists() else (path.parent,):
+                if not os.access(target, os.W_OK):
+                    raise OSError(f"{target} is read-only")
         except (OSError, sqlite3.Error) as e:
             raise TrackingUnavailable(f"cannot open the sqlite database {db} ({one_line(e)})") from None
 

@@ -13,6 +13,7 @@ class Scaling:
     num_workers: int = 2
     cpus_per_worker: float = 1.0
     use_gpu: bool = False
+    placement_strategy: str = "PACK"  # Ray placement group strategy of the worker group (SPREAD: across nodes)
 
 
 @dataclass
@@ -34,3 +35,6 @@ class StageContext:
     # a checkpoint in work_dir whose files this product did not record writing: "refuse" (one line) or
     # "retrain" (pass it over); see stages/common/checkpoint_digests.py
     untrusted_checkpoints: str = "refuse"
+    # where the stage's Ray Train workers ran, one entry per worker start: {"rank", "node_id", "node_ip", "pid"}
+    # (ray_train.fit fills it; a worker group restarted after a lost node adds its new entries)
+    placements: list[dict] = field(default_factory=list)

@@ -201,8 +201,12 @@ def fit(
     log_dir = console_log_dir(ctx.work_dir)
     if log_dir and not ctx.logs_announced:
         ctx.log(f"{run_name}: worker output (Ray, DeepSpeed, HF) goes to {log_dir}/{run_name}-rank*.log")
-    # The queue actor carries progress lines from rank 0 to the driver; it takes no CPU from the workers.
-    queue = Queue(actor_options={"num_cpus": 0})
+    # The queue actor carries progress lines from rank 0 to the driver; it takes no CPU from the workers, and it
+    # lives on the driver's node, so a lost worker node does not silence the run (the restart's lines included).
+    from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
+
+    here = NodeAffinitySchedulingStrategy(ray.get_runtime_context().get_node_id(), soft=True)
+    queue = Queue(actor_options={"num_cpus": 0, "scheduling_strategy": here})
     trainer = TorchTrainer(
         _worker_entry,
         train_loop_config={
@@ -214,7 +218,8 @@ def fit(
             _POLICY_KEY: ctx.untrusted_checkpoints,
         },
         scaling_config=ScalingConfig(
-            num_workers=scaling.num_workers, use_gpu=scaling.use_gpu, resources_per_worker=resources
+            num_workers=scaling.num_workers, use_gpu=scaling.use_gpu, resources_per_worker=resources,
+            placement_strategy=scaling.placement_strategy,
         ),
         run_config=RunConfig(
             name=run_name,
@@ -224,7 +229,7 @@ def fit(
         ),
     )
     done = threading.Event()
-    pump = threading.Thread(target=_pump_logs, args=(queue, ctx.log, done), daemon=True)
+    pump = threading.Thread(target=_pump_logs, args=(queue, ctx.log, done, ctx.placements), daemon=True)
     pump.start()
     try:
         return trainer.fit()
@@ -233,17 +238,24 @@ def fit(
     finally:
         done.set()
         pump.join(timeout=5)
+        if ctx.placements:
+            ctx.log(f"{run_name}: {describe_placements(ctx.placements)}")
         with contextlib.suppress(Exception):
             ray.kill(queue.actor)
 
 
-def _pump_logs(queue, log: Callable[[str], None], done: threading.Event) -> None:
-    """Forward worker progress lines to the driver's logger until the run ends (then drain what is left)."""
+def _pump_logs(queue, log: Callable[[str], None], done: threading.Event, placements: list[dict]) -> None:
+    """Forward worker progress lines to the driver's logger until the run ends (then drain what is left); the
+    workers' placement records (dicts) go to `placements` instead."""
     from ray.util.queue import Empty
 
     while True:
         try:
-            log(queue.get(timeout=0.5))
+            item = queue.get(timeout=0.5)
+            if isinstance(item, dict):
+                placements.append(item)
+            else:
+                log(item)
             continue
         except Empty:
             pass
@@ -251,6 +263,31 @@ def _pump_logs(queue, log: Callable[[str], None], done: threading.Event) -> None
             return  # the queue actor is gone: the run is over
         if done.is_set():
             return
+
+
+def describe_placements(placements: list[dict]) -> str:
+    """'ran on 2 nodes (1a2b3c4d: ranks 0; 5e6f7a8b: ranks 1)': the nodes of the last worker group to start, plus
+    how many groups started before it (a restart after a lost worker)."""
+    groups: list[list[dict]] = [[]]
+    for p in placements:
+        if any(q["rank"] == p["rank"] for q in groups[-1]):
+            groups.append([])  # a rank seen again: the worker group was restarted
+        groups[-1].append(p)
+    last = groups[-1]
+    nodes: dict[str, list[int]] = {}
+    for p in sorted(last, key=lambda p: p["rank"]):
+        nodes.setdefault(p["node_id"][:8], []).append(p["rank"])
+    where = "; ".join(f"{n}: ranks {', '.join(map(str, r))}" for n, r in nodes.items())
+    restarts = f", after {len(groups) - 1} restart(s) of the worker group" if len(groups) > 1 else ""
+    return f"{len(last)} workers ran on {len(nodes)} node(s) ({where}){restarts}"
+
+
+def worker_placement() -> dict:
+    """Where this process runs in the Ray cluster: the node's id and address and the process id."""
+    import ray
+
+    return {"node_id": ray.get_runtime_context().get_node_id(), "node_ip": ray.util.get_node_ip_address(),
+            "pid": os.getpid()}
 
 
 def _describe_failure(exc: Exception) -> str:
@@ -280,6 +317,9 @@ def _worker_entry(config: dict) -> Any:
     _worker_policy = config.pop(_POLICY_KEY, "refuse")
     if log_prefix:
         redirect_output(f"{log_prefix}-rank{world_rank()}.log")
+    if _worker_log_queue is not None:  # every rank says where it runs (the stage's report records it)
+        with contextlib.suppress(Exception):
+            _worker_log_queue.put_nowait({"rank": world_rank(), **worker_placement()})
     return train_loop(config)
 
 

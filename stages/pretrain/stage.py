@@ -254,6 +254,8 @@ def run(config: Config, *, store, ctx: StageContext, corpus, init_model=None, to
         "startup_seconds": startup,
         "startup_breakdown": startup_breakdown(t0, t_prep, t_fit, summary["startup_marks"]),
     }
+    if ctx.placements:  # the nodes and processes the workers ran on (multi-node runs: more than one node)
+        timings["placements"] = list(ctx.placements)
     ctx.log(
         f"pretrain: val perplexity {metrics['val_perplexity']:.2f} vs unigram {baseline:.2f}, "
         f"{metrics['tokens_per_second']:.0f} tok/s, MFU {metrics['mfu']:.1%}, {wall:.0f}s"

@@ -200,6 +200,13 @@ class ActorPool:
     def __getitem__(self, role: str) -> RoleGroup:
         return self.groups[role]
 
+    def placements(self) -> dict[str, list[dict]]:
+        """Each role's actors' node id, node address and process id, by rank."""
+        import ray
+
+        refs = {role: [h.placement.remote() for h in group.handles] for role, group in self.groups.items()}
+        return {role: ray.get(r) for role, r in refs.items()}
+
     def peak_rss(self) -> dict[str, int]:
         """Each role's peak resident memory so far, in bytes: the sum of its actors' `ru_maxrss`."""
         import ray

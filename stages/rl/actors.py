@@ -81,6 +81,13 @@ class _Role:
 
         return ray.util.get_node_ip_address(), port
 
+    def placement(self) -> dict:
+        """Where this actor runs: its node's id and address and its process id (recorded in the stage's report)."""
+        import ray
+
+        return {"node_id": ray.get_runtime_context().get_node_id(), "node_ip": ray.util.get_node_ip_address(),
+                "pid": os.getpid()}
+
     def peak_rss(self) -> int:
         """This actor process's peak resident set size in bytes (host memory, ru_maxrss; GPU memory not included)."""
         import resource

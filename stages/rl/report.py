@@ -31,6 +31,13 @@ def log_line(m: dict, total: int, algorithm: str = "ppo") -> str:
     )
 
 
+def placement_line(placements: dict[str, list[dict]]) -> str:
+    """'actors on 2 node(s): policy 1a2b3c4d, critic 5e6f7a8b, ...' (node ids cut to 8 characters)."""
+    nodes = {p["node_id"] for actors in placements.values() for p in actors}
+    roles = ", ".join(f"{role} {'+'.join(p['node_id'][:8] for p in actors)}" for role, actors in placements.items())
+    return f"actors on {len(nodes)} node(s): {roles}"
+
+
 def write_curves(history: list[dict], path: Path) -> None:
     """curves.png: reward, gold score, KL, losses and policy statistics per iteration."""
     import matplotlib

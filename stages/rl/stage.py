@@ -79,6 +79,8 @@ def run(
         functions.shutdown()
         raise
     try:
+        placements = pool.placements()
+        ctx.log(f"{algo}: {report.placement_line(placements)}")
         loop = RLLoop(config, pool, prepared.tokenizer, gold=gold, seed=ctx.seed, functions=functions)
         if state is not None:
             checkpoints.restore(pool, state)
@@ -138,6 +140,8 @@ def run(
                 "training_seconds": sum(m["seconds_training"] for m in history),
                 # each role's peak RSS (the sum over its actors) and their total, MiB: host memory, not GPU memory
                 "peak_rss_mib": _mib({**peak_rss, "total": sum(peak_rss.values())}),
+                "placements": placements,  # each role's actors: node id and address, process id
+                "resumed_from_iteration": start,  # 0: a fresh start
             },
             cache_key=ctx.cache_key,
             code_fingerprint=code_fingerprint(NAME),

@@ -284,6 +284,8 @@ def train_and_publish(train_loop: Callable[[dict], None], loop: TrainLoopConfig,
         timings = {"startup_seconds": round(first_step - started, 2)} if first_step and first_step > started else {}
         metrics["wall_seconds"] = round(time.time() - started, 2)
         timings["wall_seconds"] = metrics["wall_seconds"]
+        if ctx.placements:  # the nodes and processes the workers ran on (multi-node runs: more than one node)
+            timings["placements"] = list(ctx.placements)
         from stages.common.gates import verdict  # recorded, so a version that missed its gate is never @latest
 
         artifact = store.publish(

@@ -10,6 +10,7 @@ TrainingArguments every stage sets the same way), `trainer_datasets`, the progre
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import shutil
@@ -191,8 +192,11 @@ def train_and_save(cfg: TrainLoopConfig, rank: int, scratch: Path, *, build_trai
         ray_train.log(f"{stage}: training already finished in an earlier attempt; reusing its result")
         ray_train.report({"resumed_finished": 1}, finished if rank == 0 else None)
         return None
+    resumed_from = 0  # the step this attempt resumes from (0: a fresh start), from the HF checkpoint's own state
     if hf_resume is not None:
-        ray_train.log(f"{stage}: resuming the trainer from {hf_resume}")
+        with contextlib.suppress(OSError, ValueError, KeyError):
+            resumed_from = int(json.loads((hf_resume / "trainer_state.json").read_text())["global_step"])
+        ray_train.log(f"{stage}: resuming the trainer from step {resumed_from}")
 
     trainer = build_trainer(cfg, str(scratch / "trainer"))
     tokenizer = trainer.processing_class
@@ -223,6 +227,7 @@ def train_and_save(cfg: TrainLoopConfig, rank: int, scratch: Path, *, build_trai
         "train_loss": float(train_output.training_loss),
         "train_samples_per_second": float(train_output.metrics.get("train_samples_per_second", 0.0)),
         "train_seconds": float(train_output.metrics.get("train_runtime", 0.0)),
+        "resumed_from_step": resumed_from,
     }
     return Trained(trainer=trainer, metrics=metrics, out=out, timing=timing)
 

@@ -58,6 +58,13 @@ def test_failure_is_one_line_and_a_rerun_resumes(tmp_path, local_ray):
     kept = len([p for p in (tmp_path / "work" / "count").glob("checkpoint_*") if p.is_dir()])
     assert kept == (2 if resumed == 2 else 3)
     assert "start 0 of 2" in lines and f"start {resumed} of 2" in lines  # rank 0's lines reach ctx.log
+    # every rank of both runs said where it ran; one local node, two worker processes per run
+    import ray
+
+    here = ray.get_runtime_context().get_node_id()
+    assert sorted(p["rank"] for p in ctx.placements) == [0, 0, 1, 1]
+    assert {p["node_id"] for p in ctx.placements} == {here} and len({p["pid"] for p in ctx.placements[-2:]}) == 2
+    assert f"count: 2 workers ran on 1 node(s) ({here[:8]}: ranks 0, 1)" in lines
 
 
 @pytest.mark.slow

@@ -323,3 +323,29 @@ def test_report_to_reaches_the_trainers_arguments(tmp_path, monkeypatch):
     import os
 
     assert os.environ["TENSORBOARD_LOGGING_DIR"] == str(tmp_path / "tb")
+
+
+def test_a_read_only_database_fails_the_probe_not_the_first_write(tmp_path):
+    """Under `ray job submit` the default ./mlflow.db is the one the checkout's upload carried, in Ray's unpacked
+    working directory, read-only: the probe must say so (one warning, tracking off) instead of MLflow's tracebacks
+    at every stage. A tmpfs in a private mount namespace, made read-only after the database was written (root
+    ignores file modes, so chmod would not show it)."""
+    import shutil
+
+    if shutil.which("unshare") is None:
+        pytest.skip("needs unshare (util-linux)")
+    ok = subprocess.run(["unshare", "-rm", "sh", "-c", f"mount -t tmpfs -o size=64k tmpfs {tmp_path}"],
+                        capture_output=True, text=True)  # fmt: skip
+    if ok.returncode != 0:
+        pytest.skip(f"cannot mount a tmpfs in a user namespace here: {ok.stderr.strip()}")
+    make = "import sqlite3, sys; sqlite3.connect(sys.argv[1] + '/mlflow.db').execute('create table t (x)')"
+    check = ("import sys\nfrom flows.tracking import TrackingUnavailable, probe\n"
+             "try:\n    probe('sqlite:///' + sys.argv[1] + '/mlflow.db')\n"
+             "except TrackingUnavailable as e:\n    print('refused:', e)\n")  # fmt: skip
+    script = ('mount -t tmpfs -o size=64k tmpfs "$1" && "$2" -c "$3" "$1" && mount -o remount,ro "$1" '
+              '&& "$2" -c "$4" "$1"')
+    proc = subprocess.run(["unshare", "-rm", "sh", "-c", script, "sh", str(tmp_path), sys.executable, make, check],
+                          capture_output=True, text=True, cwd=Path(__file__).resolve().parents[2])  # fmt: skip
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert proc.stdout.startswith("refused: cannot open the sqlite database"), proc.stdout + proc.stderr[-2000:]
+    assert "mlflow.db is read-only" in proc.stdout, proc.stdout

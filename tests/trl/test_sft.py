@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -272,7 +273,10 @@ def test_sft_resumes_after_a_crash(setup, ray_session):
     lines: list[str] = []
     ctx = StageContext(work_dir=str(work), cache_key="resume", scaling=Scaling(num_workers=2), log=lines.append)
     model = sft.run(config, base_model=base, data=data, store=store, ctx=ctx)["sft-model"]
-    assert any("resuming the trainer from" in line for line in lines)
+    resumed = [int(m.group(1)) for ln in lines if (m := re.search(r"resuming the trainer from step (\d+)", ln))]
+    assert resumed and resumed[0] in saved, lines  # one of the crashed run's checkpoints, named by its step
+    assert model.metrics["resumed_from_step"] == resumed[0]  # and the report says it too
+    assert {p["rank"] for p in model.manifest["timings"]["placements"]} == {0, 1}
     history = [json.loads(line) for line in (Path(model.reports_path) / "metrics.jsonl").read_text().splitlines()]
     steps = [e["step"] for e in history if "loss" in e]
     assert steps == list(range(10, config.max_steps + 1, 10))  # the crashed run's entries, then the rest, no gap
