@@ -24,6 +24,7 @@ from __future__ import annotations
 import contextlib
 import os
 import threading
+import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
@@ -205,7 +206,9 @@ def fit(
     # lives on the driver's node, so a lost worker node does not silence the run (the restart's lines included).
     from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
-    here = NodeAffinitySchedulingStrategy(ray.get_runtime_context().get_node_id(), soft=True)
+    # (hard affinity: the queue needs no resources, and the driver's node is alive while the driver is; a soft one
+    # let Ray place it on a worker node, whose loss then cut off the restarted group's lines)
+    here = NodeAffinitySchedulingStrategy(ray.get_runtime_context().get_node_id(), soft=False)
     queue = Queue(actor_options={"num_cpus": 0, "scheduling_strategy": here})
     trainer = TorchTrainer(
         _worker_entry,
@@ -252,17 +255,19 @@ def _pump_logs(queue, log: Callable[[str], None], done: threading.Event, placeme
     while True:
         try:
             item = queue.get(timeout=0.5)
-            if isinstance(item, dict):
-                placements.append(item)
-            else:
-                log(item)
-            continue
         except Empty:
-            pass
-        except Exception:
-            return  # the queue actor is gone: the run is over
-        if done.is_set():
-            return
+            if done.is_set():
+                return
+            continue
+        except Exception:  # noqa: BLE001 - the queue actor unreachable for a moment (a node lost, a restart)
+            if done.is_set():
+                return  # or gone with the run
+            time.sleep(1)  # keep listening: the worker group's restart reports through the same queue
+            continue
+        if isinstance(item, dict):
+            placements.append(item)
+        else:
+            log(item)
 
 
 def describe_placements(placements: list[dict]) -> str:
