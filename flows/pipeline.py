@@ -28,6 +28,7 @@ from flows.plan import RunPlan, plan_run, plan_stages, preflight, run_params, st
 from flows.preflight import check_fits
 from flows.ray_driver import RayDriver
 from flows.tracking import Tracker
+from flows.work_lease import work_dir_lease
 from stages.common.config import ConfigError
 from stages.common.context import StageContext
 from stages.common.errors import StageInputError
@@ -36,7 +37,6 @@ from stages.common.ray_train import console_log_dir, verbose
 from stages.common.redact import redact_credentials
 from stages.common.store import ArtifactError, ArtifactStore
 from stages.common.store_files import is_no_space
-from stages.common.work_lease import work_dir_lease
 from stages.data.read import DataError
 from stages.reward_functions.artifact import ROLE_PREFIX as REWARD_FN_ROLE_PREFIX
 
@@ -149,7 +149,7 @@ def _run_or_reuse(name: str, node: Node, cfg: PipelineConfig, store: ArtifactSto
         report_to=tuple(cfg.tracking.report_to),
         untrusted_checkpoints=cfg.run.untrusted_checkpoints,
     )
-    # another run of this stage and key shares the work_dir: one at a time (stages/common/work_lease.py)
+    # another run of this stage and key shares the work_dir: one at a time (flows/work_lease.py)
     with work_dir_lease(ctx.work_dir, wait_s=cfg.run.work_dir_lease_wait_s, ttl_s=cfg.run.work_dir_lease_ttl_s,
                         log=logger.warning):  # fmt: skip
         if not force and (reused := _reuse(name, key, gate, store, inputs)) is not None:

@@ -31,6 +31,7 @@ from typing import Any
 
 from stages.common import checkpoint_digests
 from stages.common.context import StageContext
+from stages.common.placements import describe_placements, worker_placement
 
 _LOG_QUEUE_KEY = "__rlhf_log_queue"
 _TRAIN_LOOP_KEY = "__rlhf_train_loop"
@@ -268,31 +269,6 @@ def _pump_logs(queue, log: Callable[[str], None], done: threading.Event, placeme
             placements.append(item)
         else:
             log(item)
-
-
-def describe_placements(placements: list[dict]) -> str:
-    """'ran on 2 nodes (1a2b3c4d: ranks 0; 5e6f7a8b: ranks 1)': the nodes of the last worker group to start, plus
-    how many groups started before it (a restart after a lost worker)."""
-    groups: list[list[dict]] = [[]]
-    for p in placements:
-        if any(q["rank"] == p["rank"] for q in groups[-1]):
-            groups.append([])  # a rank seen again: the worker group was restarted
-        groups[-1].append(p)
-    last = groups[-1]
-    nodes: dict[str, list[int]] = {}
-    for p in sorted(last, key=lambda p: p["rank"]):
-        nodes.setdefault(p["node_id"][:8], []).append(p["rank"])
-    where = "; ".join(f"{n}: ranks {', '.join(map(str, r))}" for n, r in nodes.items())
-    restarts = f", after {len(groups) - 1} restart(s) of the worker group" if len(groups) > 1 else ""
-    return f"{len(last)} workers ran on {len(nodes)} node(s) ({where}){restarts}"
-
-
-def worker_placement() -> dict:
-    """Where this process runs in the Ray cluster: the node's id and address and the process id."""
-    import ray
-
-    return {"node_id": ray.get_runtime_context().get_node_id(), "node_ip": ray.util.get_node_ip_address(),
-            "pid": os.getpid()}
 
 
 def _describe_failure(exc: Exception) -> str:

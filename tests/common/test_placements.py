@@ -3,7 +3,7 @@ asserted in test_ray_train.py and the multi-node system test)."""
 
 from __future__ import annotations
 
-from stages.common.ray_train import describe_placements
+from stages.common.placements import describe_placements
 from stages.rl.report import placement_line
 
 

@@ -6,8 +6,8 @@ import uuid
 
 import pytest
 
+from flows.work_lease import WorkDirBusy, WorkDirLease, work_dir_lease
 from stages.common.store_gc import find_orphans, remove
-from stages.common.work_lease import WorkDirBusy, WorkDirLease, work_dir_lease
 from tests.common.test_s3_store import BUCKET, make_dir, s3_endpoint, s3_store  # noqa: F401 - fixtures
 
 

@@ -12,8 +12,8 @@ import pytest
 
 from flows import pipeline
 from flows.pipeline import rlhf
-from stages.common.work_lease import WorkDirBusy
-from tests.common.test_work_lease import _HOLDER
+from flows.work_lease import WorkDirBusy
+from tests.flows.test_work_lease import _HOLDER
 
 pytestmark = pytest.mark.slow
 REPO = Path(__file__).resolve().parents[2]

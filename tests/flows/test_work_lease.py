@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 
-from stages.common.work_lease import WorkDirBusy, work_dir_lease
+from flows.work_lease import WorkDirBusy, work_dir_lease
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -21,7 +21,7 @@ REPO = Path(__file__).resolve().parents[2]
 _HOLDER = r"""
 import os, sys, time
 from pathlib import Path
-from stages.common.work_lease import work_dir_lease
+from flows.work_lease import work_dir_lease
 work_dir, marks = sys.argv[1], Path(sys.argv[2])
 with work_dir_lease(work_dir):
     (marks / "held").write_text(str(os.getpid()))
@@ -34,7 +34,7 @@ with work_dir_lease(work_dir):
 _SECOND = r"""
 import sys
 from pathlib import Path
-from stages.common.work_lease import WorkDirBusy, work_dir_lease
+from flows.work_lease import WorkDirBusy, work_dir_lease
 work_dir, marks, wait = sys.argv[1], Path(sys.argv[2]), float(sys.argv[3])
 try:
     with work_dir_lease(work_dir, wait_s=wait, poll_s=0.05, log=lambda m: print(m, file=sys.stderr)):
