@@ -132,7 +132,8 @@ class ArtifactStore(StageCache):
         reports: str | os.PathLike | None = None,
         gate: dict | None = None,
     ) -> Artifact:
-        """Copy src_dir's files in and commit a new version of name; identical content returns the existing version.
+        """Copy src_dir's files in and commit a new version of name; identical content from the same inputs returns
+        the existing version.
 
         `reports`: a folder of what the run wrote about itself (curves, plots, samples, timings). Its files are
         stored and verified like the content's, but outside the digest: the same weights trained again are the same
@@ -197,13 +198,17 @@ class ArtifactStore(StageCache):
         return self._backend.object_dir(entry, f"{where} reports")
 
     def _commit(self, manifest: dict) -> dict:
-        """Write manifests/<name>/v<N>.json exclusively; on a lost race re-check for identical content and retry N+1."""
-        name, digest = manifest["name"], manifest["digest"]
+        """Write manifests/<name>/v<N>.json exclusively; on a lost race re-check for identical content and retry N+1.
+
+        An earlier version is reused only when it holds the same content made from the same inputs: the same bytes
+        from other inputs (a GRPO whose new reward function changed nothing) are a new version pointing at the same
+        object, so that its lineage names what made it."""
+        name, digest, inputs = manifest["name"], manifest["digest"], manifest["inputs"]
         while True:
             versions = self._versions(name)
             for v in reversed(versions):
                 existing = self._read_manifest(name, v)
-                if existing is not None and existing["digest"] == digest:
+                if existing is not None and existing["digest"] == digest and existing.get("inputs", {}) == inputs:
                     return existing
             manifest["version"] = (versions[-1] if versions else 0) + 1
             if self._backend.create_exclusive(

@@ -140,3 +140,12 @@ def test_each_rl_method_has_its_own_section_and_cache_key():
     assert stage_cache_key("grpo", tuned, {}) != stage_cache_key("grpo", base, {})
     assert stage_cache_key("ppo", tuned, {}) == stage_cache_key("ppo", base, {})  # tuning grpo leaves ppo cached
     assert stage_cache_key("rloo", tuned, {}) == stage_cache_key("rloo", base, {})
+
+
+def test_exponent_floats_without_a_dot_are_numbers():
+    """PyYAML (YAML 1.1) reads `2e-5` as a string: `--set grpo.learning_rate=2e-5` was refused as not a number."""
+    from stages.common.config import load_yaml, parse_override
+
+    assert parse_override("grpo.learning_rate=2e-5") == (["grpo", "learning_rate"], 2e-5)
+    assert load_yaml("lr: 1E3\nbetas: [-2e+2, 3.5e-1]\nname: e5\nn: 3") == {"lr": 1000.0, "betas": [-200.0, 0.35],
+                                                                            "name": "e5", "n": 3}  # fmt: skip

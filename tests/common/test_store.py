@@ -103,6 +103,21 @@ def test_versioning_and_dedup(store, tmp_path):
     assert [m["name"] for m in store.list()] == ["m", "m", "m2"]
 
 
+def test_the_same_bytes_from_other_inputs_are_a_new_version_with_their_lineage(store, tmp_path):
+    """Seen: a GRPO run whose new reward function changed no weight got the earlier version back, whose lineage named
+    the earlier function. The same content is reused only with the same inputs; otherwise one object, two manifests."""
+    fn_a = store.publish(src(tmp_path, {"f.py": b"a"}), name="fn-a", kind="reward-fn", stage="import")
+    fn_b = store.publish(src(tmp_path, {"f.py": b"b"}), name="fn-b", kind="reward-fn", stage="import")
+    first = store.publish(src(tmp_path, {"w": b"same"}), name="p", kind="k", stage="s", inputs={"fn": fn_a})
+    again = store.publish(src(tmp_path, {"w": b"same"}), name="p", kind="k", stage="s", inputs={"fn": fn_a})
+    other = store.publish(src(tmp_path, {"w": b"same"}), name="p", kind="k", stage="s", inputs={"fn": fn_b})
+    assert (first.version, again.version, other.version) == (1, 1, 2)
+    assert other.digest == first.digest
+    assert len(store.fs.ls(f"{store._base}/objects")) == 3  # fn-a, fn-b and one object for both versions of p
+    assert store.lineage("p@v2")["inputs"]["fn"]["ref"] == "fn-b@v1"
+    assert store.lineage("p@v1")["inputs"]["fn"]["ref"] == "fn-a@v1"
+
+
 def test_refs_resolve(store, tmp_path):
     v1 = store.publish(src(tmp_path, {"w": b"one"}), name="m", kind="k", stage="s")
     v2 = store.publish(src(tmp_path, {"w": b"two"}), name="m", kind="k", stage="s")
