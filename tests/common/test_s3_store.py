@@ -81,8 +81,8 @@ def test_s3_round_trip(s3_store, tmp_path, monkeypatch):
     art = s3_store.publish(make_dir(tmp_path / "model", FILES), name="sft-model", kind="causal-lm", stage="sft",
                            inputs={"corpus": corpus}, metrics={"loss": 1.5})
     assert art.ref == "sft-model@v1" and Path(art.path) == tmp_path / "cache" / "objects" / art.digest
-    assert s3_store.publish(make_dir(tmp_path / "again", FILES), name="sft-model", kind="causal-lm",
-                            stage="sft").ref == "sft-model@v1"  # identical content: no new version
+    assert s3_store.publish(make_dir(tmp_path / "again", FILES), name="sft-model", kind="causal-lm", stage="sft",
+                            inputs={"corpus": corpus}).ref == "sft-model@v1"  # same content and lineage: no new version
     monkeypatch.setenv("RLHF_CACHE_DIR", str(tmp_path / "fresh-cache"))  # another machine: nothing cached
     got = s3_store.get("sft-model@latest", kind="causal-lm")
     assert read_dir(got.path) == FILES and got.metrics == {"loss": 1.5} and got.digest == art.digest
