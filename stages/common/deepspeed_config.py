@@ -116,13 +116,13 @@ def build(
     scheduler: WarmupCosine | None = None,
     offload_optimizer: bool = False,
     train_batch_size: int | Auto | None = None,
-    check_grad_overflow: bool | None = None,
+    check_grad_overflow: bool = False,
 ) -> dict[str, Any]:
     """A DeepSpeed JSON config. `optimizer=None` means the caller hands DeepSpeed a torch optimizer itself.
 
     `check_grad_overflow` (bf16 only; fp16 always checks, its loss scale needs it): DeepSpeed's default scans every
     gradient for inf/NaN each step, a host sync per parameter group per step, which bf16 (fp32's exponent range)
-    does not need to skip steps. None = off under bf16; the training loops check the loss for NaN at their logging
+    does not need to skip steps. Off by default; the training loops check the loss for NaN at their logging
     interval instead (pretrain: train_loop.flush)."""
     if precision not in ("fp32", "bf16", "fp16"):
         raise ValueError(f"precision must be resolved first (fp32, bf16 or fp16), found {precision!r}")
@@ -145,7 +145,7 @@ def build(
         "wall_clock_breakdown": False,
     }
     if precision == "bf16":
-        config["bf16"]["check_grad_overflow"] = bool(check_grad_overflow)
+        config["bf16"]["check_grad_overflow"] = check_grad_overflow
     if offload_optimizer:
         config["zero_force_ds_cpu_optimizer"] = False
     if train_batch_size is not None:

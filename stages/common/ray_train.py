@@ -204,11 +204,10 @@ def fit(
     if log_dir and not ctx.logs_announced:
         ctx.log(f"{run_name}: worker output (Ray, DeepSpeed, HF) goes to {log_dir}/{run_name}-rank*.log")
     # The queue actor carries progress lines from rank 0 to the driver; it takes no CPU from the workers, and it
-    # lives on the driver's node, so a lost worker node does not silence the run (the restart's lines included).
+    # lives on the driver's node (hard affinity: it needs no resources, and that node is alive while the driver is;
+    # a soft one let Ray place it on a worker node, whose loss then cut off the restarted group's lines).
     from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
-    # (hard affinity: the queue needs no resources, and the driver's node is alive while the driver is; a soft one
-    # let Ray place it on a worker node, whose loss then cut off the restarted group's lines)
     here = NodeAffinitySchedulingStrategy(ray.get_runtime_context().get_node_id(), soft=False)
     queue = Queue(actor_options={"num_cpus": 0, "scheduling_strategy": here})
     trainer = TorchTrainer(

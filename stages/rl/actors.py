@@ -19,6 +19,7 @@ from pathlib import Path
 import torch
 
 from stages.common.forwards import TokenLogprobs, TokenValues, per_reply_token, sequence_scores
+from stages.common.placements import worker_placement
 from stages.common.sampling import SampledLogprobs, decoding_config
 from stages.common.sequences import rollout_layout, seeded
 from stages.rl import algorithm as A
@@ -83,10 +84,7 @@ class _Role:
 
     def placement(self) -> dict:
         """Where this actor runs: its node's id and address and its process id (recorded in the stage's report)."""
-        import ray
-
-        return {"node_id": ray.get_runtime_context().get_node_id(), "node_ip": ray.util.get_node_ip_address(),
-                "pid": os.getpid()}
+        return worker_placement()
 
     def peak_rss(self) -> int:
         """This actor process's peak resident set size in bytes (host memory, ru_maxrss; GPU memory not included)."""
