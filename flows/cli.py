@@ -60,6 +60,28 @@ def cmd_run(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_sweep(args: argparse.Namespace) -> int:
+    from flows.sweep import plan_sweep, run_sweep
+
+    if args.verbose:
+        os.environ["RLHF_VERBOSE"] = "1"
+    params = dict(preset=args.preset, config_file=args.config, overrides=args.set or [], store=args.store)
+    flags = {"grid": args.grid, "choice": args.choice, "uniform": args.uniform, "loguniform": args.loguniform,
+             "samples": args.samples, "metric": args.metric, "mode": args.mode, "max_trials": args.max_trials,
+             "scheduler": args.scheduler}  # fmt: skip
+    plan = plan_sweep(params, flags)  # every check before Prefect, Ray or Tune start
+    log = (lambda line: print(line, file=sys.stderr)) if args.json else print
+    report = run_sweep(plan, promote=args.promote, log=log)
+    if args.json:
+        print_json(report)
+    else:
+        from flows.sweep_report import markdown
+
+        print("\n" + markdown(report), end="")
+        print(f"\n{report['ref']}: rlhf artifacts show {report['ref']}")
+    return 0 if report["best"] else 1
+
+
 def _print_run_summary(summary: dict[str, Any], store) -> None:
     """The end of `rlhf run` on the terminal: per stage, reused or ran, what it produced and its headline metrics."""
     from stages.common.redact import redact_credentials
@@ -209,6 +231,22 @@ def build_parser() -> argparse.ArgumentParser:
         help="show the workers' own output (Ray, DeepSpeed, HF) instead of writing it to run.work_dir logs",
     )
     p.set_defaults(func=cmd_run)
+
+    p = sub.add_parser("sweep", help="run variants of a stage as Ray Tune trials (sibling branches) and rank them")
+    _add_config(p)
+    add_store(p)
+    for kind, example in (("grid", "'reward.learning_rate=[3e-4,1e-3]'"), ("choice", "'dpo.beta=[0.05,0.1]'"),
+                          ("uniform", "'ppo.kl_coef=[0.01,0.2]'"), ("loguniform", "'sft.learning_rate=[1e-4,1e-2]'")):
+        p.add_argument(f"--{kind}", action="append", metavar="KEY=[...]", help=f"a {kind} dimension, e.g. {example}")
+    p.add_argument("--samples", type=int, help="Tune's num_samples: grid repeats, or random trials (default 1)")
+    p.add_argument("--metric", help="NODE.METRIC to rank by, e.g. eval.ppo.gold_score (default: see the docs)")
+    p.add_argument("--mode", choices=["max", "min"], help="the metric's direction")
+    p.add_argument("--max-trials", type=int, help="refuse a space with more trials (default 16)")
+    p.add_argument("--scheduler", choices=["fifo", "asha"], help="asha: stop trials early on their RL iterations")
+    p.add_argument("--promote", action="store_true", help="alias the best trial's artifacts NAME@best")
+    p.add_argument("--json", action="store_true", help="print the sweep report as JSON (progress goes to stderr)")
+    p.add_argument("--verbose", action="store_true", help="show the workers' own output")
+    p.set_defaults(func=cmd_sweep)
 
     p = sub.add_parser("config", help="print the resolved config")
     _add_config(p)

@@ -13,6 +13,7 @@ from typing import Any, Literal
 
 from pydantic import Field, ValidationError, model_validator
 
+from flows.sweep_space import SweepSection
 from flows.tracking import TrackingSection
 from stages import dpo, eval, pretrain, reward, rl, sft  # noqa: A004 - the eval stage package
 from stages.common.config import (
@@ -116,6 +117,7 @@ class PipelineConfig(Section):
     eval: EvalConfig = Field(default_factory=EvalConfig)
     align: AlignSection = Field(default_factory=AlignSection)
     tracking: TrackingSection = Field(default_factory=TrackingSection)
+    sweep: SweepSection = Field(default_factory=SweepSection)  # read by `rlhf sweep` only (flows/sweep.py)
 
     @model_validator(mode="after")
     def _workers_fit_on_gpu_flag(self) -> PipelineConfig:

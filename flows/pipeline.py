@@ -62,6 +62,14 @@ for _name in ("prefect", "prefect.task_runs", "prefect.flow_runs"):
 
 USER_ERRORS = (ConfigError, DataError, StageInputError, ArtifactError, GateFailed)
 
+# Called with (method, metrics) after each RL iteration of this process's runs: a sweep trial's report to Ray Tune.
+_iteration_hook = None
+
+
+def set_iteration_hook(hook) -> None:
+    global _iteration_hook
+    _iteration_hook = hook
+
 
 def _user_failure(exc: BaseException):
     """A user's mistake as a Failed state: Prefect shows the one-line message, logs no traceback, never retries."""
@@ -148,6 +156,7 @@ def _run_or_reuse(name: str, node: Node, cfg: PipelineConfig, store: ArtifactSto
         log=logger.info,
         report_to=tuple(cfg.tracking.report_to),
         untrusted_checkpoints=cfg.run.untrusted_checkpoints,
+        on_iteration=_iteration_hook,
     )
     # another run of this stage and key shares the work_dir: one at a time (flows/work_lease.py)
     with work_dir_lease(ctx.work_dir, wait_s=cfg.run.work_dir_lease_wait_s, ttl_s=cfg.run.work_dir_lease_ttl_s,

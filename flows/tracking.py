@@ -148,9 +148,16 @@ class Tracker:
     def parent_run_id(self) -> str | None:
         return self._parent_id
 
-    def start_pipeline(self, run_name: str, params: Mapping[str, Any], tags: Mapping[str, Any]) -> None:
-        """Open the parent run of this pipeline run, with the given params (flattened) and tags."""
-        self._guarded("open the pipeline run", self._start_pipeline, run_name, params, tags)
+    def start_pipeline(self, run_name: str, params: Mapping[str, Any], tags: Mapping[str, Any],
+                       kind: str = "pipeline") -> None:  # fmt: skip
+        """Open the parent run of this pipeline run (or of a sweep: `kind`), with the given params (flattened) and
+        tags."""
+        self._guarded(f"open the {kind} run", self._start_pipeline, run_name, params, tags, kind)
+
+    def log_trial(self, name: str, *, state: str, params: Mapping[str, Any], metrics: Mapping[str, float],
+                  tags: Mapping[str, Any]) -> None:  # fmt: skip
+        """Record one sweep trial as a finished run nested under the sweep's run: its point, objective and refs."""
+        self._guarded(f"log trial {name}", self._log_trial, name, state, params, metrics, tags)
 
     def log_stage(
         self,
@@ -216,10 +223,10 @@ class Tracker:
         self._experiment_id = _experiment_id(client, self.section.experiment)
         self._client = client
 
-    def _start_pipeline(self, run_name: str, params: Mapping[str, Any], tags: Mapping[str, Any]) -> None:
+    def _start_pipeline(self, run_name: str, params: Mapping[str, Any], tags: Mapping[str, Any], kind: str) -> None:
         self._connect()
         run_tags = {safe_key(str(k)): tag_value(v) for k, v in tags.items()}
-        run_tags["rlhf.run"] = "pipeline"
+        run_tags["rlhf.run"] = kind
         run = self._client.create_run(self._experiment_id, run_name=run_name, tags=run_tags)
         self._parent_id = run.info.run_id
         self._log_batch(self._parent_id, params=flatten(params))
@@ -245,6 +252,18 @@ class Tracker:
             parent_tags = {f"stage.{stage}.state": state}
             parent_tags.update({f"output.{n}.ref": a.ref for n, a in outputs.items()})
             self._log_batch(self._parent_id, tags=parent_tags)
+
+    def _log_trial(self, name, state, params, metrics, tags) -> None:
+        from mlflow.utils.mlflow_tags import MLFLOW_PARENT_RUN_ID
+
+        self._connect()
+        run_tags = {"rlhf.run": "trial", "state": state, **tags}
+        if self._parent_id is not None:
+            run_tags[MLFLOW_PARENT_RUN_ID] = self._parent_id
+        run_id = self._client.create_run(self._experiment_id, run_name=name,
+                                         tags={k: tag_value(v) for k, v in run_tags.items()}).info.run_id  # fmt: skip
+        self._log_batch(run_id, params=params, metrics=[(k, float(v), 0) for k, v in metrics.items()])
+        self._client.set_terminated(run_id, "FINISHED" if state == "done" else "FAILED")
 
     def _log_batch(
         self,

@@ -38,3 +38,6 @@ class StageContext:
     # where the stage's Ray Train workers ran, one entry per worker start: {"rank", "node_id", "node_ip", "pid"}
     # (ray_train.fit fills it; a worker group restarted after a lost node adds its new entries)
     placements: list[dict] = field(default_factory=list)
+    # called by the RL stage after each iteration with (method, that iteration's metrics): a sweep's trial hands
+    # them to Ray Tune, whose ASHA scheduler may then stop the trial (flows/sweep_trial.py)
+    on_iteration: Callable[[str, dict], None] | None = None

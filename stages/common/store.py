@@ -28,6 +28,7 @@ import fsspec
 from fsspec.implementations.local import LocalFileSystem
 
 from stages.common.redact import redact_credentials
+from stages.common.store_aliases import ALIAS_RE, AliasRecords
 from stages.common.store_cache import StageCache
 from stages.common.store_files import (
     ArtifactCorrupted,
@@ -82,16 +83,14 @@ def library_versions() -> dict[str, str | None]:
 
 
 def _versions_text(versions: list[int]) -> str:
-    if not versions:
-        return "no versions"
-    if versions == list(range(versions[0], versions[-1] + 1)) and len(versions) > 1:
+    if len(versions) > 1 and versions == list(range(versions[0], versions[-1] + 1)):
         return f"v{versions[0]}..v{versions[-1]}"
-    return ", ".join(f"v{v}" for v in versions)
+    return ", ".join(f"v{v}" for v in versions) or "no versions"
 
 
-class ArtifactStore(StageCache):
+class ArtifactStore(StageCache, AliasRecords):
     """Publish and load immutable artifacts, versioned per name, on a local folder or an fsspec URI (its stage-cache
-    records: `StageCache`, store_cache.py)."""
+    records: `StageCache`, store_cache.py; its aliases, NAME@best: `AliasRecords`, store_aliases.py)."""
 
     def __init__(self, root: str | os.PathLike = "./artifacts"):
         self.fs, path = fsspec.core.url_to_fs(str(root))
@@ -267,13 +266,15 @@ class ArtifactStore(StageCache):
         return self.get(f"{match['name']}@v{match['version']}") if match else None
 
     def _resolve(self, ref: str, kind: str | None = None) -> dict:
-        """Turn a ref (name, name@latest, name@vN, digest prefix) into its manifest, or raise a one-line error."""
+        """Turn a ref (name, name@latest, name@vN, name@alias, digest prefix) into its manifest, or raise a one-line error."""
         ref = str(ref).strip()
         name, sep, sel = ref.partition("@")
-        if not _NAME_RE.match(name) or (sep and not re.match(r"^(latest|v[1-9][0-9]*)$", sel)):
-            raise ArtifactError(
-                f"bad artifact ref {ref!r}: expected NAME, NAME@latest, NAME@vN or a digest prefix (>= 6 hex chars)"
-            )
+        is_version = re.match(r"^(latest|v[1-9][0-9]*)$", sel)
+        if not _NAME_RE.match(name) or (sep and not is_version and not ALIAS_RE.match(sel)):
+            raise ArtifactError(f"bad artifact ref {ref!r}: expected NAME, NAME@latest, NAME@vN, NAME@ALIAS or a digest "
+                                "prefix (>= 6 hex chars)")  # fmt: skip
+        if sep and not is_version:
+            return self._resolve_alias(name, sel)
         versions = self._versions(name)
         if not versions:
             if not sep and _HEX_RE.match(name):

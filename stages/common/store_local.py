@@ -103,6 +103,7 @@ class LocalBackend:
         """Write path whole: readers see the old content or the new, never half of either."""
         tmp = self._p("tmp", f"replace-{uuid.uuid4().hex}")
         try:
+            os.makedirs(os.path.dirname(path), exist_ok=True)  # aliases/<name>/ on its first alias
             self._write_synced(tmp, data)
             os.replace(tmp, path)
         except BaseException as e:

@@ -89,7 +89,8 @@ def run(config: Config, *, store, ctx: StageContext, sft_model: Artifact, prompt
 
     ensure_ray()
     gpus = config.gpus if ctx.scaling.use_gpu else 0
-    task = ray.remote(num_cpus=config.cpus, num_gpus=gpus, max_retries=0)(evaluate_models)
+    # DEFAULT: never inside the caller's placement group (a sweep trial's Tune actor would capture the task in its own)
+    task = ray.remote(num_cpus=config.cpus, num_gpus=gpus, max_retries=0, scheduling_strategy="DEFAULT")(evaluate_models)
     t0 = time.perf_counter()
     results = ray.get(task.remote(plan))
     evaluation_seconds = time.perf_counter() - t0

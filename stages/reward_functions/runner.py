@@ -136,7 +136,8 @@ class RewardFunctions:
         self.timeout_s = timeout_s
         remote = ray.remote(FunctionActor)
         self.actors = [
-            remote.options(num_cpus=cpus, num_gpus=0, max_restarts=0).remote(
+            # DEFAULT: outside the caller's placement group (a sweep trial's Tune actor captures its children)
+            remote.options(num_cpus=cpus, num_gpus=0, max_restarts=0, scheduling_strategy="DEFAULT").remote(
                 f.spec.name, f"rlhf_reward_fn_{i}_{f.spec.name}", f.source, f"<{f.ref}: {f.spec.path or 'built-in'}>"
             )
             for i, f in enumerate(loaded)

@@ -97,6 +97,8 @@ def run(
             batch = [prepared.train_prompts[j] for j in rows]
             metrics = loop.iteration(i, batch, select_columns(prepared.train_columns, rows))
             history.append(metrics)
+            if ctx.on_iteration is not None:
+                ctx.on_iteration(algo, metrics)
             if (i + 1) % every == 0 or i + 1 == config.iterations:
                 eta = (time.perf_counter() - loop_start) / (i + 1 - start) * (config.iterations - i - 1)
                 ctx.log(report.log_line(metrics, config.iterations, algo) + f" | eta {eta:.0f}s")

@@ -129,7 +129,8 @@ def test_refs_resolve(store, tmp_path):
 @pytest.mark.parametrize("ref, message", [
     ("m@v9", "m@v9: no such version; m has v1..v2"),
     ("nope", "nope: no such artifact in {uri}; it has: m"),
-    ("m@x", "bad artifact ref 'm@x': expected NAME, NAME@latest, NAME@vN or a digest prefix (>= 6 hex chars)"),
+    ("m@X", "bad artifact ref 'm@X': expected NAME, NAME@latest, NAME@vN, NAME@ALIAS or a digest prefix (>= 6 hex chars)"),
+    ("m@x", "m@x: no such alias in {uri} (aliases of m: none"),
     ("m@v0", "bad artifact ref 'm@v0'"),
     ("@v1", "bad artifact ref '@v1'"),
     ("", "bad artifact ref ''"),
