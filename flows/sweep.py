@@ -120,6 +120,7 @@ def run_sweep(plan: SweepPlan, *, promote: bool = False, log: Callable[[str], No
     report = sweep_report.build(plan.space.describe(), plan.objective, rows, upstream)
     art = sweep_report.publish(store, report, rows, {"sweep": plan.section.to_dict(), "params": plan.params})
     report["ref"] = art.ref
+    report["ran"] = {row["trial"]: row["ran"] for row in rows}  # not in the artifact: it differs on a rerun
     log(f"sweep {plan.sweep_id}: published {art.ref}")
     if promote and report["best"]:
         best = next(r for r in rows if r["trial"] == report["best"]["trial"])
