@@ -248,7 +248,7 @@ def _pipeline(params: dict[str, Any]) -> dict[str, Any]:
     cfg, art_store, stages = plan.cfg, plan.store, list(plan.stages)
     ray_driver = RayDriver(cfg.run.ray_address, art_store.root, cfg.run.work_dir,
                            check=lambda resources: check_fits(cfg, resources, stages))  # fmt: skip
-    tracker = Tracker(cfg.tracking, warn=logger.warning)
+    tracker = Tracker(cfg.tracking, warn=logger.warning, store_root=art_store.root)
     tracker.start_pipeline(_run_name(), params=cfg.to_dict(),
                            tags={"preset": plan.params["preset"], "store": art_store.root, "stages": ",".join(stages)})  # fmt: skip
     status = "FAILED"

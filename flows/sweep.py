@@ -281,7 +281,7 @@ def _track(cfg, plan: SweepPlan, rows: list[dict], report: dict) -> None:
     """MLflow: the sweep's parent run (the space, the best objective) and one nested run per trial."""
     from flows.tracking import Tracker
 
-    tracker = Tracker(cfg.tracking, warn=lambda line: print(line, file=sys.stderr))
+    tracker = Tracker(cfg.tracking, warn=lambda line: print(line, file=sys.stderr), store_root=plan.store.root)
     if not tracker.enabled:
         return
     tracker.start_pipeline(f"sweep-{plan.sweep_id}", params={"sweep": plan.space.describe(),

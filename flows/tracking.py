@@ -114,6 +114,26 @@ def probe(uri: str) -> None:
             raise TrackingUnavailable(f"cannot open the sqlite database {db} ({one_line(e)})") from None
 
 
+RAY_JOB_ENV = "RAY_JOB_CONFIG_JSON_ENV_VAR"  # set by Ray in the driver of a `ray job submit`
+
+
+def job_default_uri(store_root: str | None) -> str | None:
+    """Where MLflow's runs go by default under `ray job submit`, else None (MLflow's own default, ./mlflow.db).
+
+    A job's working directory is Ray's unpacked copy of the upload: read-only on some clusters, and gone with the
+    job. So a job's default is a sqlite file beside the store's files (`<store>/tracking/mlflow.db`) when the store
+    is a folder every node shares (a path or file://); for an object store (s3://) there is no file MLflow could
+    share, and TrackingUnavailable says to set tracking.uri."""
+    if RAY_JOB_ENV not in os.environ or store_root is None:
+        return None
+    scheme = store_root.split("://", 1)[0] if "://" in store_root else ""
+    if scheme not in ("", "file"):
+        raise TrackingUnavailable(f"under ray job submit with the store on {redact_credentials(store_root)} there is "
+                                  "no shared default; set tracking.uri (or MLFLOW_TRACKING_URI) to an MLflow server")  # fmt: skip
+    folder = Path(store_root.removeprefix("file://")).expanduser().resolve() / "tracking"
+    return f"sqlite:///{folder / 'mlflow.db'}"
+
+
 # ------------------------------------------------------------------------------------------------ the tracker
 
 
@@ -124,8 +144,10 @@ class Tracker:
     `warn` receives the one warning line (the flow passes its Prefect logger's `warning`).
     """
 
-    def __init__(self, section: TrackingSection, *, warn: Callable[[str], None] | None = None):
+    def __init__(self, section: TrackingSection, *, warn: Callable[[str], None] | None = None,
+                 store_root: str | None = None):  # fmt: skip
         self.section = section
+        self.store_root = store_root  # where a `ray job submit` run's default goes (job_default_uri)
         self._warn = warn or _log.warning
         self._on = section.enabled
         self._client = None
@@ -217,7 +239,8 @@ class Tracker:
         if os.environ.get("RLHF_VERBOSE") != "1":  # "Creating initial MLflow database tables..." and the like
             logging.getLogger("mlflow.store.db.utils").setLevel(logging.WARNING)
             logging.getLogger("alembic").setLevel(logging.WARNING)
-        self._uri = self.section.uri or mlflow.get_tracking_uri()
+        self._uri = (self.section.uri or os.environ.get("MLFLOW_TRACKING_URI") or job_default_uri(self.store_root)
+                     or mlflow.get_tracking_uri())  # fmt: skip
         probe(self._uri)
         client = MlflowClient(tracking_uri=self._uri)
         self._experiment_id = _experiment_id(client, self.section.experiment)

@@ -349,3 +349,33 @@ def test_a_read_only_database_fails_the_probe_not_the_first_write(tmp_path):
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert proc.stdout.startswith("refused: cannot open the sqlite database"), proc.stdout + proc.stderr[-2000:]
     assert "mlflow.db is read-only" in proc.stdout, proc.stdout
+
+
+def test_under_ray_job_submit_the_default_is_beside_the_store(tmp_path, monkeypatch, lineage):
+    """Issue 26 item 4: a job's working directory is Ray's unpacked upload; the default goes beside the store."""
+    from mlflow import MlflowClient
+
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    monkeypatch.setenv("RAY_JOB_CONFIG_JSON_ENV_VAR", "{}")
+    store = tmp_path / "shared" / "artifacts"
+    tracker = Tracker(TrackingSection(experiment="t-job"), store_root=f"file://{store}")
+    with tracker.pipeline("job", params={}, tags={}):
+        tracker.log_stage("sft", state="ran", config={}, outputs={"sft-model": lineage["sft"]}, inputs={})
+    assert tracker.uri == f"sqlite:///{store}/tracking/mlflow.db"
+    assert not (tmp_path / "mlflow.db").exists()
+    runs = MlflowClient(tracking_uri=tracker.uri).search_runs(
+        [MlflowClient(tracking_uri=tracker.uri).get_experiment_by_name("t-job").experiment_id])
+    assert sorted(r.info.run_name for r in runs) == ["job", "sft"]
+
+
+def test_under_ray_job_submit_an_object_store_has_no_default(tmp_path, monkeypatch, lineage):
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    monkeypatch.setenv("RAY_JOB_CONFIG_JSON_ENV_VAR", "{}")
+    warnings = []
+    tracker = Tracker(TrackingSection(), warn=warnings.append, store_root="s3://key:secret@bucket/rlhf")
+    tracker.start_pipeline("job", params={}, tags={})
+    assert not tracker.enabled and len(warnings) == 1
+    assert "set tracking.uri" in warnings[0] and "secret" not in warnings[0]
+    assert not (tmp_path / "mlflow.db").exists()
