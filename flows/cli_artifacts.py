@@ -206,7 +206,7 @@ def add_artifacts_commands(sub) -> None:
         ("verify", cmd_artifacts_verify, "re-hash every file (exit 1 when corrupted)"),
     ):
         p = art.add_parser(name, help=text)
-        p.add_argument("ref", help="name, name@latest, name@vN or a digest prefix")
+        p.add_argument("ref", help="name, name@latest, name@vN, name@ALIAS (e.g. @best) or a digest prefix")
         add_store(p)
         if name != "verify":
             p.add_argument("--json", action="store_true")

@@ -122,3 +122,57 @@ def test_critic_free_branches_are_checked_for_their_three_roles():
     check_fits(cfg, _machine(2, 0), ["grpo"])
     with pytest.raises(ConfigError, match=r"^ppo: 4 actors x ppo.cpus_per_actor 0.6 = 2.4 CPUs"):
         check_fits(cfg, _machine(2, 0), ["ppo"])
+
+
+# --- per node: what Ray could not place, named by node (issue 26 item 3) ----------------------------------------------
+
+from flows.preflight import NodeResources, unplaceable  # noqa: E402
+
+
+def _cluster(*nodes: tuple[str, float, float]) -> Resources:
+    parts = tuple(NodeResources(*n) for n in nodes)
+    return Resources(cpus=sum(n.cpus for n in parts), gpus=sum(n.gpus for n in parts),
+                     gpus_per_node=max(n.gpus for n in parts), where="the Ray cluster at X", nodes=parts)  # fmt: skip
+
+
+HEAD_AND_TWO = (("head", 0.0, 0.0), ("a", 2.0, 0.0), ("b", 2.0, 0.0))
+
+
+def test_unplaceable_first_fit_by_hand():
+    nodes = tuple(NodeResources(*n) for n in HEAD_AND_TWO)
+    assert unplaceable([{"CPU": 1.5}] * 2, nodes, "PACK") is None  # one on a, one on b
+    # 3 x 1.2 = 3.6 <= 4 CPUs in all, but a node of 2 holds one of them: the third has nowhere to go
+    assert unplaceable([{"CPU": 1.2}] * 3, nodes, "SPREAD") == (
+        "{unit} 3 of 3 needs 1.2 CPUs; left per node after the others: head 0 CPUs, a 0.8 CPUs, b 0.8 CPUs")
+    assert unplaceable([{"CPU": 1.0}] * 2, nodes, "STRICT_PACK") is None  # 2 CPUs on a
+    assert "all 3 {unit}s together need 3 CPUs on one node" in unplaceable([{"CPU": 1.0}] * 3, nodes, "STRICT_PACK")
+    assert unplaceable([{"CPU": 1.0}] * 2, nodes, "STRICT_SPREAD") is None
+    assert "needs 0.5 CPUs on a node of its own" in unplaceable([{"CPU": 0.5}] * 3, nodes, "STRICT_SPREAD")
+    gpus = (NodeResources("g1", 8, 1), NodeResources("g2", 8, 1))
+    assert unplaceable([{"CPU": 1, "GPU": 1}] * 2, gpus, "PACK") is None
+    assert "2 CPUs and 2 GPUs on one node" in unplaceable([{"CPU": 1, "GPU": 1}] * 2, gpus, "STRICT_PACK")
+
+
+def test_training_workers_that_fit_the_total_but_no_node_are_refused_naming_the_nodes():
+    cfg = load_config("tiny", overrides=["run.num_workers=3", "run.cpus_per_worker=1.2"])
+    with pytest.raises(ConfigError, match=r"^run.num_workers = 3 training workers x run.cpus_per_worker 1.2 \(PACK\): "
+                                          r"worker 3 of 3 needs 1.2 CPUs; left per node after the others: head 0 CPUs, "
+                                          r"a 0.8 CPUs, b 0.8 CPUs on the Ray cluster at X$"):  # fmt: skip
+        check_fits(cfg, _cluster(*HEAD_AND_TWO), ["sft"])
+    check_fits(load_config("tiny", overrides=["run.cpus_per_worker=1.5"]), _cluster(*HEAD_AND_TWO), ["sft"])
+    strict = load_config("tiny", overrides=["run.placement_strategy=STRICT_PACK", "run.cpus_per_worker=1.5"])
+    with pytest.raises(ConfigError, match=r"\(STRICT_PACK\): all 2 workers together need 3 CPUs on one node"):
+        check_fits(strict, _cluster(*HEAD_AND_TWO), ["sft"])
+
+
+def test_rl_actors_are_placed_per_node_with_their_reward_functions():
+    cfg = load_config("tiny", overrides=["ppo.cpus_per_actor=0.7"])  # 4 actors x 0.7 = 2.8 CPUs of 3
+    with pytest.raises(ConfigError, match=r"^ppo: 4 actors in 4 bundles \(PACK\): bundle 4 of 4 needs 0.7 CPUs; left "
+                                          r"per node after the others: n1 0.3 CPUs, n2 0.3 CPUs, n3 0.3 CPUs"):  # fmt: skip
+        check_fits(cfg, _cluster(("n1", 1.0, 0.0), ("n2", 1.0, 0.0), ("n3", 1.0, 0.0)), ["ppo"])
+    check_fits(cfg, _cluster(("n1", 1.5, 0.0), ("n2", 1.5, 0.0)), ["ppo"])  # two per node
+    functions = load_config("tiny", overrides=["align.methods=[grpo]", "grpo.cpus_per_actor=0.5", "grpo.reward.cpus=0.5",
+                                               "grpo.reward.functions=[{name: exact_match, weight: 1.0}]"])  # fmt: skip
+    check_fits(functions, _cluster(("n1", 1.0, 0.0), ("n2", 1.0, 0.0)), ["grpo"])  # 3 actors + 1 function: 4 x 0.5
+    with pytest.raises(ConfigError, match=r"grpo: 3 actors in 3 bundles \+ 1 reward functions \(PACK\): bundle 4 of 4"):
+        check_fits(functions, _cluster(("n1", 1.2, 0.0), ("n2", 0.9, 0.0)), ["grpo"])

@@ -16,6 +16,7 @@ import json
 import re
 import secrets
 import shutil
+import subprocess
 import tempfile
 import time
 import urllib.request
@@ -176,6 +177,17 @@ def test_three_nodes_and_an_s3_store(cluster):
         assert len(_nodes_of(placements)) == 2, (name, placements)
         assert {p["node_ip"] for p in _records(placements)} == {"127.0.0.1"}
     assert re.search(r"sft: 2 workers ran on 2 node\(s\)", out) and re.search(r"ppo: actors on 2 node\(s\)", out)
+    # the workers' own output, on whichever node they ran, is reachable from the head through Ray's log API
+    # (issue 26 item 5): with the work_dir on S3 it stays in Ray's logs; the report gives each worker's node and pid
+    for rec in _records(store.get("sft-model@latest").manifest["timings"]["placements"]):
+        text = ""
+        for stream in ([], ["--err"]):
+            logs = subprocess.run([BIN / "ray", "logs", "worker", "--pid", str(rec["pid"]), "--node-id",
+                                   rec["node_id"], "--address", cluster.address, "--tail", "-1", *stream],
+                                  env=cluster.env, capture_output=True, text=True, timeout=120)  # fmt: skip
+            assert logs.returncode == 0, logs.stderr[-2000:]
+            text += logs.stdout
+        assert text.strip(), rec
 
     from transformers import AutoModelForCausalLM
 
