@@ -57,6 +57,9 @@ def verbose() -> bool:
     return os.environ.get(VERBOSE_ENV) == "1"
 
 
+LOCAL_HEALTH_CHECK_INTERVAL_S = 0.5  # seconds; see init_ray
+
+
 def init_ray(address: str | None = None) -> None:
     """Join `address`, or start a local Ray on every core, as the pipeline's driver.
 
@@ -74,6 +77,9 @@ def init_ray(address: str | None = None) -> None:
     if address:
         ray.init(address=address, **quiet)  # joins; shutdown() only disconnects
     else:
+        # Ray Train's controller polls its workers every 2 s, so each fit() returned up to 2 s after training ended
+        # (benchmarks/startup_bench.py); the controllers of a Ray started here inherit this environment
+        os.environ.setdefault("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", str(LOCAL_HEALTH_CHECK_INTERVAL_S))
         ray.init(num_cpus=os.cpu_count(), include_dashboard=True, dashboard_host="127.0.0.1", **quiet)
 
 
