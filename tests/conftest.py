@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import importlib.util
 import os
 import shutil
 from pathlib import Path
@@ -11,6 +12,16 @@ import pytest
 os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
 os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+# Every Ray the tests start stays on 127.0.0.1: this process, and every process it starts (Ray's own, `rlhf`
+# subprocesses), keeps the loopback address Ray would swap for the machine's interface address
+# (tests/system/loopback/sitecustomize.py), and a local Ray is started with 127.0.0.1 as its node address.
+_LOOPBACK = str(Path(__file__).with_name("system") / "loopback")
+os.environ["RLHF_RAY_LOOPBACK"] = "1"
+os.environ["PYTHONPATH"] = os.pathsep.join(p for p in (_LOOPBACK, os.environ.get("PYTHONPATH")) if p)
+# this process started before PYTHONPATH named the folder: run the file here, under a name of its own
+_spec = importlib.util.spec_from_file_location("rlhf_test_loopback", os.path.join(_LOOPBACK, "sitecustomize.py"))
+_spec.loader.exec_module(importlib.util.module_from_spec(_spec))
 
 
 @pytest.fixture(scope="session")
@@ -29,7 +40,8 @@ def local_ray():
 
     started = not ray.is_initialized()
     if started:
-        ray.init(num_cpus=2, include_dashboard=True, dashboard_host="127.0.0.1", log_to_driver=True)
+        ray.init(num_cpus=2, include_dashboard=True, dashboard_host="127.0.0.1", log_to_driver=True,
+                 _node_ip_address="127.0.0.1")
     yield
     if started:
         ray.shutdown()

@@ -80,7 +80,9 @@ def init_ray(address: str | None = None) -> None:
         # Ray Train's controller polls its workers every 2 s, so each fit() returned up to 2 s after training ended
         # (benchmarks/startup_bench.py); the controllers of a Ray started here inherit this environment
         os.environ.setdefault("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", str(LOCAL_HEALTH_CHECK_INTERVAL_S))
-        ray.init(num_cpus=os.cpu_count(), include_dashboard=True, dashboard_host="127.0.0.1", **quiet)
+        # RLHF_RAY_LOOPBACK=1 (the tests; tests/system/loopback keeps Ray from swapping the address): on 127.0.0.1
+        loopback = {"_node_ip_address": "127.0.0.1"} if os.environ.get("RLHF_RAY_LOOPBACK") == "1" else {}
+        ray.init(num_cpus=os.cpu_count(), include_dashboard=True, dashboard_host="127.0.0.1", **quiet, **loopback)
 
 
 def ensure_ray() -> bool:
