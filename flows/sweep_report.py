@@ -63,7 +63,7 @@ def markdown(report: dict) -> str:
            "|---" * (len(keys) + 4) + "|"]  # fmt: skip
     for t in report["trials"]:
         value = "n/a" if t["objective"] is None else f"{t['objective']:.4g}"
-        refs = ", ".join(ref for outputs in t["outputs"].values() for ref in outputs.values())
+        refs = ", ".join(ref for outputs in t["outputs"].values() for _, ref in sorted(outputs.items()))
         mark = " **best**" if report["best"] and report["best"]["trial"] == t["trial"] else ""
         out.append(f"| {t['trial']}{mark} | " + " | ".join(json.dumps(t["point"][k]) for k in keys)
                    + f" | {value} | {t['state']} | {refs} |")  # fmt: skip
@@ -71,7 +71,8 @@ def markdown(report: dict) -> str:
     if failed:
         out += ["", "## Trials that did not finish", ""] + [f"- trial {t['trial']}: {t['error']}" for t in failed]
     if report["upstream"]:
-        shared = ", ".join(ref for outputs in report["upstream"].values() for ref in outputs.values())
+        # sorted: a flow's summary and the cache answer list a node's outputs in different orders
+        shared = ", ".join(sorted(ref for outputs in report["upstream"].values() for ref in outputs.values()))
         out += ["", f"Shared by every trial (run once): {shared}"]
     return "\n".join(out) + "\n"
 

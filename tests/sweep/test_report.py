@@ -95,3 +95,13 @@ def test_trials_at_once_follow_the_largest_stage_of_the_branch():
     assert trial_concurrency(cfg, ("reward", "ppo", "eval"), Resources(8, 0, 0, "here")) >= 2
     assert trial_concurrency(cfg, ("eval",), Resources(4, 0, 0, "here")) == 4  # eval: 1 CPU
     assert trial_concurrency(cfg, ("reward",), Resources(1, 0, 0, "here")) == 1  # never 0
+
+
+def test_the_markdown_does_not_depend_on_the_order_outputs_were_listed_in():
+    """A flow's summary and the cache answer list pretrain's two outputs in different orders (seen: a rerun with
+    every trial cached published a second version of the same report)."""
+    a = sweep_report.build(SPACE, Objective("eval", "ppo.gold_score", "max"), rows(),
+                           {"pretrain": {"tokenizer": "tokenizer@v1", "base-model": "base-model@v1"}})
+    b = sweep_report.build(SPACE, Objective("eval", "ppo.gold_score", "max"), rows(),
+                           {"pretrain": {"base-model": "base-model@v1", "tokenizer": "tokenizer@v1"}})
+    assert sweep_report.markdown(a) == sweep_report.markdown(b)
