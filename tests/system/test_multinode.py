@@ -183,7 +183,7 @@ def test_three_nodes_and_an_s3_store(cluster):
         text = ""
         for stream in ([], ["--err"]):
             logs = subprocess.run([BIN / "ray", "logs", "worker", "--pid", str(rec["pid"]), "--node-id",
-                                   rec["node_id"], "--address", cluster.address, "--tail", "-1", *stream],
+                                   rec["node_id"], "--address", f"127.0.0.1:{cluster.gcs}", "--tail", "-1", *stream],
                                   env=cluster.env, capture_output=True, text=True, timeout=120)  # fmt: skip
             assert logs.returncode == 0, logs.stderr[-2000:]
             text += logs.stdout

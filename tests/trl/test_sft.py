@@ -248,7 +248,9 @@ def test_sft_resumes_after_a_crash(setup, ray_session):
     import ray
 
     # The crashing driver joins this test's Ray cluster, so killing it is a driver crash: Ray tears down its trainer.
-    env = {**os.environ, "RAY_ADDRESS": ray.get_runtime_context().gcs_address, "PYTHONPATH": str(TESTS_DIR.parent)}
+    # PYTHONPATH: the repo, then what conftest put there (the loopback folder that keeps this Ray on 127.0.0.1)
+    env = {**os.environ, "RAY_ADDRESS": ray.get_runtime_context().gcs_address,
+           "PYTHONPATH": os.pathsep.join(p for p in (str(TESTS_DIR.parent), os.environ.get("PYTHONPATH")) if p)}
     proc = subprocess.Popen(
         [sys.executable, "-c", _CRASHING_RUN, store.root, str(work), config.model_dump_json(), base.ref, data.ref],
         env=env,
