@@ -25,13 +25,13 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
+from pydantic import ValidationError
+
 from flows import dag
 from flows.plan import RunPlan, downstream, plan_run, run_params
 from flows.sweep_objective import Objective, choose
-from flows.sweep_space import SweepSection, SweepSpace, build_space, point_overrides
-from stages.common.config import ConfigError
-
-SWEEPABLE = tuple(n for n in dag.ALL_NODE_NAMES)  # sections that are a node's own config
+from flows.sweep_space import KINDS, SweepSection, SweepSpace, build_space, point_overrides
+from stages.common.config import ConfigError, format_validation_error
 
 
 @dataclass(frozen=True)
@@ -61,18 +61,16 @@ def plan_sweep(params: dict[str, Any], flags: dict[str, Any]) -> SweepPlan:
     for kind, given in from_flags(flags).items():
         section_data[kind] = {**section_data[kind], **given}
     section_data.update({k: v for k, v in flags.items() if k in SweepSection.model_fields and v is not None
-                         and k not in ("grid", "choice", "uniform", "loguniform")})  # fmt: skip
+                         and k not in KINDS})  # fmt: skip
     try:
         section = SweepSection(**section_data)
-    except Exception as e:  # noqa: BLE001 - pydantic's ValidationError, one line
-        from stages.common.config import format_validation_error
-
+    except ValidationError as e:
         raise ConfigError(format_validation_error(e, "the sweep", "sweep.")) from None
     space = build_space(section)
     for key in space.keys:
         node = key.split(".", 1)[0]
-        if node not in SWEEPABLE:
-            raise ConfigError(f"sweep key {key}: a sweep varies one stage's section ({', '.join(SWEEPABLE)}), "
+        if node not in dag.ALL_NODE_NAMES:  # a node's own section
+            raise ConfigError(f"sweep key {key}: a sweep varies one stage's section ({', '.join(dag.ALL_NODE_NAMES)}), "
                               f"not {node}.*, which every stage shares")  # fmt: skip
     plans = [plan_run({**params, "overrides": [*params["overrides"], *point_overrides(p)]}) for p in space.check_points()]
     base = plans[0]

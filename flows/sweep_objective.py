@@ -12,7 +12,6 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
-from flows.dag import POLICY_NAMES
 from stages.common.config import ConfigError
 from stages.common.gates import metric_value
 from stages.eval.report import COLUMNS as EVAL_COLUMNS
@@ -91,18 +90,13 @@ def reported_metrics(cfg, node: str, store) -> set[str]:
     known = {metric for metric, _, _ in gate.checks()} if gate is not None else set()
     if gate is not None:  # the gate's fields whether on or off: min_eval_accuracy -> eval_accuracy
         known |= {field.partition("_")[2] for field in type(gate).model_fields}
-    for name in _output_names(node):
+    from flows.nodes import node_named
+
+    for name in node_named(cfg, node).outputs:
         for manifest in store.list(name):
             if manifest.get("stage") == node:
                 known |= {k for k, v in manifest.get("metrics", {}).items() if isinstance(v, int | float)}
     return known
-
-
-def _output_names(node: str) -> tuple[str, ...]:
-    from flows import dag
-
-    return {"pretrain": dag.PRETRAIN.outputs, "sft": dag.SFT.outputs, "reward": dag.REWARD.outputs}.get(
-        node, (POLICY_NAMES[node],) if node in POLICY_NAMES else ())
 
 
 def _direction(cfg, node: str, metric: str) -> str:
