@@ -13,9 +13,10 @@ os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
 os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
-# Every Ray the tests start stays on 127.0.0.1: this process, and every process it starts (Ray's own, `rlhf`
-# subprocesses), keeps the loopback address Ray would swap for the machine's interface address
-# (tests/system/loopback/sitecustomize.py), and a local Ray is started with 127.0.0.1 as its node address.
+# Every Ray the tests start stays on 127.0.0.1. The product's local Ray does so by itself (init_ray); the session's
+# Ray below and the multi-node clusters (`ray start` raylets, which Ray's one-machine switch would refuse) keep the
+# loopback address Ray would swap for the machine's interface address (tests/system/loopback/sitecustomize.py) in
+# this process and in every process it starts, and are started with 127.0.0.1 as their node address.
 _LOOPBACK = str(Path(__file__).with_name("system") / "loopback")
 os.environ["RLHF_RAY_LOOPBACK"] = "1"
 os.environ["PYTHONPATH"] = os.pathsep.join(p for p in (_LOOPBACK, os.environ.get("PYTHONPATH")) if p)

@@ -80,9 +80,12 @@ def init_ray(address: str | None = None) -> None:
         # Ray Train's controller polls its workers every 2 s, so each fit() returned up to 2 s after training ended
         # (benchmarks/startup_bench.py); the controllers of a Ray started here inherit this environment
         os.environ.setdefault("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", str(LOCAL_HEALTH_CHECK_INTERVAL_S))
-        # RLHF_RAY_LOOPBACK=1 (the tests; tests/system/loopback keeps Ray from swapping the address): on 127.0.0.1
-        loopback = {"_node_ip_address": "127.0.0.1"} if os.environ.get("RLHF_RAY_LOOPBACK") == "1" else {}
-        ray.init(num_cpus=os.cpu_count(), include_dashboard=True, dashboard_host="127.0.0.1", **quiet, **loopback)
+        from stages.common.addresses import keep_ray_on_loopback
+
+        keep_ray_on_loopback()  # this machine's alone: nothing of it listens beyond 127.0.0.1
+        ray.init(num_cpus=os.cpu_count(), include_dashboard=True, dashboard_host="127.0.0.1",
+                 _node_ip_address="127.0.0.1", **quiet)
+
 
 
 def ensure_ray() -> bool:
@@ -218,8 +221,11 @@ def fit(
 
     here = NodeAffinitySchedulingStrategy(ray.get_runtime_context().get_node_id(), soft=False)
     queue = Queue(actor_options={"num_cpus": 0, "scheduling_strategy": here})
+    from stages.common.addresses import node_bound_torch_config
+
     trainer = TorchTrainer(
         _worker_entry,
+        torch_config=node_bound_torch_config(),  # the rendezvous listens on rank 0's node address only
         train_loop_config={
             **loop_config,
             _TRAIN_LOOP_KEY: train_loop,

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import contextlib
 import os
-import socket
 import tempfile
 from collections.abc import Iterator
 from pathlib import Path
@@ -74,13 +73,10 @@ class _Role:
         torch.manual_seed(int(settings.get("seed", 0)) + 1000 * self.rank)
 
     def address(self) -> tuple[str, int]:
-        """This node's IP and a free TCP port, for the rank-0 actor of a trainable group to host the rendezvous."""
-        with socket.socket() as s:
-            s.bind(("", 0))
-            port = s.getsockname()[1]
-        import ray
+        """Host the rendezvous of this (rank 0) actor's group on its node's address: (address, port) for init_engine."""
+        from stages.common.addresses import host_rendezvous
 
-        return ray.util.get_node_ip_address(), port
+        return host_rendezvous()
 
     def placement(self) -> dict:
         """Where this actor runs: its node's id and address and its process id (recorded in the stage's report)."""
