@@ -71,8 +71,7 @@ ray.shutdown()
 def test_the_embedded_local_ray_listens_on_loopback_only(tmp_path):
     """A fresh process starting the product's local Ray, without anything the tests add (RLHF_RAY_LOOPBACK, the
     loopback sitecustomize): its processes listen, and only on loopback."""
-    env = {k: v for k, v in os.environ.items() if not k.startswith("RAY_") and k not in ("RLHF_RAY_LOOPBACK",
-                                                                                         "RAY_ADDRESS")}
+    env = {k: v for k, v in os.environ.items() if not k.startswith("RAY_") and k != "RLHF_RAY_LOOPBACK"}
     env.update(PYTHONPATH=str(ROOT), RAY_USAGE_STATS_ENABLED="0")
     out = subprocess.run([sys.executable, "-c", _LOCAL_RAY], cwd=tmp_path, env=env, capture_output=True, text=True,
                          timeout=300)  # fmt: skip
