@@ -178,6 +178,11 @@ class GroupConfig(RLConfig):
     """What the critic-free methods share: `group_size` replies per prompt, a baseline taken over the group."""
 
     group_size: int = Field(4, ge=2)  # replies sampled per prompt (the group a baseline is taken over)
+    # DAPO's dynamic sampling (stages/rl/dynamic_sampling.py): train on the groups whose replies' rewards differ
+    # (a flat group has no advantage), refilling the batch with further prompts, up to max_sampling_rounds rollouts
+    # per iteration
+    dynamic_sampling: bool = False
+    max_sampling_rounds: int = Field(3, ge=1)
 
     @property
     def replies_per_prompt(self) -> int:

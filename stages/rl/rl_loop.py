@@ -2,30 +2,29 @@
 
 The driver holds only the tokenizer and small tensors (token ids, log-probs, values, scores); every model lives in
 its actor (see `actor_pool.py`). Rollout batch layout: `stages/common/sequences.py`; the objective: `algorithm.py`
-(the KL coefficient's controllers: `kl_control.py`).
+(the KL coefficient's controllers: `kl_control.py`; dynamic sampling's joins: `dynamic_sampling.py`); checkpoints:
+`checkpoint_state.py`.
 """
 
 from __future__ import annotations
 
-import json
-import os
 import random
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
-from pathlib import Path
 
 import torch
 
 from stages.reward_functions.runner import RewardFunctions, pass_rates, weighted_sum
 from stages.rl import algorithm as A
+from stages.rl import dynamic_sampling as DS
 from stages.rl.actor_pool import ActorPool, gather, pad_to_multiple
 from stages.rl.config import RLConfig
 from stages.rl.kl_control import AdaptiveKLController, FixedKLController
 from stages.rl.masked import masked_sum
 
 GoldFn = Callable[[str, str], float]
-STATE_FILE = "state.json"
+Refill = Callable[[int], tuple[list[str], dict[str, list]]]  # round -> (prompts, their columns), dynamic sampling
 
 
 def make_kl_controller(cfg: RLConfig) -> FixedKLController | AdaptiveKLController:
@@ -35,10 +34,10 @@ def make_kl_controller(cfg: RLConfig) -> FixedKLController | AdaptiveKLControlle
     return FixedKLController(cfg.kl_coef)
 
 
-def rows_for_iteration(n: int, iteration: int, batch_size: int, seed: int) -> list[int]:
-    """The rows of a batch of `n` prompts, drawn without replacement, a pure function of (seed, iteration) so a
-    resumed run sees the same data."""
-    rng = random.Random(f"ppo/{seed}/{iteration}")
+def rows_for_iteration(n: int, iteration: int, batch_size: int, seed: int, round_: int = 0) -> list[int]:
+    """The rows of a batch of `n` prompts, drawn without replacement, a pure function of (seed, iteration, round) so
+    a resumed run sees the same data; rounds after the first are dynamic sampling's refills."""
+    rng = random.Random(f"ppo/{seed}/{iteration}" + (f"/refill-{round_}" if round_ else ""))
     rows = range(n)
     return rng.sample(rows, batch_size) if batch_size <= n else rng.choices(rows, k=batch_size)
 
@@ -153,25 +152,63 @@ class RLLoop:
             method = {"gamma": cfg.gamma, "lam": cfg.lam, "whiten": cfg.whiten_advantages}
         return A.advantages(cfg.algorithm, scores, kl, mask, values, kl_coef, reward_clip=cfg.reward_clip, **method)
 
-    def iteration(self, index: int, prompts: list[str], columns: dict[str, list] | None = None) -> dict[str, float]:
+    def _rollout(self, index: int, prompts: list[str], columns: dict[str, list] | None, round_: int = 0) -> Rollout:
+        """Sample and score one rollout of `prompts` (a refill round's seed differs from the first's)."""
+        replies_prompts = self._rollout_prompts(prompts)
+        replies_columns = {c: self._rollout_prompts(v) for c, v in (columns or {}).items()}
+        t0 = time.perf_counter()
+        batch = self._generate(replies_prompts, seed=self.seed * 1_000_003 + index + 100_003 * round_)
+        t1 = time.perf_counter()
+        scored = self._score(batch, replies_prompts, replies_columns, index, with_values=not self.cfg.critic_free)
+        return Rollout(batch, scored, replies_prompts, t1 - t0, time.perf_counter() - t1)
+
+    def _informative(self, first: Rollout, index: int, refill: Refill | None) -> tuple[Rollout, dict[str, float]]:
+        """Dynamic sampling (`dynamic_sampling.py`): the informative groups of `first` and of refill rounds, or
+        `first` itself when they do not fill a minibatch per actor; and what it found. The refill rounds' seconds
+        are added to `first`'s."""
+        cfg, k = self.cfg, self.cfg.replies_per_prompt
+        kept, found, rounds, part = [], 0, 1, first
+        while True:
+            rows = A.informative_rows(self._penalised(part.scored.reward, part.batch), k).nonzero().flatten()
+            if len(rows):
+                kept.append(DS.take_rows(part, rows.tolist()))
+                found += len(rows) // k
+            if found >= cfg.rollout_batch_size or rounds >= cfg.max_sampling_rounds or refill is None:
+                break
+            part = self._rollout(index, *refill(rounds), round_=rounds)
+            first.seconds_generation += part.seconds_generation
+            first.seconds_scoring += part.seconds_scoring
+            rounds += 1
+        groups = DS.kept_groups(found, cfg.rollout_batch_size, cfg.actors_per_role)
+        stats = {"sampling_rounds": rounds, "informative_groups": found, "trained_groups": groups}
+        if groups * k < cfg.mini_batch_size:  # less than one minibatch step: train on the first rollout
+            return first, {**stats, "trained_groups": cfg.rollout_batch_size}
+        joined = Rollout(DS.join_rollouts([p.batch for p in kept], self.tokenizer.pad_token_id),
+                         DS.join_rows([p.scored for p in kept]), DS.join_rows([p.prompts for p in kept]), 0.0, 0.0)
+        return DS.take_rows(joined, list(range(groups * k))), stats
+
+    def iteration(self, index: int, prompts: list[str], columns: dict[str, list] | None = None,
+                  refill: Refill | None = None) -> dict[str, float]:  # fmt: skip
         """Rollout, scoring, advantages and `ppo_epochs` of updates (policy, and the critic for PPO); the metrics.
 
         PPO: one reply per prompt, GAE over the critic's values. GRPO / RLOO: `group_size` replies per prompt and a
         group baseline, no critic. The KL to the reference enters the reward or the policy loss (`kl_penalty`).
+        With dynamic sampling (GRPO / RLOO), `refill(round)` gives the prompts and columns of each refill round.
+        The scores reported (reward, functions, gold, length) are the first rollout's: the policy's replies as
+        sampled, before any filter; the KL, advantages and losses are the trained batch's.
         """
         cfg = self.cfg
-        replies_prompts = self._rollout_prompts(prompts)
-        replies_columns = {c: self._rollout_prompts(v) for c, v in (columns or {}).items()}
-        t0 = time.perf_counter()
-        batch = self._generate(replies_prompts, seed=self.seed * 1_000_003 + index)
-        t1 = time.perf_counter()
-        scored = self._score(batch, replies_prompts, replies_columns, index, with_values=not cfg.critic_free)
-        ref_logprobs, scores, values = scored.ref_logprobs, scored.reward, scored.values
-        t2 = time.perf_counter()
+        first = self._rollout(index, prompts, columns)
+        trained, sampling_stats = first, {}
+        if getattr(cfg, "dynamic_sampling", False):
+            trained, sampling_stats = self._informative(first, index, refill)
+        batch, scored = trained.batch, trained.scored
+        ref_logprobs, values = scored.ref_logprobs, scored.values
+        t_train = time.perf_counter()
 
         mask = batch["reply_mask"]
         kl = A.kl_per_token(batch["logprobs"], ref_logprobs, cfg.kl_estimator) * mask
-        penalised = self._penalised(scores, batch)
+        penalised = self._penalised(scored.reward, batch)
         kl_in_loss = cfg.kl_penalty == "loss"
         kl_coef = 0.0 if kl_in_loss else self.kl_controller.value
         advantages, rewards, returns, adv_stats = self._advantages(penalised, kl, mask, values, kl_coef)
@@ -189,35 +226,40 @@ class RLLoop:
             )
         policy_stats = gather(policy_refs, "mean")
         critic_stats = gather(critic_refs, "mean") if critic_refs else {}
-        t3 = time.perf_counter()
+        seconds_training = time.perf_counter() - t_train
 
         # the sequence KL (k1, summed over the reply) is what the controller tracks and what we report
         seq_kl = masked_sum(batch["logprobs"] - ref_logprobs, mask, dim=1)
-        self.kl_controller.update(float(seq_kl.mean()), len(replies_prompts))
-        gold = scored.gold
+        self.kl_controller.update(float(seq_kl.mean()), len(trained.prompts))
+        sampled, sampled_mask = first.scored, first.batch["reply_mask"]
+        seconds = first.seconds_generation + first.seconds_scoring + seconds_training
         metrics = {
             "iteration": index + 1,
-            "reward_score": float(scores.mean()),
+            "reward_score": float(sampled.reward.mean()),
             "kl": float(seq_kl.mean()),
             "kl_coef": kl_coef,
             "reward": float(rewards.mean()),
-            "response_length": float(mask.sum(-1).mean()),
-            "eos_rate": float(batch["ended"].float().mean()),
+            "response_length": float(sampled_mask.sum(-1).mean()),
+            "eos_rate": float(first.batch["ended"].float().mean()),
             **adv_stats,
             **policy_stats,
             **critic_stats,
-            "seconds_generation": t1 - t0,
-            "seconds_scoring": t2 - t1,
-            "seconds_training": t3 - t2,
-            "samples_per_second": len(replies_prompts) / (t3 - t0),
+            **sampling_stats,
+            "seconds_generation": first.seconds_generation,
+            "seconds_scoring": first.seconds_scoring,
+            "seconds_training": seconds_training,
+            "samples_per_second": len(trained.prompts) / seconds,
         }
+        if sampling_stats:  # the share of flat groups the policy sampled, not of the (filtered) trained batch
+            metrics["flat_group_frac"] = float(A.flat_group_fraction(self._penalised(sampled.reward, first.batch),
+                                                                     cfg.replies_per_prompt))  # fmt: skip
         if kl_in_loss:
             metrics["loss_kl_coef"] = cfg.loss_kl_coef
-        if scored.rm_scores is not None:
-            metrics["rm_score"] = float(scored.rm_scores.mean())
-        metrics.update(function_metrics(scored.functions, self._thresholds()))
-        if gold is not None:
-            metrics["gold_score"] = sum(gold) / len(gold)
+        if sampled.rm_scores is not None:
+            metrics["rm_score"] = float(sampled.rm_scores.mean())
+        metrics.update(function_metrics(sampled.functions, self._thresholds()))
+        if sampled.gold is not None:
+            metrics["gold_score"] = sum(sampled.gold) / len(sampled.gold)
         return metrics
 
     # --------------------------------------------------------------------------------------------- evaluation
@@ -262,6 +304,18 @@ class Scored:
     values: torch.Tensor | None
     texts: list[str]
     gold: list[float] | None
+
+
+@dataclass
+class Rollout:
+    """One sampled and scored rollout: the batch (`stages/common/sequences.py`'s layout), its scores, each row's
+    prompt, and the seconds its sampling and scoring took."""
+
+    batch: dict
+    scored: Scored
+    prompts: list[str]
+    seconds_generation: float
+    seconds_scoring: float
 
 
 def reply_token_ids(tokens: torch.Tensor, reply_mask: torch.Tensor, prompt_len: int) -> list[list[int]]:
@@ -315,79 +369,3 @@ def gold_win_rate(before: list[dict], after: list[dict]) -> float:
     wins = [1.0 if a["gold_score"] > b["gold_score"] else 0.5 if a["gold_score"] == b["gold_score"] else 0.0
             for b, a in zip(before, after, strict=True)]  # fmt: skip
     return sum(wins) / len(wins)
-
-
-# --------------------------------------------------------------------------------------------------- checkpoints
-class CheckpointState:
-    """Checkpoints under work_dir/checkpoints: DeepSpeed dirs per trainable role (policy, and critic for PPO) plus
-    `state.json` (the commit marker).
-
-    state.json holds the iteration, the KL controller, the metric history and the pre-training evaluation, so a
-    restarted stage continues the same curves. It is written last and whole on every backend (a local disk: a temp
-    file synced and renamed over the old one; an object store: one put of the full bytes), so a crash mid-save leaves
-    the previous checkpoint in force. work_dir may be an fsspec URI shared by the nodes of a cluster.
-    """
-
-    def __init__(self, work_dir: str):
-        import fsspec
-
-        self.is_uri = "://" in work_dir
-        self.root = (
-            f"{work_dir.rstrip('/')}/checkpoints" if self.is_uri else str(Path(work_dir).resolve() / "checkpoints")
-        )
-        self.fs, self._path = fsspec.core.url_to_fs(self.root)
-
-    def load(self) -> dict | None:
-        path = f"{self._path}/{STATE_FILE}"
-        if not self.fs.exists(path):
-            return None
-        with self.fs.open(path, "r") as f:
-            return json.load(f)
-
-    def save(self, pool: ActorPool, *, iteration: int, kl_controller, history: list[dict], eval_before: dict) -> None:
-        """Every actor of the trainable roles writes its shard, then the driver commits state.json."""
-        import uuid
-
-        import fsspec.implementations.local
-        import ray
-
-        tag = f"iter-{iteration:06d}"
-        self.fs.makedirs(self._path, exist_ok=True)
-        ray.get([ref for role in pool.trainable_roles
-                 for ref in pool[role].broadcast("save_checkpoint", f"{self.root}/{role}", tag)])  # fmt: skip
-        state = {"iteration": iteration, "tag": tag, "kl_controller": kl_controller.state_dict(),
-                 "history": history, "eval_before": eval_before}  # fmt: skip
-        # The marker is committed whole or not at all, on every backend: serialised before any I/O; on a local disk
-        # (a folder or a file:// URI) written to a temp file, synced and renamed over the old one; on an object
-        # store one put of the full bytes (an object appears whole). An in-place write cut short by a kill left a
-        # truncated state.json that failed every retry.
-        data = json.dumps(state).encode()
-        target = f"{self._path}/{STATE_FILE}"
-        if isinstance(self.fs, fsspec.implementations.local.LocalFileSystem):
-            tmp = Path(self._path) / f".{STATE_FILE}.{os.getpid()}.{uuid.uuid4().hex[:8]}.tmp"
-            try:
-                with open(tmp, "wb") as f:
-                    f.write(data)
-                    f.flush()
-                    os.fsync(f.fileno())
-                os.replace(tmp, target)
-            finally:
-                tmp.unlink(missing_ok=True)
-            dir_fd = os.open(self._path, os.O_RDONLY)
-            try:
-                os.fsync(dir_fd)  # the rename itself survives a power cut
-            finally:
-                os.close(dir_fd)
-        else:
-            self.fs.pipe_file(target, data)
-        for role in pool.trainable_roles:  # keep only the committed tag
-            for old in self.fs.glob(f"{self._path}/{role}/iter-*"):
-                if old.rstrip("/").rsplit("/", 1)[-1] != tag:
-                    self.fs.rm(old, recursive=True)
-
-    def restore(self, pool: ActorPool, state: dict) -> None:
-        """Load the committed tag into every actor of the trainable roles."""
-        import ray
-
-        ray.get([ref for role in pool.trainable_roles
-                 for ref in pool[role].broadcast("load_checkpoint", f"{self.root}/{role}", state["tag"])])  # fmt: skip

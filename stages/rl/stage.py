@@ -19,10 +19,11 @@ from stages.reward_functions.artifact import ROLE_PREFIX as REWARD_FN_ROLE_PREFI
 from stages.reward_functions.runner import RewardFunctions
 from stages.rl import report
 from stages.rl.actor_pool import ActorPool, ModelSource
+from stages.rl.checkpoint_state import CheckpointState
 from stages.rl.config import RLConfig
 from stages.rl.devices import rl_precision
 from stages.rl.inputs import check_inputs
-from stages.rl.rl_loop import CheckpointState, RLLoop, gold_win_rate, rows_for_iteration, select_columns
+from stages.rl.rl_loop import RLLoop, gold_win_rate, rows_for_iteration, select_columns
 
 NAME = "rl"
 POLICY_NAMES = {"ppo": "policy", "grpo": "policy-grpo", "rloo": "policy-rloo"}  # what each method publishes
@@ -93,9 +94,13 @@ def run(
         every = config.log_interval or max(1, config.iterations // 10)
         loop_start = time.perf_counter()
         for i in range(start, config.iterations):
-            rows = rows_for_iteration(len(prepared.train_prompts), i, config.rollout_batch_size, ctx.seed)
-            batch = [prepared.train_prompts[j] for j in rows]
-            metrics = loop.iteration(i, batch, select_columns(prepared.train_columns, rows))
+
+            def draw(round_: int, i: int = i) -> tuple[list[str], dict[str, list]]:
+                """Round `round_` of iteration i's prompts (rounds > 0: dynamic sampling's refills)."""
+                rows = rows_for_iteration(len(prepared.train_prompts), i, config.rollout_batch_size, ctx.seed, round_)
+                return [prepared.train_prompts[j] for j in rows], select_columns(prepared.train_columns, rows)
+
+            metrics = loop.iteration(i, *draw(0), refill=draw)
             history.append(metrics)
             if ctx.on_iteration is not None:
                 ctx.on_iteration(algo, metrics)

@@ -1,4 +1,4 @@
-"""The RL stage's commit marker (stages/rl/rl_loop.py CheckpointState, `state.json`): a save that dies part-way
+"""The RL stage's commit marker (stages/rl/checkpoint_state.py CheckpointState, `state.json`): a save that dies part-way
 leaves the previous marker whole on every backend, so the retry resumes from it instead of failing on a truncated file.
 
 Through the real CheckpointState.save and load, on a plain folder, a `file://` work dir (written in place before)
@@ -13,7 +13,7 @@ import uuid
 
 import pytest
 
-from stages.rl.rl_loop import STATE_FILE, CheckpointState
+from stages.rl.checkpoint_state import STATE_FILE, CheckpointState
 
 
 class _Role:
