@@ -4,7 +4,7 @@
   127.0.0.1. Given 127.0.0.1, Ray swaps in the machine's interface address (so that other machines could join) and its
   servers listen on every interface, unless RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER=0, Ray's own switch for one-machine
   clusters (its default on macOS and Windows).
-- A process group's rendezvous (`host_rendezvous`, `NodeBoundTorchConfig`): torch's TCPStore server listens on every
+- A process group's rendezvous (`host_rendezvous`, `node_bound_torch_config`): torch's TCPStore server listens on every
   interface of rank 0's machine. Here rank 0 binds the listening socket to its node's Ray address (127.0.0.1 on a
   local Ray, the address the other nodes reach on a cluster) and hosts the store over it; torch's process-group
   rendezvous then reuses that server, as every store it builds is multi-tenant (one server per port in a process).

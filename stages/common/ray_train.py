@@ -87,7 +87,6 @@ def init_ray(address: str | None = None) -> None:
                  _node_ip_address="127.0.0.1", **quiet)
 
 
-
 def ensure_ray() -> bool:
     """Join the cluster at RAY_ADDRESS if set, else start a local Ray on all cores; True if this call started Ray."""
     import ray

@@ -4,7 +4,7 @@ A group whose replies all scored the same (all right, or all wrong, under an exa
 on every reply under GRPO and RLOO alike: it adds no policy gradient and only dilutes the batch. With
 `dynamic_sampling` on (GRPO and RLOO), the loop keeps each rollout's informative groups
 (`algorithm.informative_rows`) and samples further prompts, in refill rounds, until it holds `rollout_batch_size`
-groups or has sampled `max_sampling_rounds` rollouts (`keep`). It trains on the kept groups: at most
+groups or has sampled `max_sampling_rounds` rollouts (`RLLoop._informative`). It trains on the kept groups: at most
 `rollout_batch_size`, a whole number per actor of the role. When the kept rows do not fill one minibatch per actor,
 the iteration trains on its first rollout as without the filter (its flat groups then add only the KL term).
 
@@ -57,16 +57,12 @@ def join_rollouts(batches: list[dict], pad_id: int) -> dict:
     width = max(b["prompt_len"] for b in batches)
     padded = []
     for b in batches:
-        extra = width - b["prompt_len"]
-        b = dict(b)
-        if extra:
-            rows = b["tokens"].shape[0]
-            b["tokens"] = torch.cat([b["tokens"].new_full((rows, extra), pad_id), b["tokens"]], dim=1)
-            b["attention_mask"] = torch.cat([b["attention_mask"].new_zeros((rows, extra)), b["attention_mask"]], dim=1)
-        b["prompt_len"] = width
-        padded.append(b)
-    joined = join_rows([{k: v for k, v in b.items() if k != "prompt_len"} for b in padded])
-    return {**joined, "prompt_len": width}
+        extra, rows = width - b["prompt_len"], b["tokens"].shape[0]
+        padded.append({**b, "prompt_len": width,
+                       "tokens": torch.cat([b["tokens"].new_full((rows, extra), pad_id), b["tokens"]], dim=1),
+                       "attention_mask": torch.cat([b["attention_mask"].new_zeros((rows, extra)), b["attention_mask"]],
+                                                   dim=1)})  # fmt: skip
+    return join_rows(padded)  # prompt_len, the same in every piece now, is kept as it is
 
 
 def kept_groups(found: int, target: int, actors: int) -> int:

@@ -3,6 +3,7 @@ publish the policy (`policy`, `policy-grpo`, `policy-rloo`: the method's own nam
 
 from __future__ import annotations
 
+import functools
 import json
 import shutil
 import tempfile
@@ -93,14 +94,14 @@ def run(
             eval_before = loop.evaluate(eval_prompts, eval_seed, eval_columns)
         every = config.log_interval or max(1, config.iterations // 10)
         loop_start = time.perf_counter()
+
+        def draw(i: int, round_: int = 0) -> tuple[list[str], dict[str, list]]:
+            """Iteration i's prompts and their columns; rounds > 0 are dynamic sampling's refills."""
+            rows = rows_for_iteration(len(prepared.train_prompts), i, config.rollout_batch_size, ctx.seed, round_)
+            return [prepared.train_prompts[j] for j in rows], select_columns(prepared.train_columns, rows)
+
         for i in range(start, config.iterations):
-
-            def draw(round_: int, i: int = i) -> tuple[list[str], dict[str, list]]:
-                """Round `round_` of iteration i's prompts (rounds > 0: dynamic sampling's refills)."""
-                rows = rows_for_iteration(len(prepared.train_prompts), i, config.rollout_batch_size, ctx.seed, round_)
-                return [prepared.train_prompts[j] for j in rows], select_columns(prepared.train_columns, rows)
-
-            metrics = loop.iteration(i, *draw(0), refill=draw)
+            metrics = loop.iteration(i, *draw(i), refill=functools.partial(draw, i))
             history.append(metrics)
             if ctx.on_iteration is not None:
                 ctx.on_iteration(algo, metrics)
