@@ -165,7 +165,8 @@ def _check_rl_fits(cfg, name: str, resources: Resources) -> None:
         layout = placement.plan(actors_per_role=rl.actors_per_role, cpus_per_actor=rl.cpus_per_actor,
                                 gpus_per_actor=rl.gpus_per_actor, use_gpu=cfg.run.use_gpu, strategy=rl.placement_strategy,
                                 resources=placement.ClusterResources(resources.gpus, resources.cpus, **node_args),
-                                roles=placement.roles_of(rl), section=name)  # fmt: skip
+                                roles=placement.roles_of(rl), section=name,
+                                cpus_of_role=placement.role_cpus(rl))  # fmt: skip
     except StageInputError as e:
         raise ConfigError(f"{e} ({resources.where})") from None
     # the actors' placement group, then each reward function's actor (outside it, anywhere with room)

@@ -127,13 +127,14 @@ def actor_settings(cfg: RLConfig, *, seed: int, use_gpu: bool, pad_token_id: int
 
 def generation_threads(cfg: RLConfig, use_gpu: bool) -> int:
     """The policy's sampling threads: `<method>.generation_threads`, else on CPU the CPUs that one actor of each role
-    reserves (they wait while it samples), never fewer than `torch_threads`; on GPU the threads do not matter, and
+    reserves (they wait while it samples; `placement.role_cpus`), never fewer than `torch_threads`; on GPU the
+    threads do not matter, and
     a SPREAD placement puts the roles on other nodes, whose CPUs the policy cannot use."""
     if cfg.generation_threads is not None:
         return cfg.generation_threads
     if use_gpu or cfg.placement_strategy in ("SPREAD", "STRICT_SPREAD"):
         return cfg.torch_threads
-    return max(cfg.torch_threads, round(len(placement.roles_of(cfg)) * cfg.cpus_per_actor))
+    return max(cfg.torch_threads, round(sum(placement.role_cpus(cfg).values())))
 
 
 class ActorPool:
@@ -152,7 +153,7 @@ class ActorPool:
         layout = placement.plan(
             actors_per_role=n, cpus_per_actor=cfg.cpus_per_actor, gpus_per_actor=cfg.gpus_per_actor, use_gpu=use_gpu,
             resources=placement.cluster_resources(), strategy=cfg.placement_strategy, roles=self.roles,
-            section=cfg.algorithm,
+            section=cfg.algorithm, cpus_of_role=placement.role_cpus(cfg),
         )  # fmt: skip
         self.pg = placement_group([dict(b) for b in layout.bundles], strategy=layout.strategy)
         ready, _ = ray.wait([self.pg.ready()], timeout=PLACEMENT_TIMEOUT_S)
@@ -173,7 +174,7 @@ class ActorPool:
                     self.pg, placement_group_bundle_index=layout.actor_bundle[(role, rank)]
                 )
                 handle = remote_cls.options(
-                    num_cpus=layout.cpus_per_actor,
+                    num_cpus=layout.role_cpus[role],
                     num_gpus=layout.gpus_per_actor,
                     scheduling_strategy=strategy,
                     name=None,

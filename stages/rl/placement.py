@@ -44,6 +44,16 @@ def roles_of(config) -> tuple[str, ...]:
     return roles_for(config.critic_free, config.reward.uses_model, reference=config.lora is None)
 
 
+def role_cpus(config) -> dict[str, float]:
+    """CPUs each actor of a role reserves: `cpus_per_actor`, except that with LoRA the policy reserves the absent
+    reference's share as well, since it runs the reference's forwards itself (its adapter off). A LoRA run then
+    holds the CPUs a full run holds, and the policy samples with as many threads."""
+    cpus = {role: config.cpus_per_actor for role in roles_of(config)}
+    if config.lora is not None:
+        cpus["policy"] = 2 * config.cpus_per_actor
+    return cpus
+
+
 def function_cpus(config) -> float:
     """CPUs the reward-function actors hold beside the placement group: one actor per function."""
     return len(config.reward.functions) * config.reward.cpus
@@ -65,12 +75,13 @@ class Placement:
 
     bundles: one resource dict per bundle (a whole GPU plus its actors' CPUs on GPU; one actor's CPUs on CPU).
     actor_bundle: {(role, rank): bundle index}. gpus_per_actor: the fraction each actor requests (0 on CPU).
+    role_cpus: the CPUs each actor of a role requests (`role_cpus(config)`).
     """
 
     bundles: tuple[dict[str, float], ...]
     actor_bundle: dict[tuple[str, int], int]
     gpus_per_actor: float
-    cpus_per_actor: float
+    role_cpus: dict[str, float]  # the CPUs each actor of a role requests
     strategy: str
 
     @property
@@ -82,13 +93,15 @@ class Placement:
         """One line for the stage log."""
         n = len(self.actor_bundle) // len(self.roles)
         roles = f"roles {', '.join(self.roles)}"
+        cpus = set(self.role_cpus.values())
+        cpu_text = (f"{cpus.pop():g} CPU each" if len(cpus) == 1 else
+                    "CPUs " + ", ".join(f"{r} {c:g}" for r, c in self.role_cpus.items()))  # fmt: skip
         if self.gpus_per_actor:
             return (
                 f"{len(self.actor_bundle)} actors ({n} per role) on {len(self.bundles)} GPU(s), "
-                f"{self.gpus_per_actor:g} GPU and {self.cpus_per_actor:g} CPU each, placement {self.strategy}; {roles}"
+                f"{self.gpus_per_actor:g} GPU each, {cpu_text}, placement {self.strategy}; {roles}"
             )
-        return (f"{len(self.actor_bundle)} actors ({n} per role), {self.cpus_per_actor:g} CPU each, "
-                f"placement {self.strategy}; {roles}")  # fmt: skip
+        return f"{len(self.actor_bundle)} actors ({n} per role), {cpu_text}, placement {self.strategy}; {roles}"
 
 
 def _floor_fraction(x: float) -> float:
@@ -105,24 +118,29 @@ def plan(
     strategy: str = "PACK",
     roles: tuple[str, ...] = ROLES,
     section: str = "ppo",
+    cpus_of_role: dict[str, float] | None = None,
 ) -> Placement:
     """Bundles and GPU fractions for `roles` (PPO's four by default) on `resources`; a StageInputError line when they
     cannot fit.
 
     gpus_per_actor None derives the fraction: the GPUs are shared evenly by the actors, at most one GPU each.
+    cpus_of_role (`role_cpus(config)`) overrides `cpus_per_actor` for the roles it names.
     """
     n = actors_per_role
     actors = [(role, rank) for role in roles for rank in range(n)]
-    total_cpus_needed = len(actors) * cpus_per_actor
+    cpus = {role: (cpus_of_role or {}).get(role, cpus_per_actor) for role in roles}
+    total_cpus_needed = sum(cpus[role] for role, _ in actors)
     if total_cpus_needed > resources.total_cpus + 1e-9:
+        each = (f"x {section}.cpus_per_actor {cpus_per_actor:g}" if len(set(cpus.values())) == 1 else
+                "(" + ", ".join(f"{r} {c:g}" for r, c in cpus.items()) + " CPUs each)")  # fmt: skip
         raise StageInputError(
-            f"{section}: {len(actors)} actors x {section}.cpus_per_actor {cpus_per_actor:g} = {total_cpus_needed:g} CPUs, "
+            f"{section}: {len(actors)} actors {each} = {total_cpus_needed:g} CPUs, "
             f"the Ray cluster has {resources.total_cpus:g}; lower {section}.cpus_per_actor or {section}.actors_per_role"
         )
     if not use_gpu:
-        _check_bundle_fits_a_node(cpus_per_actor, resources.node_cpus, section)
-        bundles = tuple({"CPU": cpus_per_actor} for _ in actors)
-        return Placement(bundles, {a: i for i, a in enumerate(actors)}, 0.0, cpus_per_actor, strategy)
+        _check_bundle_fits_a_node(max(cpus.values()), resources.node_cpus, section)
+        bundles = tuple({"CPU": cpus[role]} for role, _ in actors)
+        return Placement(bundles, {a: i for i, a in enumerate(actors)}, 0.0, cpus, strategy)
 
     gpus = int(resources.total_gpus + 1e-9)  # a fractional remainder (another job's share) cannot host a rank
     if gpus < 1:
@@ -151,8 +169,8 @@ def plan(
                 f"{slots} GPUs, the Ray cluster has {gpus}; use a smaller {section}.gpus_per_actor, or null to derive it"
             )
     actor_bundle = {(role, rank): (k * n + rank) % slots for k, role in enumerate(roles) for rank in range(n)}
-    load = [sum(1 for b in actor_bundle.values() if b == s) for s in range(slots)]
-    bundles = tuple({"GPU": 1.0, "CPU": cpus_per_actor * load[s]} for s in range(slots))
+    bundle_cpus = [sum(cpus[role] for (role, _), b in actor_bundle.items() if b == s) for s in range(slots)]
+    bundles = tuple({"GPU": 1.0, "CPU": bundle_cpus[s]} for s in range(slots))
     _check_bundle_fits_a_node(max(b["CPU"] for b in bundles), resources.node_cpus, section)
     if strategy == "STRICT_PACK" and resources.node_gpus and slots > max(resources.node_gpus):
         raise StageInputError(
@@ -166,7 +184,7 @@ def plan(
                 f"{section}.placement_strategy STRICT_SPREAD: {slots} GPU bundles on distinct nodes, the cluster has "
                 f"{gpu_nodes} GPU nodes; use SPREAD or PACK"
             )
-    return Placement(bundles, actor_bundle, fraction, cpus_per_actor, strategy)
+    return Placement(bundles, actor_bundle, fraction, cpus, strategy)
 
 
 def _check_bundle_fits_a_node(cpus: float, node_cpus: tuple[float, ...], section: str) -> None:
@@ -208,13 +226,15 @@ def check_fits(
         strategy=config.placement_strategy,
         roles=roles_of(config),
         section=config.algorithm,
+        cpus_of_role=role_cpus(config),
     )
     n_roles = len(roles_of(config))
-    need = n_roles * n * config.cpus_per_actor + function_cpus(config)
+    actor_cpus = n * sum(role_cpus(config).values())
+    need = actor_cpus + function_cpus(config)
     if config.reward.functions and need > total_cpus + 1e-9:
         section = config.algorithm
         raise StageInputError(
-            f"{section}: {n_roles * n} actors x {section}.cpus_per_actor {config.cpus_per_actor:g} + "
+            f"{section}: {n_roles * n} actors ({actor_cpus:g} CPUs at {section}.cpus_per_actor {config.cpus_per_actor:g}) + "
             f"{len(config.reward.functions)} reward function(s) x {section}.reward.cpus {config.reward.cpus:g} = "
             f"{need:g} CPUs, the Ray cluster has {total_cpus:g}; lower {section}.cpus_per_actor or {section}.reward.cpus"
         )

@@ -66,6 +66,15 @@ def test_branch_waves_pack_what_fits_together():
     assert schedule.branch_waves(["ppo", "dpo"], {"ppo": (9.0, 0.0), "dpo": (1.0, 0.0)}, cpus=8, gpus=0) == [["ppo"], ["dpo"]]
 
 
+def test_a_branch_demands_the_cpus_its_actors_reserve():
+    cfg = load_config("tiny", overrides=["align.methods=[ppo,grpo]", "grpo.reward.model=null",
+                                         "grpo.reward.functions=[{name: exact_match}]", "data.task=arithmetic"])  # fmt: skip
+    assert schedule.branch_demand(cfg, "ppo", 0) == (2.0, 0.0)  # 4 roles x 0.5
+    assert schedule.branch_demand(cfg, "grpo", 0) == (1.25, 0.0)  # policy + reference x 0.5, 1 function x 0.25
+    lora = load_config("tiny", overrides=["align.methods=[ppo]", "ppo.lora={r: 4}"])
+    assert schedule.branch_demand(lora, "ppo", 0) == (2.0, 0.0)  # no reference: the policy holds its 0.5 as well
+
+
 def test_cli_knows_every_node():
     from flows.cli import STAGE_NAMES
 

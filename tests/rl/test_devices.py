@@ -49,6 +49,10 @@ def test_the_policy_samples_with_the_cpus_of_the_waiting_roles():
     assert _settings(False, placement_strategy="SPREAD")["generation_threads"] == 1  # the others' CPUs are elsewhere
     assert _settings(False)["policy_train_threads"] == 1  # PPO: the critic trains beside the policy
     assert _settings(False, method="rloo", group_size=2)["policy_train_threads"] == 2
+    # with LoRA the policy runs the reference's forwards and reserves its CPUs: as many threads as without
+    from stages.common.lora import LoraSection
+
+    assert _settings(False, method="grpo", group_size=2, lora=LoraSection())["generation_threads"] == 2
 
 
 def test_nccl_on_gpu_gloo_on_cpu():

@@ -25,7 +25,7 @@ def assert_valid(layout: P.Placement, gpus: int, n: int) -> None:
         here = [a for a, b in layout.actor_bundle.items() if b == index]
         assert bundle["GPU"] == 1.0  # a whole GPU per bundle: the actors in it share that very GPU
         assert len(here) * layout.gpus_per_actor <= 1.0
-        assert bundle["CPU"] == pytest.approx(len(here) * layout.cpus_per_actor)
+        assert bundle["CPU"] == pytest.approx(sum(layout.role_cpus[role] for role, _ in here))
     assert len(layout.actor_bundle) * layout.gpus_per_actor <= gpus
     for role in P.TRAINABLE_ROLES:
         slots = [layout.actor_bundle[(role, rank)] for rank in range(n)]
@@ -128,6 +128,26 @@ def test_strict_strategies_are_checked_against_the_nodes():
             strategy="STRICT_PACK")  # fmt: skip
     refused(r"STRICT_SPREAD: 4 GPU bundles on distinct nodes, the cluster has 2 GPU nodes", gpus=4, n=1,
             node_gpus=(2, 2), strategy="STRICT_SPREAD")  # fmt: skip
+
+
+def test_with_lora_the_policy_reserves_the_reference_cpus_it_takes_over():
+    from stages.common.lora import LoraSection
+
+    full, lora = rl.GRPOConfig(), rl.GRPOConfig(lora=LoraSection())
+    assert P.role_cpus(full) == {"policy": 0.5, "reference": 0.5, "reward": 0.5}
+    assert P.role_cpus(lora) == {"policy": 1.0, "reward": 0.5}  # no reference actor: its forwards run on the policy
+    assert P.role_cpus(rl.PPOConfig(lora=LoraSection())) == {"policy": 1.0, "critic": 0.5, "reward": 0.5}
+    on_cpu = P.plan(actors_per_role=2, cpus_per_actor=0.5, gpus_per_actor=None, use_gpu=False, roles=P.roles_of(lora),
+                    resources=P.ClusterResources(0, 3), cpus_of_role=P.role_cpus(lora))  # fmt: skip
+    assert [b["CPU"] for b in on_cpu.bundles] == [1.0, 1.0, 0.5, 0.5]  # policy ranks 0, 1, then the reward's
+    assert "CPUs policy 1, reward 0.5" in on_cpu.describe()
+    on_gpu = P.plan(actors_per_role=1, cpus_per_actor=0.5, gpus_per_actor=None, use_gpu=True, roles=P.roles_of(lora),
+                    resources=P.ClusterResources(1, 8), cpus_of_role=P.role_cpus(lora))  # fmt: skip
+    assert on_gpu.bundles == ({"GPU": 1.0, "CPU": 1.5},) and on_gpu.gpus_per_actor == 0.5
+    with pytest.raises(StageInputError, match=r"^grpo: 4 actors \(policy 1, reward 0.5 CPUs each\) = 3 CPUs, the Ray "
+                                              r"cluster has 2"):  # fmt: skip
+        P.plan(actors_per_role=2, cpus_per_actor=0.5, gpus_per_actor=None, use_gpu=False, roles=P.roles_of(lora),
+               resources=P.ClusterResources(0, 2), cpus_of_role=P.role_cpus(lora), section="grpo")  # fmt: skip
 
 
 # ---------------------------------------------------------------------------------------- the flow's pre-flight
