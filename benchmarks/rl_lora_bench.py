@@ -10,8 +10,8 @@ head). Reported per run, from the stage's own manifest:
   checkpoints and publishing excluded);
 - LoRA's ratios against full fine-tuning of the same method and shape, and the 1-minute load average at the start.
 
-Shapes: the tiny preset's model (GPT-2, 2 layers x 64, 2 heads, BPE vocabulary 512, context 128) and a larger one
-(12 layers x 512, 8 heads, the same tokenizer), both randomly initialised; the reward model is the same weights read
+Shapes: the tiny preset's model (GPT-2, 2 layers x 64, 2 heads, BPE vocabulary 512, context 128) and larger ones
+(`--large`, default 12 layers x 512, 8 heads; the same tokenizer), all randomly initialised; the reward model is the same weights read
 as a 1-label classifier (a random score head). The tokenizer is the project's BPE recipe trained on the tiny demo
 corpus. RL settings are the tiny preset's `ppo:` section (rollout 16 replies, minibatch 8, 2 epochs, 16 new tokens,
 6 iterations); GRPO samples the same 16 replies per rollout, as 4 prompts x 4. Each run gets its own store and a
@@ -20,6 +20,7 @@ fresh local Ray (started before the stage, shut down after it), so no actor proc
     .venv/bin/python benchmarks/rl_lora_bench.py                    # both shapes, PPO and GRPO (~10 min, 2 cores)
     .venv/bin/python benchmarks/rl_lora_bench.py --quick            # smoke run: tiny shape, PPO, 2 iterations
     .venv/bin/python benchmarks/rl_lora_bench.py --json /tmp/rl_lora_bench.json [--skip-grpo] [--skip-large]
+    .venv/bin/python benchmarks/rl_lora_bench.py --skip-tiny --large 12x512:8 --large 16x768:12   # two larger shapes
 """
 
 from __future__ import annotations
@@ -170,9 +171,9 @@ def main() -> None:
                    help="smoke run: tiny shape, PPO only, 2 iterations (under 2 minutes)")
     p.add_argument("--iterations", type=int, default=None, help="RL iterations per run (default 6; --quick: 2)")
     p.add_argument("--replies", type=int, default=16, help="replies per rollout (a multiple of 8)")
-    p.add_argument("--n-layer", type=int, default=12, help="the larger shape's layers")
-    p.add_argument("--n-embd", type=int, default=512, help="the larger shape's width")
-    p.add_argument("--n-head", type=int, default=8, help="the larger shape's heads")
+    p.add_argument("--large", action="append", metavar="LAYERSxWIDTH:HEADS",
+                   help="a larger shape, repeatable (default 12x512:8)")
+    p.add_argument("--skip-tiny", action="store_true", help="the larger shapes only")
     p.add_argument("--lora-r", type=int, default=16, help="adapter rank (the lora: section's default 16)")
     p.add_argument("--skip-grpo", action="store_true")
     p.add_argument("--skip-large", action="store_true", help="the tiny shape only")
@@ -197,10 +198,12 @@ def main() -> None:
 
     started = time.perf_counter()
     load_start = os.getloadavg()
-    shapes = {"tiny 2x64": TINY_SHAPE}
+    shapes = {} if args.skip_tiny and not args.quick else {"tiny 2x64": TINY_SHAPE}
     if not (args.quick or args.skip_large):
-        shapes[f"{args.n_layer}x{args.n_embd}"] = {"n_layer": args.n_layer, "n_embd": args.n_embd,
-                                                   "n_head": args.n_head}  # fmt: skip
+        for text in args.large or ["12x512:8"]:
+            size, heads = text.split(":")
+            layers, width = (int(x) for x in size.split("x"))
+            shapes[size] = {"n_layer": layers, "n_embd": width, "n_head": int(heads)}
     methods = ["ppo"] + ([] if args.skip_grpo or args.quick else ["grpo"])
     print(f"rl_lora_bench: {', '.join(shapes)}; {', '.join(m.upper() for m in methods)}; {args.iterations} "
           f"iterations of {args.replies} replies; LoRA r {args.lora_r}; {os.cpu_count()} CPUs; load average at "

@@ -17,6 +17,7 @@ Packed variants get a smaller batch of packed rows so that every variant trains 
     .venv/bin/python benchmarks/sft_lora_bench.py            # demo shape (4x256) and 12x512, GPT-2: ~5-8 min, 2 CPUs
     .venv/bin/python benchmarks/sft_lora_bench.py --quick    # 2x64 only, a few steps: a smoke run (< 2 min)
     .venv/bin/python benchmarks/sft_lora_bench.py --arch llama --json /tmp/sft_lora.json
+    .venv/bin/python benchmarks/sft_lora_bench.py --shapes 12x512 16x768
 """
 
 from __future__ import annotations
@@ -42,6 +43,7 @@ SHAPES = {  # (layers, width, heads): "demo" is the pretrain stage's default mod
     "quick": (2, 64, 2),
     "demo": (4, 256, 4),
     "12x512": (12, 512, 8),
+    "16x768": (16, 768, 12),  # where the weights' gradients and AdamW state outweigh the process and activations
 }
 VARIANTS = {  # name: (lora, packing)
     "full": (False, False),
@@ -179,6 +181,8 @@ def main() -> None:
     parser.add_argument("--quick", action="store_true", help="the 2x64 shape only, few steps: a smoke run")
     parser.add_argument("--arch", choices=("gpt2", "llama"), default="gpt2")
     parser.add_argument("--threads", type=int, default=os.cpu_count() or 1, help="torch threads per variant")
+    parser.add_argument("--shapes", nargs="+", choices=[s for s in SHAPES if s != "quick"],
+                        default=["demo", "12x512"], help="model shapes (default demo 12x512)")
     parser.add_argument("--json", help="also write the rows to this file")
     parser.add_argument("--child", help=argparse.SUPPRESS)
     args = parser.parse_args()
@@ -195,8 +199,8 @@ def main() -> None:
     load = os.getloadavg()
     print(f"{platform.machine()} {os.cpu_count()} CPUs, torch threads {args.threads}, load average at start "
           f"{load[0]:.2f} {load[1]:.2f} {load[2]:.2f}", flush=True)  # fmt: skip
-    shapes = ["quick"] if args.quick else ["demo", "12x512"]
-    steps = {"quick": (1, 3), "demo": (2, 20), "12x512": (2, 8)}  # (warm-up steps, timed steps)
+    shapes = ["quick"] if args.quick else args.shapes
+    steps = {"quick": (1, 3), "demo": (2, 20), "12x512": (2, 8), "16x768": (2, 6)}  # (warm-up steps, timed steps)
     started, rows = time.time(), []
     with tempfile.TemporaryDirectory(prefix="sft-lora-bench-") as tmp:
         store = ArtifactStore(Path(tmp) / "store")

@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import atexit
 import importlib.util
 import os
 import shutil
+import tempfile
 from pathlib import Path
 
 import pytest
@@ -23,6 +25,30 @@ os.environ["PYTHONPATH"] = os.pathsep.join(p for p in (_LOOPBACK, os.environ.get
 # this process started before PYTHONPATH named the folder: run the file here, under a name of its own
 _spec = importlib.util.spec_from_file_location("rlhf_test_loopback", os.path.join(_LOOPBACK, "sitecustomize.py"))
 _spec.loader.exec_module(importlib.util.module_from_spec(_spec))
+
+
+# Under pytest-xdist (scripts/test.sh: -n 2 --dist loadgroup) each worker keeps its own Prefect home, so the temporary
+# Prefect APIs that `rlhf run` subprocesses start never share one SQLite database across workers.
+if os.environ.get("PYTEST_XDIST_WORKER") and "PREFECT_HOME" not in os.environ:
+    os.environ["PREFECT_HOME"] = tempfile.mkdtemp(prefix="rlhf-tests-prefect-")
+    atexit.register(shutil.rmtree, os.environ["PREFECT_HOME"], ignore_errors=True)
+
+# The two longest groups (about 8 minutes each on 2 cores): scheduled first, so that they run side by side.
+FIRST_GROUPS = ("tests/system/test_multinode.py", "tiny-pipeline")
+
+
+def _group(item) -> str:
+    """A worker runs whole groups: a module (its module fixtures are built once), and every test of the one tiny
+    pipeline (a session fixture of about 2 minutes) together."""
+    return "tiny-pipeline" if "tiny_pipeline" in item.fixturenames else item.nodeid.split("::")[0]
+
+
+@pytest.hookimpl(tryfirst=True)  # before xdist's own hook turns the marks into group names
+def pytest_collection_modifyitems(config, items):
+    for item in items:
+        item.add_marker(pytest.mark.xdist_group(_group(item)))
+    rank = {g: i for i, g in enumerate(FIRST_GROUPS)}
+    items.sort(key=lambda item: rank.get(_group(item), len(FIRST_GROUPS)))  # stable: the rest keep their order
 
 
 @pytest.fixture(scope="session")
