@@ -27,28 +27,45 @@ _spec = importlib.util.spec_from_file_location("rlhf_test_loopback", os.path.joi
 _spec.loader.exec_module(importlib.util.module_from_spec(_spec))
 
 
-# Under pytest-xdist (scripts/test.sh: -n 2 --dist loadgroup) each worker keeps its own Prefect home, so the temporary
+# Under pytest-xdist (scripts/test.sh: -n 2) each worker keeps its own Prefect home, so the temporary
 # Prefect APIs that `rlhf run` subprocesses start never share one SQLite database across workers.
 if os.environ.get("PYTEST_XDIST_WORKER") and "PREFECT_HOME" not in os.environ:
     os.environ["PREFECT_HOME"] = tempfile.mkdtemp(prefix="rlhf-tests-prefect-")
     atexit.register(shutil.rmtree, os.environ["PREFECT_HOME"], ignore_errors=True)
 
+# Under xdist a worker runs whole groups (`pytest_xdist_make_scheduler`): a module, so its module fixtures are built
+# once, and every module of the one tiny pipeline (a session fixture of about 2 minutes), listed here because the
+# scheduler sees test ids only. xdist's own `xdist_group` marks are not used: with pytest 9 they no longer reach the
+# test ids that xdist 3.8 schedules by.
+TINY_PIPELINE_FILES = ("tests/flows/test_flow.py", "tests/flows/test_work_dir_lease.py", "tests/system/test_sweep.py",
+                       "tests/system/test_system.py")  # fmt: skip
 # The two longest groups (about 8 minutes each on 2 cores): scheduled first, so that they run side by side.
 FIRST_GROUPS = ("tests/system/test_multinode.py", "tiny-pipeline")
 
 
-def _group(item) -> str:
-    """A worker runs whole groups: a module (its module fixtures are built once), and every test of the one tiny
-    pipeline (a session fixture of about 2 minutes) together."""
-    return "tiny-pipeline" if "tiny_pipeline" in item.fixturenames else item.nodeid.split("::")[0]
+def _group(nodeid: str) -> str:
+    path = nodeid.split("::")[0]
+    return "tiny-pipeline" if path in TINY_PIPELINE_FILES else path
 
 
-@pytest.hookimpl(tryfirst=True)  # before xdist's own hook turns the marks into group names
+@pytest.hookimpl(optionalhook=True)  # a hook of pytest-xdist's: unknown to pytest without it
+def pytest_xdist_make_scheduler(config, log):
+    from xdist.scheduler import LoadScopeScheduling
+
+    class ByGroup(LoadScopeScheduling):
+        def _split_scope(self, nodeid: str) -> str:
+            return _group(nodeid)
+
+    return ByGroup(config, log)
+
+
 def pytest_collection_modifyitems(config, items):
-    for item in items:
-        item.add_marker(pytest.mark.xdist_group(_group(item)))
+    strays = sorted({i.nodeid.split("::")[0] for i in items if "tiny_pipeline" in i.fixturenames} - {*TINY_PIPELINE_FILES})
+    if strays:
+        raise pytest.UsageError(f"tests/conftest.py: {', '.join(strays)} use the tiny_pipeline fixture; add them to "
+                                "TINY_PIPELINE_FILES so that one worker runs every test that needs that pipeline")
     rank = {g: i for i, g in enumerate(FIRST_GROUPS)}
-    items.sort(key=lambda item: rank.get(_group(item), len(FIRST_GROUPS)))  # stable: the rest keep their order
+    items.sort(key=lambda item: rank.get(_group(item.nodeid), len(FIRST_GROUPS)))  # stable: the rest keep their order
 
 
 @pytest.fixture(scope="session")
