@@ -17,7 +17,7 @@ Packed variants get a smaller batch of packed rows so that every variant trains 
     .venv/bin/python benchmarks/sft_lora_bench.py            # demo shape (4x256) and 12x512, GPT-2: ~5-8 min, 2 CPUs
     .venv/bin/python benchmarks/sft_lora_bench.py --quick    # 2x64 only, a few steps: a smoke run (< 2 min)
     .venv/bin/python benchmarks/sft_lora_bench.py --arch llama --json /tmp/sft_lora.json
-    .venv/bin/python benchmarks/sft_lora_bench.py --shapes 12x512 16x768
+    .venv/bin/python benchmarks/sft_lora_bench.py --shapes 12x512 16x768 [--activation-checkpointing]
 """
 
 from __future__ import annotations
@@ -84,6 +84,7 @@ def child(spec: dict) -> dict:
     config = sft.Config(
         max_steps=steps, batch_size=spec["batch"], save_steps=steps + 1, logging_steps=steps, warmup_steps=0,
         max_length=CONTEXT, eval_prompts=0, packing=spec["packing"], lora=LoraSection() if spec["lora"] else None,
+        activation_checkpointing=spec["activation_checkpointing"],
     )  # fmt: skip
     cfg = sft.stage.prepare(config, base, data, scaling=Scaling(num_workers=1, cpus_per_worker=spec["threads"]))
     with tempfile.TemporaryDirectory(prefix="sft-lora-bench-") as out:
@@ -183,6 +184,8 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=os.cpu_count() or 1, help="torch threads per variant")
     parser.add_argument("--shapes", nargs="+", choices=[s for s in SHAPES if s != "quick"],
                         default=["demo", "12x512"], help="model shapes (default demo 12x512)")
+    parser.add_argument("--activation-checkpointing", action="store_true",
+                        help="every variant with sft.activation_checkpointing (recomputed activations)")
     parser.add_argument("--json", help="also write the rows to this file")
     parser.add_argument("--child", help=argparse.SUPPRESS)
     args = parser.parse_args()
@@ -215,7 +218,8 @@ def main() -> None:
             for variant, (lora, packing) in VARIANTS.items():
                 spec = {"variant": variant, "shape": shape, "store": str(store.root), "base": base.ref,
                         "data": data.ref, "lora": lora, "packing": packing, "batch": packed if packing else BATCH,
-                        "warmup": warmup, "steps": timed, "threads": args.threads}  # fmt: skip
+                        "warmup": warmup, "steps": timed, "threads": args.threads,
+                        "activation_checkpointing": args.activation_checkpointing}  # fmt: skip
                 t = time.time()
                 row = {"shape": f"{args.arch} {shape}", "variant": variant, "batch": spec["batch"], **run_variant(spec)}
                 rows.append(row)
@@ -223,7 +227,8 @@ def main() -> None:
                       f"{row['peak_rss_mb']:.0f} MB ({time.time() - t:.0f} s)", flush=True)  # fmt: skip
     load = os.getloadavg()
     print(f"\nmax_length {CONTEXT}, unpacked batch {BATCH} rows, packed batch {packed} rows; LoRA r=16 alpha=32 "
-          f"all-linear; CPU fp32, {args.threads} threads; load average at end {load[0]:.2f}; "
+          f"all-linear; activation checkpointing {'on' if args.activation_checkpointing else 'off'}; "
+          f"CPU fp32, {args.threads} threads; load average at end {load[0]:.2f}; "
           f"wall {time.time() - started:.0f} s\n")  # fmt: skip
     print(table(rows))
     if args.json:

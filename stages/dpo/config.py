@@ -44,6 +44,9 @@ class Config(Section):
     generation_batch_size: int = Field(32, ge=1)  # prompts per batched, left-padded generate call
     zero_stage: int | None = Field(None, ge=0, le=3)  # DeepSpeed ZeRO stage; None = plain DDP (the CPU default)
     bf16: bool = False  # bf16 mixed precision (GPU clusters); CPU runs stay in fp32
+    # recompute each block's activations in the backward pass instead of keeping them (TRL's own default is on):
+    # less memory for about a third more compute, what LoRA on a large model wants (benchmarks/README.md)
+    activation_checkpointing: bool = False
     lora: LoraSection | None = None  # train a LoRA adapter (peft) instead of every weight; null = full
     gate: DPOGate = Field(default_factory=DPOGate)  # checked by the flow; not part of the cache key
 

@@ -41,6 +41,9 @@ class Config(Section):
     # micro-batch, position ids restarting per sequence); batch_size then counts packed rows. Refused before the run
     # for a model whose attention would see across packed sequences (stages/sft/packing.py)
     packing: bool = False
+    # recompute each block's activations in the backward pass instead of keeping them (TRL's own default is on):
+    # less memory for about a third more compute, what LoRA on a large model wants (benchmarks/README.md)
+    activation_checkpointing: bool = False
     lora: LoraSection | None = None  # train a LoRA adapter (peft) instead of every weight; null = full
     gate: SFTGate = Field(default_factory=SFTGate)  # checked by the flow; not part of the cache key
 

@@ -167,6 +167,7 @@ def build_loop_config(cls: type[L], config, model, splits: dict[str, list], *, s
         cpus_per_worker=scaling.cpus_per_worker,
         demo_task=demo_task,
         lora=config.lora,
+        activation_checkpointing=config.activation_checkpointing,
         **stage_fields,
     )
 

@@ -70,6 +70,7 @@ class TrainLoopConfig:
     cpus_per_worker: float
     demo_task: bool  # the data is the built-in demo task (its gold scorer applies)
     lora: LoraSection | None = None  # train an adapter (published merged, and in peft's format under adapter/)
+    activation_checkpointing: bool = False  # recompute activations in the backward pass (the stage's knob)
     report_to: tuple[str, ...] = ()  # the HF Trainer's own integrations (tracking.report_to); () = none
     logging_dir: str | None = None  # where those integrations write (beside the stage's checkpoints)
 

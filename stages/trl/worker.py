@@ -76,7 +76,7 @@ def training_args(cfg: TrainLoopConfig, output_dir: str) -> dict[str, Any]:
         lr_scheduler_type="linear",
         warmup_steps=cfg.warmup_steps,
         weight_decay=cfg.weight_decay,
-        activation_checkpointing=False,  # TRL turns it on by default; tiny models do not need the memory
+        activation_checkpointing=cfg.activation_checkpointing,  # off unless asked: TRL's default is on
         bf16=cfg.bf16,
         use_cpu=not cfg.use_gpu,
         deepspeed=cfg.deepspeed,
