@@ -39,7 +39,7 @@ if os.environ.get("PYTEST_XDIST_WORKER") and "PREFECT_HOME" not in os.environ:
 # test ids that xdist 3.8 schedules by.
 TINY_PIPELINE_FILES = ("tests/flows/test_flow.py", "tests/flows/test_work_dir_lease.py", "tests/system/test_sweep.py",
                        "tests/system/test_system.py")  # fmt: skip
-# The two longest groups (about 8 minutes each on 2 cores): scheduled first, so that they run side by side.
+# The two longest groups (about 12 minutes each on 2 busy cores): scheduled first, so that they run side by side.
 FIRST_GROUPS = ("tests/system/test_multinode.py", "tiny-pipeline")
 
 
