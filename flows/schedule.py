@@ -44,8 +44,7 @@ def branch_demand(cfg: PipelineConfig, name: str, total_gpus: float) -> tuple[fl
     gpus = 0.0
     if run.use_gpu:  # derived fractions spread the roles over every GPU: a branch then holds them all
         gpus = actors * rl.gpus_per_actor if rl.gpus_per_actor else total_gpus
-    actor_cpus = rl.actors_per_role * sum(placement.role_cpus(rl).values())
-    return actor_cpus + placement.function_cpus(rl), gpus
+    return sum(placement.reserved_cpus(rl, rl.actors_per_role)), gpus
 
 
 def branch_waves(branches: list[str], demand: dict[str, tuple[float, float]], cpus: float, gpus: float) -> list[list[str]]:

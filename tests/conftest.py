@@ -43,9 +43,12 @@ TINY_PIPELINE_FILES = ("tests/flows/test_flow.py", "tests/flows/test_work_dir_le
 FIRST_GROUPS = ("tests/system/test_multinode.py", "tiny-pipeline")
 
 
+def _path(nodeid: str) -> str:
+    return nodeid.split("::")[0]
+
+
 def _group(nodeid: str) -> str:
-    path = nodeid.split("::")[0]
-    return "tiny-pipeline" if path in TINY_PIPELINE_FILES else path
+    return "tiny-pipeline" if _path(nodeid) in TINY_PIPELINE_FILES else _path(nodeid)
 
 
 @pytest.hookimpl(optionalhook=True)  # a hook of pytest-xdist's: unknown to pytest without it
@@ -60,7 +63,7 @@ def pytest_xdist_make_scheduler(config, log):
 
 
 def pytest_collection_modifyitems(config, items):
-    strays = sorted({i.nodeid.split("::")[0] for i in items if "tiny_pipeline" in i.fixturenames} - {*TINY_PIPELINE_FILES})
+    strays = sorted({_path(i.nodeid) for i in items if "tiny_pipeline" in i.fixturenames} - {*TINY_PIPELINE_FILES})
     if strays:
         raise pytest.UsageError(f"tests/conftest.py: {', '.join(strays)} use the tiny_pipeline fixture; add them to "
                                 "TINY_PIPELINE_FILES so that one worker runs every test that needs that pipeline")

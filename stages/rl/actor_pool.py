@@ -128,8 +128,7 @@ def actor_settings(cfg: RLConfig, *, seed: int, use_gpu: bool, pad_token_id: int
 def generation_threads(cfg: RLConfig, use_gpu: bool) -> int:
     """The policy's sampling threads: `<method>.generation_threads`, else on CPU the CPUs that one actor of each role
     reserves (they wait while it samples; `placement.role_cpus`), never fewer than `torch_threads`; on GPU the
-    threads do not matter, and
-    a SPREAD placement puts the roles on other nodes, whose CPUs the policy cannot use."""
+    threads do not matter, and a SPREAD placement puts the roles on other nodes, whose CPUs the policy cannot use."""
     if cfg.generation_threads is not None:
         return cfg.generation_threads
     if use_gpu or cfg.placement_strategy in ("SPREAD", "STRICT_SPREAD"):

@@ -59,6 +59,11 @@ def function_cpus(config) -> float:
     return len(config.reward.functions) * config.reward.cpus
 
 
+def reserved_cpus(config, actors_per_role: int) -> tuple[float, float]:
+    """(CPUs of the actors, CPUs of the reward-function actors) a method's stage holds while it runs."""
+    return actors_per_role * sum(role_cpus(config).values()), function_cpus(config)
+
+
 @dataclass(frozen=True)
 class ClusterResources:
     """What the Ray cluster offers: totals, and per node when known (empty tuples = unknown)."""
@@ -229,8 +234,8 @@ def check_fits(
         cpus_of_role=role_cpus(config),
     )
     n_roles = len(roles_of(config))
-    actor_cpus = n * sum(role_cpus(config).values())
-    need = actor_cpus + function_cpus(config)
+    actor_cpus, fn_cpus = reserved_cpus(config, n)
+    need = actor_cpus + fn_cpus
     if config.reward.functions and need > total_cpus + 1e-9:
         section = config.algorithm
         raise StageInputError(
